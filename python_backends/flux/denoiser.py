@@ -1,0 +1,289 @@
+"""FLUX.1 denoising: latent preparation, FlowMatch Euler schedule, guidance, true CFG.
+
+Rows that share (height, width, steps) share one timestep schedule and image token count,
+so they run as one batched transformer forward per step; each row keeps its own seed,
+guidance and true-CFG scale. The result must equal ``FluxPipeline`` for each row alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.utils.torch_utils import randn_tensor
+
+from ditserve.loading import Checkpoint
+from ditserve.stage import (
+    ConfigError,
+    Outputs,
+    RequestError,
+    Row,
+    Runtime,
+    Stage,
+    float_field,
+    int_field,
+    tensor_field,
+)
+
+MIN_SIZE, MAX_SIZE = 64, 4096
+MAX_STEPS = 200
+MAX_IMAGES = 8
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**63 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserOptions:
+    attention_backend: str = "sdpa"
+    # Images per transformer forward. A group of rows larger than this runs in chunks of
+    # whole rows; a single row is never split (its latents come from one seeded draw).
+    max_batch_images: int = 8
+
+    def __post_init__(self):
+        if self.max_batch_images < 1:
+            raise ValueError(f"parameter max_batch_images: must be >= 1, got {self.max_batch_images}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxRequest:
+    """One validated row."""
+
+    prompt_embeds: torch.Tensor  # (L, D)
+    pooled_embeds: torch.Tensor  # (D_pool,)
+    negative_embeds: torch.Tensor | None
+    negative_pooled: torch.Tensor | None
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    true_cfg: float
+    seed: int
+    num_images: int
+
+    @property
+    def do_true_cfg(self) -> bool:  # FluxPipeline: true_cfg_scale > 1 and a negative prompt
+        return self.true_cfg > 1 and self.negative_embeds is not None
+
+
+# --- latent layout: pure functions ----------------------------------------------------
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches become tokens, as FLUX expects."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def image_token_ids(grid_h: int, grid_w: int, device, dtype) -> torch.Tensor:
+    """Rotary position ids (grid_h*grid_w, 3): (0, row, column) for each image token."""
+    ids = torch.zeros(grid_h, grid_w, 3)
+    ids[..., 1] = torch.arange(grid_h)[:, None]
+    ids[..., 2] = torch.arange(grid_w)[None, :]
+    return ids.reshape(grid_h * grid_w, 3).to(device=device, dtype=dtype)
+
+
+class FluxDenoiser(Stage):
+    Options = DenoiserOptions
+    inputs = (
+        "PROMPT_EMBEDS",
+        "POOLED_PROMPT_EMBEDS",
+        "NEGATIVE_PROMPT_EMBEDS",
+        "NEGATIVE_POOLED_PROMPT_EMBEDS",
+        "HEIGHT",
+        "WIDTH",
+        "NUM_INFERENCE_STEPS",
+        "GUIDANCE_SCALE",
+        "TRUE_CFG_SCALE",
+        "SEED",
+        "NUM_IMAGES",
+    )
+    outputs = ("LATENTS",)
+
+    def __init__(self, runtime: Runtime, options: DenoiserOptions | None = None):
+        super().__init__(runtime, options)
+        checkpoint = Checkpoint(runtime.model_path)
+        self.transformer = checkpoint.load("transformer", runtime)
+        self.scheduler_class = checkpoint.component_class("scheduler")
+        self.scheduler_config = checkpoint.load("scheduler").config
+        vae_config = checkpoint.component_class("vae").load_config(checkpoint.path / "vae")
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.latent_channels = self.transformer.config.in_channels // 4
+        # FluxPipeline's default size: default_sample_size (128) latents times the VAE factor.
+        self.default_size = 128 * self.vae_scale_factor
+        if self.options.attention_backend != "sdpa":
+            from ditserve.kernels.registry import set_attention_backend
+
+            try:
+                set_attention_backend(self.transformer, self.options.attention_backend)
+            except ValueError as exc:
+                raise ConfigError(f"parameter attention_backend: {exc}") from None
+
+    # --- requests -------------------------------------------------------------------
+
+    def parse(self, row: Row) -> FluxRequest:
+        device, dtype = self.runtime.device, self.runtime.dtype
+        multiple = self.vae_scale_factor * 2
+        sizes = {}
+        for name in ("HEIGHT", "WIDTH"):
+            value = int_field(row, name, self.default_size, MIN_SIZE, MAX_SIZE)
+            if value % multiple:
+                raise RequestError(name, f"must be a multiple of {multiple} in [{MIN_SIZE}, {MAX_SIZE}], got {value}")
+            sizes[name] = value
+        prompt = tensor_field(row, "PROMPT_EMBEDS", 2, device, dtype)
+        pooled = tensor_field(row, "POOLED_PROMPT_EMBEDS", 1, device, dtype)
+        negative = negative_pooled = None
+        if "NEGATIVE_PROMPT_EMBEDS" in row and row["NEGATIVE_PROMPT_EMBEDS"].numel() > 0:
+            negative = tensor_field(row, "NEGATIVE_PROMPT_EMBEDS", 2, device, dtype)
+            negative_pooled = tensor_field(row, "NEGATIVE_POOLED_PROMPT_EMBEDS", 1, device, dtype)
+            if negative.shape != prompt.shape:
+                raise RequestError("NEGATIVE_PROMPT_EMBEDS", f"shape {tuple(negative.shape)} != PROMPT_EMBEDS {tuple(prompt.shape)}")
+        seed = int_field(row, "SEED", None, 0, MAX_SEED)
+        return FluxRequest(
+            prompt_embeds=prompt,
+            pooled_embeds=pooled,
+            negative_embeds=negative,
+            negative_pooled=negative_pooled,
+            height=sizes["HEIGHT"],
+            width=sizes["WIDTH"],
+            steps=int_field(row, "NUM_INFERENCE_STEPS", 28, 1, MAX_STEPS),
+            guidance=float_field(row, "GUIDANCE_SCALE", 3.5, 0.0, MAX_GUIDANCE),
+            true_cfg=float_field(row, "TRUE_CFG_SCALE", 1.0, 0.0, MAX_GUIDANCE),
+            seed=secrets.randbelow(MAX_SEED) if seed is None else seed,
+            num_images=int_field(row, "NUM_IMAGES", 1, 1, MAX_IMAGES),
+        )
+
+    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
+        results: list[Outputs | RequestError | None] = [None] * len(rows)
+        groups: dict[tuple[int, int, int], list[tuple[int, FluxRequest]]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            try:
+                request = self.parse(row)
+            except RequestError as error:
+                results[i] = error
+                continue
+            groups[(request.height, request.width, request.steps)].append((i, request))
+        for members in groups.values():
+            for chunk in self._chunks(members):
+                latents = self.denoise([request for _, request in chunk])
+                for (i, _), value in zip(chunk, latents):
+                    results[i] = {"LATENTS": value}
+        return results
+
+    def _chunks(self, members):
+        chunk, images = [], 0
+        for member in members:
+            if chunk and images + member[1].num_images > self.options.max_batch_images:
+                yield chunk
+                chunk, images = [], 0
+            chunk.append(member)
+            images += member[1].num_images
+        if chunk:
+            yield chunk
+
+    # --- the denoising loop -----------------------------------------------------------
+
+    @torch.inference_mode()
+    def denoise(self, requests: list[FluxRequest]) -> list[torch.Tensor]:
+        """Denoise requests of one (height, width, steps); packed latents per request, fp32.
+
+        Each result is (num_images, h/2, w/2, 4C): the transformer's tokens laid on their
+        2x2-patch grid, so the VAE stage can unpack them without being told the size.
+        """
+        device, dtype = self.runtime.device, self.runtime.dtype
+        first = requests[0]
+        latent_h = 2 * (first.height // (self.vae_scale_factor * 2))
+        latent_w = 2 * (first.width // (self.vae_scale_factor * 2))
+        counts = [r.num_images for r in requests]
+
+        def per_image(values: list) -> torch.Tensor:
+            return torch.cat([v.expand(n, *v.shape[1:]) for v, n in zip(values, counts)])
+
+        # Each request draws its latents from its own CPU generator, as FluxPipeline does
+        # with generator=torch.Generator("cpu").manual_seed(seed): same seed, same image,
+        # on any device and whatever it is batched with.
+        noise = [
+            randn_tensor(
+                (r.num_images, self.latent_channels, latent_h, latent_w),
+                generator=torch.Generator("cpu").manual_seed(r.seed),
+                device=device,
+                dtype=dtype,
+            )
+            for r in requests
+        ]
+        latents = pack_latents(torch.cat(noise))
+        prompt = per_image([r.prompt_embeds[None] for r in requests])
+        pooled = per_image([r.pooled_embeds[None] for r in requests])
+        text_ids = torch.zeros(prompt.shape[1], 3, device=device, dtype=dtype)
+        image_ids = image_token_ids(latent_h // 2, latent_w // 2, device, dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.tensor(
+                [r.guidance for r, n in zip(requests, counts) for _ in range(n)], device=device, dtype=torch.float32
+            )
+
+        cfg = [r.do_true_cfg for r in requests]
+        cfg_index = torch.tensor([i for i, on in enumerate(np.repeat(cfg, counts)) if on], device=device, dtype=torch.long)
+        if len(cfg_index):
+            cfg_requests = [(r, n) for r, n in zip(requests, counts) if r.do_true_cfg]
+            negative = torch.cat([r.negative_embeds[None].expand(n, -1, -1) for r, n in cfg_requests])
+            negative_pooled = torch.cat([r.negative_pooled[None].expand(n, -1) for r, n in cfg_requests])
+            # Rows of the CFG sub-batch by scale: combining with a Python float per scale
+            # rounds exactly as FluxPipeline's `neg + scale * (pos - neg)` does in bf16.
+            scales = np.repeat([r.true_cfg for r, _ in cfg_requests], [n for _, n in cfg_requests])
+            by_scale = [(float(s), torch.from_numpy(np.flatnonzero(scales == s)).to(device)) for s in np.unique(scales)]
+
+        scheduler = self.scheduler_class.from_config(self.scheduler_config)
+        sigmas = np.linspace(1.0, 1 / first.steps, first.steps)
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(
+            latents.shape[1],
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        if sigmas is None:
+            scheduler.set_timesteps(first.steps, device=device, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        scheduler.set_begin_index(0)
+
+        for t in scheduler.timesteps:
+            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+            prediction = self.transformer(
+                hidden_states=latents,
+                timestep=timestep,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=prompt,
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
+            if len(cfg_index):
+                negative_prediction = self.transformer(
+                    hidden_states=latents[cfg_index],
+                    timestep=timestep[cfg_index],
+                    guidance=None if guidance is None else guidance[cfg_index],
+                    pooled_projections=negative_pooled,
+                    encoder_hidden_states=negative,
+                    txt_ids=text_ids,
+                    img_ids=image_ids,
+                    return_dict=False,
+                )[0]
+                positive = prediction[cfg_index]
+                for scale, rows in by_scale:
+                    negative_rows = negative_prediction[rows]
+                    positive[rows] = negative_rows + scale * (positive[rows] - negative_rows)
+                prediction[cfg_index] = positive
+            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+
+        grid = latents.float().view(latents.shape[0], latent_h // 2, latent_w // 2, latents.shape[-1])
+        return list(grid.split(counts))

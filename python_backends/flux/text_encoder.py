@@ -1,0 +1,103 @@
+"""FLUX.1 prompt encoding: CLIP's pooled embedding and T5's sequence embedding."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from ditserve.loading import Checkpoint
+from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, text_field
+
+# Prompts longer than this are almost certainly not prompts; T5 would truncate them anyway.
+MAX_PROMPT_CHARS = 20_000
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderOptions:
+    max_sequence_length: int = 512  # T5 tokens, as FluxPipeline's default
+
+    def __post_init__(self):
+        if not 1 <= self.max_sequence_length <= 512:
+            raise ValueError(f"parameter max_sequence_length: must be in [1, 512], got {self.max_sequence_length}")
+
+
+class FluxTextEncoder(Stage):
+    """PROMPT and optional NEGATIVE_PROMPT -> T5 sequence embeddings and CLIP pooled embeddings.
+
+    A request without NEGATIVE_PROMPT gets empty (zero-length) negative outputs, which tell
+    the denoiser that true CFG is off for it, as ``FluxPipeline`` decides from
+    ``negative_prompt is not None``.
+    """
+
+    Options = TextEncoderOptions
+    inputs = ("PROMPT", "NEGATIVE_PROMPT")
+    outputs = ("PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS", "NEGATIVE_POOLED_PROMPT_EMBEDS")
+
+    def __init__(self, runtime: Runtime, options: TextEncoderOptions | None = None):
+        super().__init__(runtime, options)
+        checkpoint = Checkpoint(runtime.model_path)
+        self.clip_tokenizer = checkpoint.load("tokenizer")
+        self.clip = checkpoint.load("text_encoder", runtime)
+        self.t5_tokenizer = checkpoint.load("tokenizer_2")
+        self.t5 = checkpoint.load("text_encoder_2", runtime)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 embeddings (n, max_sequence_length, d) and CLIP pooled embeddings (n, d_pool), fp32."""
+        device = self.runtime.device
+        clip_ids = self.clip_tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.clip_tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        pooled = self.clip(clip_ids.to(device), output_hidden_states=False).pooler_output
+        t5_ids = self.t5_tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.options.max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        sequence = self.t5(t5_ids.to(device), output_hidden_states=False)[0]
+        # Stage boundaries carry fp32 whatever the compute dtype: bf16 -> fp32 is exact, and
+        # one config.pbtxt then serves CPU (fp32) and GPU (bf16) alike.
+        return sequence.float(), pooled.float()
+
+    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
+        results: list[Outputs | RequestError] = []
+        texts: list[str] = []
+        slots: list[tuple[int, int | None]] = []  # (prompt index, negative index) per valid row
+        for row in rows:
+            try:
+                prompt = text_field(row, "PROMPT", required=True, max_chars=MAX_PROMPT_CHARS)
+                negative = text_field(row, "NEGATIVE_PROMPT", required=False, max_chars=MAX_PROMPT_CHARS)
+            except RequestError as error:
+                results.append(error)
+                continue
+            texts.append(prompt)
+            negative_index = None
+            if negative is not None:
+                texts.append(negative)
+                negative_index = len(texts) - 1
+            slots.append((len(texts) - 1 - (negative is not None), negative_index))
+            results.append({})
+        if not texts:
+            return results
+        sequence, pooled = self.encode(texts)
+        empty_sequence = sequence.new_zeros((0, sequence.shape[-1]))
+        empty_pooled = pooled.new_zeros((0,))
+        valid = iter(slots)
+        for outputs in results:
+            if isinstance(outputs, RequestError):
+                continue
+            prompt_index, negative_index = next(valid)
+            outputs["PROMPT_EMBEDS"] = sequence[prompt_index]
+            outputs["POOLED_PROMPT_EMBEDS"] = pooled[prompt_index]
+            has_negative = negative_index is not None
+            outputs["NEGATIVE_PROMPT_EMBEDS"] = sequence[negative_index] if has_negative else empty_sequence
+            outputs["NEGATIVE_POOLED_PROMPT_EMBEDS"] = pooled[negative_index] if has_negative else empty_pooled
+        return results

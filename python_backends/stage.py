@@ -1,0 +1,194 @@
+"""The stage contract shared by every pipeline stage.
+
+A stage is one Triton model of an ensemble (text encoding, denoising, VAE decoding, ...),
+written as plain PyTorch so that it can be unit-tested without Triton. The Triton adapter
+(`ditserve.triton_model`) turns Triton requests into *rows* and back:
+
+* a row is one batch element of one request: ``{input name: value}`` with the batch
+  dimension removed. Numeric inputs are ``torch.Tensor`` (on the stage's device when the
+  previous ensemble step left them there), string inputs are ``numpy`` object arrays of
+  ``bytes``. Optional inputs that were not sent are absent from the dict;
+* ``Stage.execute(rows)`` returns one entry per row: a dict of outputs (batch dimension
+  removed) or a ``RequestError`` that fails that row's request alone.
+
+Stages receive every row that Triton's dynamic batcher hands over in one call and decide
+themselves how to group them (e.g. the denoiser groups by output size and step count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+Row = Mapping[str, Any]
+Outputs = dict[str, "torch.Tensor | np.ndarray"]
+
+
+class RequestError(ValueError):
+    """Bad input in one request: names the field and the limit it broke."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ConfigError(ValueError):
+    """A bad model parameter, found while the model loads."""
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where and how a stage runs: checkpoint, device and dtype.
+
+    Each value comes from the model's config.pbtxt parameter of the same name when that is
+    non-empty, else from the environment (``DITSERVE_MODEL_PATH``, ``DITSERVE_DEVICE``,
+    ``DITSERVE_DTYPE``, set by ``ditserve serve`` or by hand in a stock Triton container),
+    else from the default: the built-in ``tiny`` checkpoint, CUDA when present, float32 on
+    CPU and bfloat16 on CUDA.
+    """
+
+    model_path: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str], env: Mapping[str, str] = os.environ) -> Runtime:
+        def pick(name: str) -> str:
+            return params.get(name, "").strip() or env.get(f"DITSERVE_{name.upper()}", "").strip()
+
+        device_name = pick("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(device_name)
+        except RuntimeError as exc:
+            raise ConfigError(f"device: {device_name!r} is not a torch device ({exc})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device: must be cpu or cuda[:N], got {device_name!r}")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError("device: cuda was asked for but torch sees no CUDA device")
+            device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        dtype_name = pick("dtype") or ("bfloat16" if device.type == "cuda" else "float32")
+        if dtype_name not in _DTYPES:
+            raise ConfigError(f"dtype: must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
+        return cls(model_path=pick("model_path") or "tiny", device=device, dtype=_DTYPES[dtype_name])
+
+
+def parse_options(options_type: type, params: Mapping[str, str]):
+    """Build a frozen options dataclass from string parameters, validating types once at load."""
+    hints = typing.get_type_hints(options_type)
+    values = {}
+    for field in dataclasses.fields(options_type):
+        raw = params.get(field.name, "").strip()
+        if not raw:
+            continue
+        kind = hints[field.name]
+        try:
+            if kind is bool:
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                values[field.name] = raw.lower() in ("true", "1", "yes")
+            else:
+                values[field.name] = kind(raw)
+        except ValueError:
+            raise ConfigError(f"parameter {field.name}: expected {kind.__name__}, got {raw!r}") from None
+    try:
+        return options_type(**values)
+    except ValueError as exc:  # __post_init__ range checks
+        raise ConfigError(str(exc)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class Stage(ABC):
+    """One pipeline stage. Subclasses load weights in ``__init__`` and implement ``execute``."""
+
+    Options: ClassVar[type] = NoOptions
+    inputs: ClassVar[tuple[str, ...]] = ()  # Triton tensor names; config.pbtxt must match
+    outputs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, runtime: Runtime, options: Any = None):
+        self.runtime = runtime
+        self.options = options if options is not None else self.Options()
+
+    @abstractmethod
+    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
+        """Run every row; return outputs or a ``RequestError`` for each, in order."""
+
+
+# --- reading fields of a row ------------------------------------------------------------
+
+
+def _scalar(row: Row, name: str):
+    value = row[name]
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise RequestError(name, f"expected one value, got shape {tuple(value.shape)}")
+        return value.reshape(()).item()
+    array = np.asarray(value)
+    if array.size != 1:
+        raise RequestError(name, f"expected one value, got shape {array.shape}")
+    return array.reshape(()).item()
+
+
+def int_field(row: Row, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    """An integer input within [lo, hi]; ``default`` when the optional input is absent."""
+    if name not in row:
+        return default
+    value = _scalar(row, name)
+    if isinstance(value, float) or not lo <= value <= hi:
+        raise RequestError(name, f"must be an integer in [{lo}, {hi}], got {value}")
+    return int(value)
+
+
+def float_field(row: Row, name: str, default: float, lo: float, hi: float) -> float:
+    """A finite float input within [lo, hi]; ``default`` when absent."""
+    if name not in row:
+        return default
+    value = float(_scalar(row, name))
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise RequestError(name, f"must be a finite number in [{lo}, {hi}], got {value}")
+    return value
+
+
+def text_field(row: Row, name: str, *, required: bool, max_chars: int) -> str | None:
+    """A UTF-8 string input; required ones must not be empty or blank."""
+    if name not in row:
+        if required:
+            raise RequestError(name, "is required")
+        return None
+    raw = _scalar(row, name)
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        raise RequestError(name, "must be valid UTF-8") from None
+    if len(text) > max_chars:
+        raise RequestError(name, f"must be at most {max_chars} characters, got {len(text)}")
+    if required and not text.strip():
+        raise RequestError(name, "must not be empty")
+    return text
+
+
+def tensor_field(row: Row, name: str, ndim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor input of a fixed rank, moved to the stage's device and dtype."""
+    if name not in row:
+        raise RequestError(name, "is required")
+    value = row[name]
+    if value.dim() != ndim:
+        raise RequestError(name, f"expected {ndim} dimensions, got shape {tuple(value.shape)}")
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise RequestError(name, "contains NaN or infinite values")
+    return value.to(device=device, dtype=dtype)

@@ -1,0 +1,98 @@
+"""Parity: our FLUX stages equal diffusers' FluxPipeline (fp32, CPU, tiny random weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from ditserve.checkpoints import resolve_model_path
+from ditserve.flux import FLUX_T2I
+from ditserve.pipeline import LocalPipeline
+from ditserve.stage import RequestError, Runtime
+
+CPU_FP32 = dict(device=torch.device("cpu"), dtype=torch.float32)
+
+
+def make_row(prompt, negative=None, **scalars) -> dict:
+    """A request row as the Triton adapter builds it (batch dimension removed)."""
+    types = {"SEED": torch.int64, "GUIDANCE_SCALE": torch.float32, "TRUE_CFG_SCALE": torch.float32}
+    row = {"PROMPT": np.array([prompt.encode()], dtype=object)}
+    if negative is not None:
+        row["NEGATIVE_PROMPT"] = np.array([negative.encode()], dtype=object)
+    for name, value in scalars.items():
+        row[name] = torch.tensor([value], dtype=types.get(name, torch.int32))
+    return row
+
+
+def reference_uint8(pipe: FluxPipeline, prompt, negative=None, **kw) -> np.ndarray:
+    images = pipe(
+        prompt=prompt,
+        negative_prompt=negative,
+        true_cfg_scale=kw.get("TRUE_CFG_SCALE", 1.0),
+        height=kw["HEIGHT"],
+        width=kw["WIDTH"],
+        num_inference_steps=kw["NUM_INFERENCE_STEPS"],
+        guidance_scale=kw.get("GUIDANCE_SCALE", 3.5),
+        num_images_per_prompt=kw.get("NUM_IMAGES", 1),
+        generator=torch.Generator("cpu").manual_seed(kw["SEED"]),
+        output_type="np",
+    ).images
+    return (images * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-schnell"])
+def pipelines(request):
+    runtime = Runtime(model_path=request.param, **CPU_FP32)
+    reference = FluxPipeline.from_pretrained(resolve_model_path(request.param), dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    return LocalPipeline(FLUX_T2I, runtime), reference
+
+
+CASES = [
+    pytest.param(("a red fox in the snow", None), dict(HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=3, SEED=7, NUM_IMAGES=2), id="square"),
+    pytest.param(("a tall lighthouse", None), dict(HEIGHT=96, WIDTH=64, NUM_INFERENCE_STEPS=2, SEED=1, GUIDANCE_SCALE=5.0), id="non-square"),
+    pytest.param(
+        ("a bowl of ramen", "blurry, low quality"),
+        dict(HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=3, SEED=3, TRUE_CFG_SCALE=4.0),
+        id="true-cfg",
+    ),
+    pytest.param(
+        ("a bowl of ramen", "blurry"),
+        dict(HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=2, SEED=3, TRUE_CFG_SCALE=1.0),
+        id="negative-without-cfg",
+    ),
+]
+
+
+@pytest.mark.parametrize("texts,scalars", CASES)
+def test_matches_flux_pipeline(pipelines, texts, scalars):
+    ours_pipeline, reference = pipelines
+    (result,) = ours_pipeline([make_row(*texts, **scalars)])
+    assert not isinstance(result, RequestError), result
+    expected = reference_uint8(reference, *texts, **scalars)
+    ours = result["IMAGE"]
+    assert ours.shape == expected.shape == (scalars.get("NUM_IMAGES", 1), scalars["HEIGHT"], scalars["WIDTH"], 3)
+    assert ours.std() > 5, "image is flat: the test could not tell pipelines apart"
+    diff = np.abs(ours.astype(int) - expected.astype(int)).max()
+    assert diff <= 1, f"max pixel difference {diff}/255"
+
+
+def test_batched_rows_equal_their_unbatched_results(pipelines):
+    """Different prompts, seeds, guidance and CFG in one call equal each row run alone."""
+    ours_pipeline, _ = pipelines
+    rows = [
+        make_row("a cat", HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=2, SEED=1),
+        make_row("a dog", "ugly", HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=2, SEED=2, TRUE_CFG_SCALE=3.0, NUM_IMAGES=2),
+        make_row("a cow", HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=2, SEED=3, GUIDANCE_SCALE=7.0),
+        make_row("a hen", HEIGHT=80, WIDTH=64, NUM_INFERENCE_STEPS=2, SEED=4),  # another group
+        make_row("", HEIGHT=64, WIDTH=64),  # a bad row fails alone
+    ]
+    batched = ours_pipeline(rows)
+    assert isinstance(batched[-1], RequestError) and batched[-1].field == "PROMPT"
+    for row, together in zip(rows[:-1], batched):
+        (alone,) = ours_pipeline([row])
+        diff = np.abs(alone["IMAGE"].astype(int) - together["IMAGE"].astype(int)).max()
+        assert diff <= 1, f"batched differs from unbatched by {diff}/255"
+    assert np.abs(batched[0]["IMAGE"].astype(int) - batched[2]["IMAGE"].astype(int)).max() > 10
