@@ -1,0 +1,523 @@
+"""Forward attention for diffusion transformers, in Triton (flash-attention-2 style online softmax).
+
+Non-causal, one program per (block of BLOCK_M queries, batch x head); keys are streamed in BLOCK_N tiles
+with the running max / running sum rescaling of FlashAttention-2, in base 2 (exp2, with log2(e) folded
+into the softmax scale). Full key tiles run without bounds checks; one masked tail iteration handles
+Lk % BLOCK_N, so any length works.
+
+Layouts: "BLHD" (batch, length, heads, head_dim) is what diffusers' processors hold after
+`unflatten(-1, (-1, head_dim))`, and the output in that layout feeds `flatten(2, 3)` and the output
+projection with no transpose. "BHLD" is SDPA's layout. Both are handled through strides; the last
+dimension must be contiguous.
+
+Optional, all in the same launch:
+  * a boolean key-padding mask (B, Lk), True = attend (SDPA's boolean convention); rows whose keys are
+    all masked give output 0 and LSE -inf;
+  * the per-row log-sum-exp (natural log, fp32, (B, H, Lq)) so that results over disjoint key sets merge
+    exactly: lse = logaddexp(lse1, lse2), out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse);
+  * a fused prologue (`Prologue`): per-head RMSNorm of Q and K with weights, then rotary embedding, applied
+    to the tiles in registers as they are loaded, so normalised, rotated Q/K are never written.
+    K's prologue can run inline (per K tile, recomputed for every query block) or as a prepass kernel
+    that writes normalised, rotated K once (`k_mode`); perf/ATTENTION_NOTES.md has the measured trade-off.
+
+Under TRITON_INTERPRET=1 (CPU) the kernels run in Triton's interpreter: tl.dot on bf16 is wrong there
+(shared/ENVIRONMENT.md), so CPU use is restricted to fp16/fp32 by the registry.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like triton.jit does at decoration time: setting it after this import has no effect.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+Layout = Literal["BLHD", "BHLD"]
+LN2: float = math.log(2.0)
+LOG2E: float = 1.0 / LN2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prologue: per-head RMSNorm (+ weight) then rotary embedding, on an fp32 tile in registers.
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _norm_rope(
+    x,  # (ROWS, HEAD_DIM) fp32
+    rows,  # (ROWS,) token indices of the tile
+    nrows,  # rows >= nrows are padding (their cos/sin are not loaded)
+    W0,  # norm weight for rows < norm_split
+    W1,  # norm weight for rows >= norm_split (== W0 when the sequence has one stream)
+    norm_split,
+    Cos,
+    Sin,
+    stride_cl,
+    eps,
+    NORM: tl.constexpr,
+    ROPE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    d = tl.arange(0, HEAD_DIM)
+    if NORM:
+        inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)
+        w0 = tl.load(W0 + d).to(tl.float32)
+        w1 = tl.load(W1 + d).to(tl.float32)
+        w = tl.where((rows >= norm_split)[:, None], w1[None, :], w0[None, :])
+        x = x * inv_rms[:, None] * w
+    if ROPE:
+        in_range = (rows < nrows)[:, None]
+        cs = rows[:, None] * stride_cl + d[None, :]
+        cos = tl.load(Cos + cs, mask=in_range, other=0.0)
+        sin = tl.load(Sin + cs, mask=in_range, other=0.0)
+        # Both conventions rotate pairs (a, b) -> (a cos_a - b sin_a, b cos_b + a sin_b); they differ only
+        # in which columns pair up: (2i, 2i+1) for FLUX / Qwen-Image / Wan (diffusers use_real_unbind_dim=-1),
+        # (i, i + D/2) for rotate-half models (use_real_unbind_dim=-2).
+        if INTERLEAVED:
+            a, b = tl.split(tl.reshape(x, (ROWS, HEAD_DIM // 2, 2)))
+            ca, cb = tl.split(tl.reshape(cos, (ROWS, HEAD_DIM // 2, 2)))
+            sa, sb = tl.split(tl.reshape(sin, (ROWS, HEAD_DIM // 2, 2)))
+            x = tl.reshape(tl.join(a * ca - b * sa, b * cb + a * sb), (ROWS, HEAD_DIM))
+        else:
+            a, b = tl.split(tl.permute(tl.reshape(x, (ROWS, 2, HEAD_DIM // 2)), (0, 2, 1)))
+            ca, cb = tl.split(tl.permute(tl.reshape(cos, (ROWS, 2, HEAD_DIM // 2)), (0, 2, 1)))
+            sa, sb = tl.split(tl.permute(tl.reshape(sin, (ROWS, 2, HEAD_DIM // 2)), (0, 2, 1)))
+            x = tl.reshape(tl.permute(tl.join(a * ca - b * sa, b * cb + a * sb), (0, 2, 1)), (ROWS, HEAD_DIM))
+    return x
+
+
+@triton.jit
+def _prologue_kernel(
+    X, Out, W0, W1, Cos, Sin,
+    eps, norm_split,
+    stride_xb, stride_xh, stride_xl,
+    stride_ob, stride_oh, stride_ol,
+    stride_cl,
+    H, L,
+    HEAD_DIM: tl.constexpr,
+    NORM: tl.constexpr,
+    ROPE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """Writes norm+RoPE(X) once (the `k_mode="prepass"` path for K)."""
+    pid_l = tl.program_id(0)
+    off_b = tl.program_id(1) // H
+    off_h = tl.program_id(1) % H
+    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    d = tl.arange(0, HEAD_DIM)
+    ok = (rows < L)[:, None]
+    x_base = X + off_b.to(tl.int64) * stride_xb + off_h.to(tl.int64) * stride_xh
+    x = tl.load(x_base + rows[:, None] * stride_xl + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    x = _norm_rope(x, rows, L, W0, W1, norm_split, Cos, Sin, stride_cl, eps,
+                   NORM, ROPE, INTERLEAVED, BLOCK_L, HEAD_DIM)
+    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    tl.store(o_base + rows[:, None] * stride_ol + d[None, :], x.to(Out.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention kernel
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_inner(
+    acc, l_i, m_i, q,
+    k_ptrs, v_ptrs, mask_ptr,
+    start, end, stride_kl, stride_vl, LK, qk_scale,
+    KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
+    TAIL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    K_PROLOGUE: tl.constexpr,
+    NORM: tl.constexpr,
+    ROPE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if TAIL:
+            k = tl.load(k_ptrs + start_n * stride_kl, mask=(cols < LK)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kl)
+        if K_PROLOGUE:
+            k = _norm_rope(k.to(tl.float32), cols, LK, KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
+                           NORM, ROPE, INTERLEAVED, BLOCK_N, HEAD_DIM).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if HAS_MASK:
+            if TAIL:
+                keep = tl.load(mask_ptr + cols, mask=cols < LK, other=0) != 0
+            else:
+                keep = tl.load(mask_ptr + cols) != 0
+            qk = tl.where(keep[None, :], qk, float("-inf"))
+        elif TAIL:
+            qk = tl.where((cols < LK)[None, :], qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if TAIL:
+            v = tl.load(v_ptrs + start_n * stride_vl, mask=(cols < LK)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vl)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse, Mask,
+    QW0, QW1, KW0, KW1, Cos, Sin,
+    sm_scale, eps, norm_split,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    stride_mb, stride_cl,
+    H, LQ, LK,
+    HEAD_DIM: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    NORM: tl.constexpr,
+    ROPE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    K_PROLOGUE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, HEAD_DIM)
+
+    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    k_ptrs = K + off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh \
+        + offs_n[:, None] * stride_kl + d[None, :]
+    v_ptrs = V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh \
+        + offs_n[:, None] * stride_vl + d[None, :]
+    mask_ptr = Mask + off_b.to(tl.int64) * stride_mb
+
+    q = tl.load(q_base + offs_m[:, None] * stride_ql + d[None, :], mask=(offs_m < LQ)[:, None], other=0.0)
+    if NORM or ROPE:
+        q = _norm_rope(q.to(tl.float32), offs_m, LQ, QW0, QW1, norm_split, Cos, Sin, stride_cl, eps,
+                       NORM, ROPE, INTERLEAVED, BLOCK_M, HEAD_DIM).to(Q.dtype.element_ty)
+
+    # Finite start for the running max: a tile whose keys are all masked then gives p = exp2(-inf) = 0
+    # and alpha = 1 instead of exp2(-inf - -inf) = NaN.
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e)
+
+    n_full = (LK // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, 0, n_full,
+                                stride_kl, stride_vl, LK, qk_scale,
+                                KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
+                                False, HAS_MASK, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION,
+                                BLOCK_N, HEAD_DIM)
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, n_full, LK,
+                                stride_kl, stride_vl, LK, qk_scale,
+                                KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
+                                True, HAS_MASK, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION,
+                                BLOCK_N, HEAD_DIM)
+
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    row_ok = offs_m < LQ
+    tl.store(Lse + off_bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
+    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_ol + d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs: pruned for the device at tuning time. No fallback: if nothing fits, the launch raises.
+# ----------------------------------------------------------------------------------------------------
+# Interpreter: one fixed config, no timing (do_bench has no meaning there). The interpreter's cost is per
+# tile, not per element: 64x64 tiles ran a 1000x1000 head in ~3 s against ~15 s with 32x32, and lengths
+# 113 / 257 still cover several full tiles plus a masked tail.
+INTERPRET_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+
+def _candidate_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in (64, 128)
+        for bn in (32, 64, 128)
+        for w in (4, 8)
+        for s in (2, 3, 4)
+    ]
+
+
+def _smem_bytes(cfg: triton.Config, head_dim: int, elt: int) -> int:
+    # Q tile once, K and V tiles per pipeline stage.
+    return (cfg.kwargs["BLOCK_M"] * head_dim + 2 * cfg.num_stages * cfg.kwargs["BLOCK_N"] * head_dim) * elt
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict, **meta) -> list[triton.Config]:
+    """Keep the configs worth timing on this device; raise if none is valid."""
+    head_dim = meta["HEAD_DIM"]
+    elt = named_args["Q"].element_size()
+    props = torch.cuda.get_device_properties(named_args["Q"].device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    major = props.major
+    kept = []
+    for cfg in configs:
+        bm, bn, w, s = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
+        if _smem_bytes(cfg, head_dim, elt) > smem:
+            continue
+        if major == 9:
+            # Hopper: 128-row Q tiles with 8 warps (two warpgroups of wgmma m64) and 2-3 stages; 64-row
+            # tiles only for short query sets where 128-row tiles leave SMs idle.
+            if s == 4 or bn == 32 or w != bm // 16:
+                continue
+            if named_args["LQ"] >= 1024 and bm != 128:
+                continue
+        elif s == 4 or (bm * bn >= 128 * 64 and w == 4):
+            continue
+        kept.append(cfg)
+    if not kept:
+        raise RuntimeError(f"ditserve attention: no kernel config fits head_dim={head_dim} in {smem} B of "
+                           f"shared memory on {props.name}")
+    return kept
+
+
+_TUNE_KEY = ["LQ", "LK", "HEAD_DIM", "HAS_MASK", "NORM", "ROPE", "K_PROLOGUE"]
+_attn_fwd_tuned = triton.autotune(
+    configs=_candidate_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune_configs}
+)(_attn_fwd_kernel)
+
+
+def _prologue_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_L": bl}, num_warps=w) for bl in (32, 64) for w in (4, 8)]
+
+
+_prologue_tuned = triton.autotune(configs=_prologue_configs(), key=["L", "HEAD_DIM", "NORM", "ROPE"])(
+    _prologue_kernel
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Python API
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prologue:
+    """Per-head RMSNorm of Q and K and rotary embedding, fused into the attention kernel.
+
+    q_weight / k_weight: (D,) or (2, D). With two rows, tokens < norm_split use row 0 and the rest row 1
+    (FLUX double blocks: text tokens use norm_added_q/k, image tokens norm_q/k). None: no norm.
+    cos / sin: (L, D) float tables (diffusers `use_real=True` format, repeat-interleaved for FLUX); None:
+    no rotary embedding. interleaved=True pairs columns (2i, 2i+1) (FLUX, Qwen-Image, Wan), False pairs
+    (i, i + D/2). k_mode: "inline" normalises/rotates each K tile in the attention loop (K never written),
+    "prepass" runs one small kernel over K first (K' written once, read by the attention kernel).
+    """
+
+    q_weight: Optional[torch.Tensor] = None
+    k_weight: Optional[torch.Tensor] = None
+    eps: float = 1e-6
+    norm_split: int = 0
+    cos: Optional[torch.Tensor] = None
+    sin: Optional[torch.Tensor] = None
+    interleaved: bool = True
+    k_mode: Literal["inline", "prepass"] = "prepass"
+
+
+def _strides(x: torch.Tensor, layout: str) -> tuple[int, int, int]:
+    """(batch, head, token) strides."""
+    if layout == "BLHD":
+        return x.stride(0), x.stride(2), x.stride(1)
+    if layout == "BHLD":
+        return x.stride(0), x.stride(1), x.stride(2)
+    raise ValueError(f"layout must be 'BLHD' or 'BHLD', got {layout!r}")
+
+
+def dims(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
+    """(B, H, L, D) of a tensor in `layout`."""
+    if layout == "BLHD":
+        return x.shape[0], x.shape[2], x.shape[1], x.shape[3]
+    return x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+
+
+def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _norm_weights(w: Optional[torch.Tensor], d: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if w is None:
+        return like, like  # unused by the kernel (NORM=False); any pointer will do
+    w = w.reshape(-1, d).contiguous()
+    if w.shape[0] not in (1, 2):
+        raise ValueError(f"norm weight must be (D,) or (2, D), got {tuple(w.shape)}")
+    return w[0], w[-1]
+
+
+def _launch_prologue(x: torch.Tensor, layout: str, w: Optional[torch.Tensor], p: Prologue) -> torch.Tensor:
+    B, H, L, D = dims(x, layout)
+    out = torch.empty_like(x)
+    w0, w1 = _norm_weights(w, D, x)
+    cos = p.cos if p.cos is not None else x
+    sin = p.sin if p.sin is not None else x
+    sxb, sxh, sxl = _strides(x, layout)
+    sob, soh, sol = _strides(out, layout)
+    args = (x, out, w0, w1, cos, sin, p.eps, p.norm_split, sxb, sxh, sxl, sob, soh, sol, cos.stride(0), H, L)
+    meta = dict(HEAD_DIM=D, NORM=w is not None, ROPE=p.cos is not None, INTERLEAVED=p.interleaved)
+    if INTERPRET:
+        _prologue_kernel[(triton.cdiv(L, 64), B * H)](*args, **meta, BLOCK_L=64)
+    else:
+        _prologue_tuned[lambda m: (triton.cdiv(L, m["BLOCK_L"]), B * H)](*args, **meta)
+    return out
+
+
+def _validate_prologue(p: Prologue, D: int, Lq: int, Lk: int, device: torch.device) -> Prologue:
+    if (p.cos is None) != (p.sin is None):
+        raise ValueError("prologue: give both cos and sin, or neither")
+    if p.cos is not None:
+        if Lq != Lk:
+            raise ValueError(f"prologue: rotary embedding needs Lq == Lk (self-attention), got {Lq} and {Lk}")
+        if tuple(p.cos.shape) != (Lq, D) or tuple(p.sin.shape) != (Lq, D):
+            raise ValueError(f"prologue: cos/sin must be ({Lq}, {D}), got {tuple(p.cos.shape)}, "
+                             f"{tuple(p.sin.shape)}")
+        cos = p.cos.to(device=device, dtype=torch.float32).contiguous()
+        sin = p.sin.to(device=device, dtype=torch.float32).contiguous()
+        p = Prologue(p.q_weight, p.k_weight, p.eps, p.norm_split, cos, sin, p.interleaved, p.k_mode)
+    if (p.q_weight is None) != (p.k_weight is None):
+        raise ValueError("prologue: give both q_weight and k_weight, or neither")
+    if p.k_mode not in ("inline", "prepass"):
+        raise ValueError(f"prologue: k_mode must be 'inline' or 'prepass', got {p.k_mode!r}")
+    return p
+
+
+def _attention_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], layout: str,
+    scale: float, prologue: Optional[Prologue],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+    B, H, Lq, D = dims(q, layout)
+    Lk = dims(k, layout)[2]
+    p = _validate_prologue(prologue, D, Lq, Lk, q.device) if prologue is not None else None
+    norm = p is not None and p.q_weight is not None
+    rope = p is not None and p.cos is not None
+    k_inline = p is not None and p.k_mode == "inline"
+    if (norm or rope) and not k_inline:
+        k = _launch_prologue(k, layout, p.k_weight, p)
+
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else q  # q: unused pointer when HAS_MASK=False
+    qw0, qw1 = _norm_weights(p.q_weight if norm else None, D, q)
+    kw0, kw1 = _norm_weights(p.k_weight if norm else None, D, q)
+    cos = p.cos if rope else q
+    sin = p.sin if rope else q
+    args = (
+        q, k, v, out, lse, mask_u8, qw0, qw1, kw0, kw1, cos, sin,
+        scale, p.eps if p is not None else 0.0, p.norm_split if p is not None else 0,
+        *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(out, layout),
+        mask_u8.stride(0) if mask is not None else 0, cos.stride(0),
+        H, Lq, Lk,
+    )
+    meta = dict(HEAD_DIM=D, HAS_MASK=mask is not None, NORM=norm, ROPE=rope,
+                INTERLEAVED=p.interleaved if p is not None else True, K_PROLOGUE=k_inline and (norm or rope),
+                # fp32 inputs (interpreter tests, parity runs) get exact fp32 dots, not tf32.
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if INTERPRET:
+        grid = (triton.cdiv(Lq, INTERPRET_CONFIG["BLOCK_M"]), B * H)
+        _attn_fwd_kernel[grid](*args, **meta, **INTERPRET_CONFIG)
+    else:
+        _attn_fwd_tuned[lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H)](*args, **meta)
+    return out, lse
+
+
+# torch.library registration: the op takes the prologue as flat optional tensors and scalars.
+@torch.library.custom_op("ditserve::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], layout: str, scale: float,
+    q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float, norm_split: int,
+    cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], interleaved: bool, k_mode: str,
+    use_prologue: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    p = Prologue(q_weight, k_weight, eps, norm_split, cos, sin, interleaved, k_mode) if use_prologue else None
+    return _attention_impl(q, k, v, mask, layout, scale, p)
+
+
+@_attention_op.register_fake
+def _(q, k, v, mask, layout, scale, q_weight, k_weight, eps, norm_split, cos, sin, interleaved, k_mode,
+      use_prologue):
+    B, H, Lq, _ = dims(q, layout)
+    return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    layout: Layout = "BLHD",
+    scale: Optional[float] = None,
+    prologue: Optional[Prologue] = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale) v over non-causal attention; Triton kernel (ditserve::attention).
+
+    q: (B, Lq, H, D) for layout "BLHD" or (B, H, Lq, D) for "BHLD"; k, v: the same with Lk.
+    mask: optional bool (B, Lk), True = attend. scale: default 1/sqrt(D). Returns out in q's layout and
+    dtype, and with return_lse the natural-log LSE (B, H, Lq) in fp32 (-inf for fully masked rows).
+    Constraints (dtype, head dim, device) are checked by ditserve.kernels.registry, not here.
+    """
+    D = q.shape[-1]
+    s = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    p = prologue
+    out, lse = torch.ops.ditserve.attention(
+        q, k, v, mask, layout, s,
+        p.q_weight if p else None, p.k_weight if p else None, p.eps if p else 0.0, p.norm_split if p else 0,
+        p.cos if p else None, p.sin if p else None, p.interleaved if p else True, p.k_mode if p else "prepass",
+        p is not None,
+    )
+    return (out, lse) if return_lse else out
+
+
+def norm_rope(x: torch.Tensor, prologue: Prologue, *, which: Literal["q", "k"] = "k",
+              layout: Layout = "BLHD") -> torch.Tensor:
+    """The prologue alone, as one kernel (what k_mode="prepass" runs on K)."""
+    B, H, L, D = dims(x, layout)
+    p = _validate_prologue(prologue, D, L, L, x.device)
+    return _launch_prologue(_last_contiguous(x), layout, p.q_weight if which == "q" else p.k_weight, p)
+
+
+def reference_prologue(x: torch.Tensor, prologue: Prologue, *, which: Literal["q", "k"],
+                       layout: Layout = "BLHD") -> torch.Tensor:
+    """Torch version of the prologue, computed in x's dtype promoted to at least fp32; returns fp32 or fp64."""
+    B, H, L, D = dims(x, layout)
+    xt = x if layout == "BLHD" else x.transpose(1, 2)  # (B, L, H, D)
+    work = xt.to(torch.promote_types(x.dtype, torch.float32))
+    w = prologue.q_weight if which == "q" else prologue.k_weight
+    if w is not None:
+        w = w.reshape(-1, D).to(work.dtype)
+        rows = torch.arange(L, device=x.device)
+        wl = torch.where((rows >= prologue.norm_split)[:, None], w[-1][None, :], w[0][None, :])  # (L, D)
+        work = work * torch.rsqrt(work.pow(2).mean(-1, keepdim=True) + prologue.eps) * wl[None, :, None, :]
+    if prologue.cos is not None:
+        cos = prologue.cos.to(work.dtype)[None, :, None, :]
+        sin = prologue.sin.to(work.dtype)[None, :, None, :]
+        if prologue.interleaved:
+            a, b = work.unflatten(-1, (-1, 2)).unbind(-1)
+            rot = torch.stack([-b, a], dim=-1).flatten(-2)
+        else:
+            a, b = work.unflatten(-1, (2, -1)).unbind(-2)
+            rot = torch.cat([-b, a], dim=-1)
+        work = work * cos + rot * sin
+    return work if layout == "BLHD" else work.transpose(1, 2)

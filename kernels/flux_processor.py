@@ -1,0 +1,118 @@
+"""Attention processor for diffusers' FluxAttention (0.42.1) that runs a ditserve backend with the fused
+RMSNorm + RoPE prologue.
+
+diffusers' FluxAttnProcessor runs, per block: norm_q, norm_k (and norm_added_q/k in double blocks), a
+concatenation of the text and image streams, two rotary embeddings (each several fp32 elementwise ops),
+then attention on (B, H, L, D) transposes. Here the raw projections are concatenated once and the
+backend gets the normalisation weights (text rows: norm_added_*, image rows: norm_*) and the RoPE tables,
+which the `triton` backend applies inside the kernel; the output comes back in (B, L, H, D), which
+`flatten(2, 3)` hands to the output projections without a copy.
+
+    from ditserve.kernels.flux_processor import set_attention_backend
+    set_attention_backend(transformer, "triton")   # or "sdpa", "triton_fp8", "flash_attn"
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
+
+from .attention import Prologue
+from .registry import Backend, get_backend
+
+
+def _norm_weight(norm: torch.nn.Module, head_dim: int, like: torch.Tensor) -> torch.Tensor:
+    if not isinstance(norm, torch.nn.RMSNorm):
+        raise ValueError(f"ditserve FLUX processor: QK norm must be torch.nn.RMSNorm, got {type(norm).__name__}")
+    if norm.weight is None:
+        return torch.ones(head_dim, device=like.device, dtype=like.dtype)
+    return norm.weight
+
+
+def _eps(norm: torch.nn.RMSNorm, dtype: torch.dtype) -> float:
+    # torch.nn.RMSNorm with eps=None uses the input dtype's machine epsilon.
+    return float(norm.eps) if norm.eps is not None else float(torch.finfo(dtype).eps)
+
+
+def _key_padding_mask(mask: Optional[torch.Tensor], batch: int, length: int) -> Optional[torch.Tensor]:
+    """Accept a bool key-padding mask as (B, L) or broadcastable (B, 1, 1, L)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        raise ValueError(f"ditserve FLUX processor: attention_mask must be bool (True = attend), got {mask.dtype}")
+    if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+        mask = mask[:, 0, 0, :]
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"ditserve FLUX processor: attention_mask must be (B, L) = ({batch}, {length}) or "
+                         f"(B, 1, 1, L), got {tuple(mask.shape)}")
+    return mask
+
+
+class DitserveFluxAttnProcessor:
+    """Drop-in for FluxAttnProcessor: same inputs and outputs, attention through a ditserve backend."""
+
+    def __init__(self, backend: str = "triton", k_mode: Literal["inline", "prepass"] = "prepass") -> None:
+        self.backend: Backend = get_backend(backend)
+        self.k_mode = k_mode
+
+    def __call__(
+        self,
+        attn: FluxAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        image_rotary_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        d = attn.head_dim
+        query, key, value = (x.unflatten(-1, (-1, d)) for x in (query, key, value))
+        qw = _norm_weight(attn.norm_q, d, query)
+        kw = _norm_weight(attn.norm_k, d, key)
+        split = 0
+        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        if joint:
+            enc_q, enc_k, enc_v = (x.unflatten(-1, (-1, d)) for x in (enc_q, enc_k, enc_v))
+            split = enc_q.shape[1]
+            query = torch.cat([enc_q, query], dim=1)
+            key = torch.cat([enc_k, key], dim=1)
+            value = torch.cat([enc_v, value], dim=1)
+            qw = torch.stack([_norm_weight(attn.norm_added_q, d, query), qw])
+            kw = torch.stack([_norm_weight(attn.norm_added_k, d, key), kw])
+        cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        prologue = Prologue(q_weight=qw, k_weight=kw, eps=_eps(attn.norm_q, query.dtype), norm_split=split,
+                            cos=cos, sin=sin, interleaved=True, k_mode=self.k_mode)
+        mask = _key_padding_mask(attention_mask, key.shape[0], key.shape[1])
+
+        hidden_states = self.backend(query, key, value, mask=mask, prologue=prologue)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def set_attention_backend(
+    transformer: torch.nn.Module, name: str, *, k_mode: Literal["inline", "prepass"] = "prepass"
+) -> int:
+    """Install DitserveFluxAttnProcessor(name) on every FluxAttention of `transformer`; returns how many.
+
+    name "diffusers" restores diffusers' own FluxAttnProcessor.
+    """
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    n = 0
+    for module in transformer.modules():
+        if isinstance(module, FluxAttention):
+            module.set_processor(FluxAttnProcessor() if name == "diffusers" else DitserveFluxAttnProcessor(name, k_mode))
+            n += 1
+    if n == 0:
+        raise ValueError(f"set_attention_backend: {type(transformer).__name__} has no FluxAttention modules")
+    return n
