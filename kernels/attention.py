@@ -352,6 +352,11 @@ def dims(x: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
     return x.shape[0], x.shape[1], x.shape[2], x.shape[3]
 
 
+def _alloc(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Output allocation (a seam for tests, which poison outputs to prove every element is written)."""
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
 def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -367,7 +372,7 @@ def _norm_weights(w: Optional[torch.Tensor], d: int, like: torch.Tensor) -> tupl
 
 def _launch_prologue(x: torch.Tensor, layout: str, w: Optional[torch.Tensor], p: Prologue) -> torch.Tensor:
     B, H, L, D = dims(x, layout)
-    out = torch.empty_like(x)
+    out = _alloc(tuple(x.shape), x, x.dtype)
     w0, w1 = _norm_weights(w, D, x)
     cos = p.cos if p.cos is not None else x
     sin = p.sin if p.sin is not None else x
@@ -415,8 +420,8 @@ def _attention_impl(
     if (norm or rope) and not k_inline:
         k = _launch_prologue(k, layout, p.k_weight, p)
 
-    out = torch.empty_like(q)
-    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    out = _alloc(tuple(q.shape), q, q.dtype)
+    lse = _alloc((B, H, Lq), q, torch.float32)
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else q  # q: unused pointer when HAS_MASK=False
     qw0, qw1 = _norm_weights(p.q_weight if norm else None, D, q)
     kw0, kw1 = _norm_weights(p.k_weight if norm else None, D, q)

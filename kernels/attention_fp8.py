@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 import torch.nn.functional as F
 
+from . import attention as _attn
 from .attention import INTERPRET, Layout, _last_contiguous, _strides, dims
 
 FP8 = torch.float8_e4m3fn
@@ -208,8 +209,8 @@ def attention_fp8_quantized(
     Lk = t.k.shape[2]
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
     shape = (B, Lq, H, D) if out_layout == "BLHD" else (B, H, Lq, D)
-    out = torch.empty(shape, device=t.q.device, dtype=out_dtype)
-    lse = torch.empty((B, H, Lq), device=t.q.device, dtype=torch.float32)
+    out = _attn._alloc(shape, t.q, out_dtype)
+    lse = _attn._alloc((B, H, Lq), t.q, torch.float32)
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else t.q_scale
     args = (t.q, t.k, t.vt, t.q_scale, t.k_scale, t.v_scale, out, lse, mask_u8, s,
             *_strides(out, out_layout),
