@@ -257,9 +257,9 @@ def _candidate_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm in (64, 128)
-        for bn in (32, 64, 128)
+        for bn in (64, 128)
         for w in (4, 8)
-        for s in (2, 3, 4)
+        for s in (2, 3)
     ]
 
 
@@ -274,20 +274,23 @@ def prune_configs(configs: list[triton.Config], named_args: dict, **meta) -> lis
     elt = named_args["Q"].element_size()
     props = torch.cuda.get_device_properties(named_args["Q"].device)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
-    major = props.major
+    long_q = named_args["LQ"] >= 1024
     kept = []
     for cfg in configs:
         bm, bn, w, s = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
         if _smem_bytes(cfg, head_dim, elt) > smem:
             continue
-        if major == 9:
-            # Hopper: 128-row Q tiles with 8 warps (two warpgroups of wgmma m64) and 2-3 stages; 64-row
-            # tiles only for short query sets where 128-row tiles leave SMs idle.
-            if s == 4 or bn == 32 or w != bm // 16:
+        if props.major == 9:
+            # Hopper: one warpgroup per 64 query rows (wgmma m64), so w = BLOCK_M / 16. Long query sets:
+            # 128-row tiles (8 warps), BLOCK_N 64/128, 2-3 stages. Short ones (< 1024 rows): 64- or
+            # 128-row tiles, BLOCK_N 64, 2 stages, so that small grids still fill the 132 SMs.
+            if w != bm // 16:
                 continue
-            if named_args["LQ"] >= 1024 and bm != 128:
+            if long_q and bm != 128:
                 continue
-        elif s == 4 or (bm * bn >= 128 * 64 and w == 4):
+            if not long_q and (bn != 64 or s != 2):
+                continue
+        elif bm * bn >= 128 * 64 and w == 4:
             continue
         kept.append(cfg)
     if not kept:

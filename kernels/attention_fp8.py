@@ -182,11 +182,12 @@ def prune_fp8_configs(configs: list[triton.Config], named_args: dict, **meta) ->
         raise RuntimeError(f"ditserve attention_fp8: {props.name} has no fp8 tensor cores (needs sm_89+)")
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
     head_dim = meta["HEAD_DIM"]
+    long_q = named_args["LQ"] >= 1024
     kept = [
         c for c in configs
         if (c.kwargs["BLOCK_M"] * head_dim + 2 * c.num_stages * c.kwargs["BLOCK_N"] * head_dim) <= smem
         and c.num_warps == c.kwargs["BLOCK_M"] // 16
-        and (named_args["LQ"] < 1024 or c.kwargs["BLOCK_M"] == 128)
+        and (c.kwargs["BLOCK_M"] == 128 if long_q else (c.kwargs["BLOCK_N"] == 64 and c.num_stages == 2))
     ]
     if not kept:
         raise RuntimeError(f"ditserve attention_fp8: no kernel config fits head_dim={head_dim} on {props.name}")

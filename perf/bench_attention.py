@@ -1,0 +1,170 @@
+"""Attention throughput on a CUDA GPU: ditserve's Triton kernels against torch SDPA (cuDNN, flash).
+
+    python3 perf/bench_attention.py [--out DIR] [--quick]
+
+For each shape (B, H, L, D), bf16, random inputs: TFLOP/s = 4 * B * H * L^2 * D / median time
+(triton.testing.do_bench). Ours run on (B, L, H, D) tensors, the layout diffusers' processors hold;
+SDPA runs on contiguous (B, H, L, D), its best case. FP8 is timed twice: the kernel on pre-quantised
+inputs, and end to end with the torch quantisation pass. Then the fused RMSNorm+RoPE prologue on the FLUX
+shape against diffusers' separate ops + cuDNN SDPA. Writes bench_attention.json to --out; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from ditserve.kernels import attention as A
+from ditserve.kernels import attention_fp8 as A8
+from ditserve.kernels.attention import Prologue, attention
+from ditserve.kernels.attention_fp8 import attention_fp8, attention_fp8_quantized, quantize_fp8
+
+SHAPES = [(1, 24, 4608, 128), (1, 24, 4352, 128), (2, 24, 4608, 128), (1, 40, 32760, 128), (1, 12, 32760, 128)]
+
+
+def tflops(B: int, H: int, L: int, D: int, ms: float) -> float:
+    return 4.0 * B * H * L * L * D / (ms * 1e-3) / 1e12
+
+
+def bench(fn: Callable[[], object]) -> float:
+    fn()  # compile / autotune outside the timed region
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=100, rep=400, return_mode="median")
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def sdpa(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run
+
+
+def attention_rows(shapes: list[tuple[int, int, int, int]]) -> list[dict]:
+    rows = []
+    for B, H, L, D in shapes:
+        q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        t8 = quantize_fp8(q, k, v)
+        fns = {
+            "triton_bf16": lambda: attention(q, k, v),
+            "triton_fp8_kernel": lambda: attention_fp8_quantized(t8),
+            "triton_fp8_e2e": lambda: attention_fp8(q, k, v),
+            "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, qh, kh, vh),
+            "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION, qh, kh, vh),
+        }
+        row: dict = {"shape": [B, H, L, D]}
+        for name, fn in fns.items():
+            ms = bench(fn)
+            row[name] = {"ms": ms, "tflops": tflops(B, H, L, D, ms)}
+        ref = fns["sdpa_cudnn"]().transpose(1, 2)
+        row["rel_err_bf16_vs_cudnn"] = rel_err(attention(q, k, v), ref)
+        row["cos_fp8_vs_cudnn"] = F.cosine_similarity(attention_fp8(q, k, v).float().flatten(),
+                                                      ref.float().flatten(), dim=0).item()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del q, k, v, qh, kh, vh, t8
+        torch.cuda.empty_cache()
+    return rows
+
+
+def diffusers_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers.models.embeddings.apply_rotary_emb(use_real=True, use_real_unbind_dim=-1, sequence_dim=1)."""
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos[None, :, None, :] + x_rotated.float() * sin[None, :, None, :]).to(x.dtype)
+
+
+def prologue_rows(B: int, H: int, L: int, D: int) -> dict:
+    """Norm + RoPE + attention + flatten, as FLUX's attention processor needs it."""
+    q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    wq, wk = (torch.rand(D, device="cuda", dtype=torch.bfloat16) + 0.5 for _ in range(2))
+    theta = torch.rand(L, D // 2, device="cuda", dtype=torch.float64) * 100
+    cos, sin = (f(theta).repeat_interleave(2, dim=1).float() for f in (torch.cos, torch.sin))
+
+    def separate_cudnn() -> torch.Tensor:
+        qn = diffusers_rope(F.rms_norm(q, (D,), wq, 1e-6), cos, sin)
+        kn = diffusers_rope(F.rms_norm(k, (D,), wk, 1e-6), cos, sin)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o = F.scaled_dot_product_attention(qn.transpose(1, 2), kn.transpose(1, 2), v.transpose(1, 2))
+        return o.transpose(1, 2).flatten(2, 3)
+
+    def separate_triton() -> torch.Tensor:
+        qn = diffusers_rope(F.rms_norm(q, (D,), wq, 1e-6), cos, sin)
+        kn = diffusers_rope(F.rms_norm(k, (D,), wk, 1e-6), cos, sin)
+        return attention(qn, kn, v).flatten(2, 3)
+
+    def fused(k_mode: str) -> Callable[[], torch.Tensor]:
+        p = Prologue(q_weight=wq, k_weight=wk, eps=1e-6, cos=cos, sin=sin, k_mode=k_mode)
+        return lambda: attention(q, k, v, prologue=p).flatten(2, 3)
+
+    fns = {
+        "separate_ops+sdpa_cudnn": separate_cudnn,
+        "separate_ops+triton": separate_triton,
+        "fused_prepass": fused("prepass"),
+        "fused_inline": fused("inline"),
+        "attention_only_triton": lambda: attention(q, k, v).flatten(2, 3),
+        "attention_only_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, q.transpose(1, 2), k.transpose(1, 2),
+                                     v.transpose(1, 2)),
+    }
+    row: dict = {"shape": [B, H, L, D]}
+    ref = separate_cudnn()
+    for name, fn in fns.items():
+        row[name] = {"ms": bench(fn)}
+        if not name.startswith("attention_only"):
+            row[name]["rel_err_vs_separate_cudnn"] = rel_err(fn(), ref)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def tuned_configs() -> dict[str, str]:
+    out = {}
+    for name, tuner in (("bf16", A._attn_fwd_tuned), ("fp8", A8._attn_fwd_fp8_tuned), ("prologue", A._prologue_tuned)):
+        for key, cfg in tuner.cache.items():
+            out[f"{name} {key}"] = str(cfg)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true", help="first two shapes only")
+    args = ap.parse_args()
+    shapes = SHAPES[:2] if args.quick else SHAPES
+    meta = {
+        "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__, "triton": triton.__version__,
+    }
+    rows = attention_rows(shapes)
+    pro = prologue_rows(1, 24, 4608, 128)
+    result = {"meta": meta, "attention": rows, "prologue": pro, "configs": tuned_configs()}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "bench_attention.json").write_text(json.dumps(result, indent=1))
+
+    print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
+    print("TFLOP/s (4*B*H*L^2*D / median time)")
+    cols = ["triton_bf16", "triton_fp8_kernel", "triton_fp8_e2e", "sdpa_cudnn", "sdpa_flash"]
+    print(f"{'shape':<20}" + "".join(f"{c:>18}" for c in cols) + f"{'bf16/cuDNN':>11}{'fp8/cuDNN':>10}")
+    for r in rows:
+        t = {c: r[c]["tflops"] for c in cols}
+        print(f"{str(tuple(r['shape'])):<20}" + "".join(f"{t[c]:>18.1f}" for c in cols)
+              + f"{t['triton_bf16'] / t['sdpa_cudnn']:>11.2f}{t['triton_fp8_kernel'] / t['sdpa_cudnn']:>10.2f}")
+    print("prologue (1,24,4608,128), ms: " + ", ".join(f"{k} {v['ms']:.3f}" for k, v in pro.items() if k != "shape"))
+
+
+if __name__ == "__main__":
+    main()
