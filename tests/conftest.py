@@ -1,0 +1,79 @@
+"""Shared pytest fixtures for ditserve.
+
+- ``free_port`` / ``free_ports``: TCP ports free on 127.0.0.1 right now.
+- ``triton_server`` (session scope): a real tritonserver over the repository's
+  ``model_repository/`` with every model loaded, model path ``tiny`` (override with
+  ``DITSERVE_TEST_MODEL_PATH``), on CPU in float32, bound to 127.0.0.1 on free ports.
+  It yields a :class:`ditserve.server.TritonServer` (``.http_url``, ``.grpc_url``,
+  ``.metrics_url``, ``.log_file``, ``.log_tail()``). Tests using it should be marked
+  ``server``.
+- Tests marked ``gpu`` are skipped when torch sees no CUDA device.
+
+Markers themselves are declared in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ditserve.server import TritonServer, TritonServerError, find_free_ports, locate_tritonserver
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if gpu_items and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def free_ports():
+    """Factory: ``free_ports(n)`` -> n distinct free ports on 127.0.0.1."""
+    return lambda n=1: find_free_ports(n)
+
+
+@pytest.fixture
+def free_port() -> int:
+    return find_free_ports(1)[0]
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory):
+    """A running tritonserver over the real model repository (tiny model, CPU, fp32)."""
+    try:
+        locate_tritonserver()
+    except TritonServerError as err:
+        pytest.skip(f"no tritonserver available: {err}")
+    log_dir = tmp_path_factory.mktemp("tritonserver")
+    server = TritonServer(
+        MODEL_REPOSITORY,
+        http_port=0,
+        grpc_port=0,
+        metrics_port=0,
+        host="127.0.0.1",
+        model_path=os.environ.get("DITSERVE_TEST_MODEL_PATH", "tiny"),
+        device="cpu",
+        dtype="float32",
+        log_file=log_dir / "tritonserver.log",
+        startup_timeout=float(os.environ.get("DITSERVE_TEST_STARTUP_TIMEOUT", "600")),
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,228 @@
+"""Lifecycle of a real tritonserver started by ``ditserve serve`` / ``TritonServer``.
+
+The serve tests load one light model: the lead's ``flux_postprocess`` stage from the real
+``model_repository/`` when it exists, otherwise the ``echo`` fixture model under
+``tests/fixtures/model_repository``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from ditserve.server import (
+    STUB_NAME,
+    TritonServer,
+    TritonServerError,
+    find_free_ports,
+    prepare_backend_dir,
+    session_processes,
+)
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+FIXTURE_REPOSITORY = Path(__file__).resolve().parent / "fixtures" / "model_repository"
+
+
+def light_model() -> tuple[Path, str]:
+    if (MODEL_REPOSITORY / "flux_postprocess" / "config.pbtxt").is_file():
+        return MODEL_REPOSITORY, "flux_postprocess"
+    return FIXTURE_REPOSITORY, "echo"
+
+
+def http_get(url: str, timeout: float = 5.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def is_stub(proc: psutil.Process) -> bool:
+    try:
+        name = proc.name()
+        exe = proc.cmdline()[:1]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return STUB_NAME.startswith(name) and len(name) >= 10 or any(STUB_NAME in e for e in exe)
+
+
+def leftovers(http_port: int, sids: set[int]) -> list[str]:
+    """tritonserver/stub processes still alive that belong to our server."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        info = proc.info
+        if info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        cmd = " ".join(info["cmdline"] or [])
+        try:
+            sid = os.getsid(proc.pid)
+        except OSError:
+            continue
+        ours = sid in sids or f"--http-port={http_port}" in cmd or f"_{http_port}_" in cmd
+        if ours and (info["name"] == "tritonserver" or is_stub(proc)):
+            found.append(f"{proc.pid} {info['name']} {cmd[:200]}")
+    return found
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_starts_and_stops_cleanly(sig, tmp_path):
+    repo, model = light_model()
+    http, grpc, metrics = find_free_ports(3)
+    out = tmp_path / "serve.out"
+    cmd = [
+        sys.executable, "-m", "ditserve.cli", "serve",
+        "--model-repository", str(repo),
+        "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+        "--host", "127.0.0.1",
+        "--models", model,
+        "--model-path", "tiny", "--device", "cpu", "--dtype", "float32",
+        "--log-file", str(tmp_path / "tritonserver.log"),
+    ]
+    with open(out, "wb") as fh:
+        serve = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 240
+        while b"ditserve: ready" not in out.read_bytes():
+            assert serve.poll() is None, f"serve exited early:\n{out.read_text()}"
+            assert time.monotonic() < deadline, f"serve not ready:\n{out.read_text()}"
+            time.sleep(0.2)
+
+        assert http_get(base + "/v2/health/live") == 200
+        assert http_get(base + "/v2/health/ready") == 200
+        assert http_get(f"{base}/v2/models/{model}/ready") == 200
+        assert http_get(f"http://127.0.0.1:{metrics}/metrics") == 200
+        with urllib.request.urlopen(base + "/v2/repository/index", data=b"{}", timeout=5) as r:
+            index = json.load(r)
+        loaded = {m["name"] for m in index if m.get("state") == "READY"}
+        assert model in loaded
+
+        tritons = [p for p in psutil.Process(serve.pid).children(recursive=True)
+                   if p.name() == "tritonserver"]
+        assert len(tritons) == 1, tritons
+        triton = tritons[0]
+        assert os.getsid(triton.pid) == triton.pid, "tritonserver must run in its own session"
+        stubs = [p for p in triton.children(recursive=True) if is_stub(p)]
+        assert stubs, "the Python-backend model should run in a stub process"
+        watched = [triton.pid] + [p.pid for p in stubs]
+
+        t0 = time.monotonic()
+        serve.send_signal(sig)
+        rc = serve.wait(timeout=90)
+        elapsed = time.monotonic() - t0
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(10)
+
+    text = out.read_text()
+    assert rc == 0, text
+    assert f"ditserve: {sig.name}, stopping tritonserver" in text
+    assert "ditserve: stopped" in text
+    assert elapsed < 60, f"shutdown took {elapsed:.1f}s"
+    assert not [pid for pid in watched if alive(pid)], "server processes survived"
+    assert leftovers(http, {triton.pid}) == []
+    assert session_processes(triton.pid) == []
+    assert port_is_free(http) and port_is_free(grpc) and port_is_free(metrics)
+
+
+def test_server_context_manager_passes_settings(tmp_path):
+    """TritonServer: port 0, explicit model loading, DITSERVE_* env reaches the model."""
+    tritonclient_http = pytest.importorskip("tritonclient.http")
+    with TritonServer(FIXTURE_REPOSITORY, http_port=0, grpc_port=0, metrics_port=0,
+                      host="127.0.0.1", models=["echo"], model_path="tiny-test",
+                      device="cpu", dtype="float32",
+                      log_file=tmp_path / "triton.log") as server:
+        assert all(p > 0 for p in (server.http_port, server.grpc_port, server.metrics_port))
+        assert server.is_ready()
+        client = tritonclient_http.InferenceServerClient(server.http_url.split("://", 1)[1])
+        try:
+            inp = tritonclient_http.InferInput("TEXT", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([b"hello"], dtype=np.object_))
+            result = client.infer("echo", [inp])
+        finally:
+            client.close()
+        assert result.as_numpy("TEXT_OUT").tolist() == [b"hello"]
+        assert result.as_numpy("ENV").tolist() == [b"tiny-test", b"cpu", b"float32"]
+        pid = server.pid
+        assert any(comm == "tritonserver" for _, comm in session_processes(pid))
+    assert server.poll() == 0, server.log_tail()
+    assert session_processes(pid) == []
+    log = (tmp_path / "triton.log").read_text()
+    assert "--model-control-mode=explicit" in log and "--load-model=echo" in log
+
+
+def test_server_reports_early_death(tmp_path):
+    """A model that fails to load makes tritonserver exit; start() raises with the log."""
+    model = tmp_path / "repo" / "broken"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(
+        'name: "broken"\nbackend: "python"\nmax_batch_size: 0\n'
+        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+        'instance_group [ { kind: KIND_CPU count: 1 } ]\n'
+    )
+    (model / "1" / "model.py").write_text("raise RuntimeError('deliberately broken model')\n")
+    server = TritonServer(tmp_path / "repo", http_port=0, grpc_port=0, metrics_port=0,
+                          host="127.0.0.1", models=["broken"], startup_timeout=120,
+                          log_file=tmp_path / "triton.log")
+    with pytest.raises(TritonServerError, match="deliberately broken model"):
+        server.start()
+    assert server.poll() is not None
+    assert session_processes(server.pid) == []
+
+
+def test_prepare_backend_dir_is_idempotent():
+    first = prepare_backend_dir()
+    stub = first / "python" / STUB_NAME
+    mtime = stub.stat().st_mtime_ns
+    assert prepare_backend_dir() == first
+    assert stub.stat().st_mtime_ns == mtime, "an up-to-date stub must not be copied again"
+    assert os.access(stub, os.X_OK)
+
+
+def test_free_ports_are_distinct():
+    ports = find_free_ports(5)
+    assert len(set(ports)) == 5 and all(1024 <= p < 65536 for p in ports)
+
+
+def test_triton_server_fixture_serves_repository(triton_server):
+    """The shared session fixture: ready, and every model of model_repository/ loaded."""
+    assert triton_server.is_ready()
+    expected = sorted(p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt"))
+    for name in expected:
+        assert http_get(f"{triton_server.http_url}/v2/models/{name}/ready") == 200, (
+            f"{name} not ready:\n{triton_server.log_tail()}")
