@@ -34,6 +34,7 @@ from typing import Literal, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Read once, like triton.jit does at decoration time: setting it after this import has no effect.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -125,12 +126,26 @@ def _prologue_kernel(
 # Attention kernel
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
+def _load_tile(desc, row, col, ptrs, step, n_valid, TMA: tl.constexpr, TAIL: tl.constexpr):
+    """A (rows, HEAD_DIM) tile: TMA (rows past the tensor read as 0; rows past this head's length belong
+    to the next batch/head and are masked by the caller) or a pointer load (tail rows masked here)."""
+    if TMA:
+        return desc.load([row, col])
+    elif TAIL:
+        return tl.load(ptrs + step, mask=n_valid[:, None], other=0.0)
+    else:
+        return tl.load(ptrs + step)
+
+
+@triton.jit
 def _attn_inner(
     acc, l_i, m_i, q,
+    Kd, Vd, k_row0, col0,
     k_ptrs, v_ptrs, mask_ptr,
     start, end, stride_kl, stride_vl, LK, qk_scale,
     KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
     TAIL: tl.constexpr,
+    TMA: tl.constexpr,
     HAS_MASK: tl.constexpr,
     K_PROLOGUE: tl.constexpr,
     NORM: tl.constexpr,
@@ -144,10 +159,7 @@ def _attn_inner(
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if TAIL:
-            k = tl.load(k_ptrs + start_n * stride_kl, mask=(cols < LK)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kl)
+        k = _load_tile(Kd, k_row0 + start_n, col0, k_ptrs, start_n * stride_kl, cols < LK, TMA, TAIL)
         if K_PROLOGUE:
             k = _norm_rope(k.to(tl.float32), cols, LK, KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
                            NORM, ROPE, INTERLEAVED, BLOCK_N, HEAD_DIM).to(q.dtype)
@@ -164,10 +176,10 @@ def _attn_inner(
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if TAIL:
-            v = tl.load(v_ptrs + start_n * stride_vl, mask=(cols < LK)[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs + start_n * stride_vl)
+        v = _load_tile(Vd, k_row0 + start_n, col0, v_ptrs, start_n * stride_vl, cols < LK, TMA, TAIL)
+        if TMA and TAIL:
+            # Rows past LK came from the next batch/head: finite, but keep 0 * inf out of the sum.
+            v = tl.where((cols < LK)[:, None], v, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
@@ -176,6 +188,7 @@ def _attn_inner(
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, Mask,
+    Qd, Kd, Vd, TMA_OK,
     QW0, QW1, KW0, KW1, Cos, Sin,
     sm_scale, eps, norm_split,
     stride_qb, stride_qh, stride_ql,
@@ -185,12 +198,14 @@ def _attn_fwd_kernel(
     stride_mb, stride_cl,
     H, LQ, LK,
     HEAD_DIM: tl.constexpr,
+    BLHD: tl.constexpr,
     HAS_MASK: tl.constexpr,
     NORM: tl.constexpr,
     ROPE: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     K_PROLOGUE: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -203,13 +218,24 @@ def _attn_fwd_kernel(
     d = tl.arange(0, HEAD_DIM)
 
     q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    q_ptrs = q_base + offs_m[:, None] * stride_ql + d[None, :]
     k_ptrs = K + off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh \
         + offs_n[:, None] * stride_kl + d[None, :]
     v_ptrs = V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh \
         + offs_n[:, None] * stride_vl + d[None, :]
     mask_ptr = Mask + off_b.to(tl.int64) * stride_mb
+    # TMA descriptors view the tensors as 2-D (token rows, row width): (B*L, H*D) for BLHD,
+    # (B*H*L, D) for BHLD.
+    if BLHD:
+        q_row0 = off_b * LQ
+        k_row0 = off_b * LK
+        col0 = off_h * HEAD_DIM
+    else:
+        q_row0 = off_bh * LQ
+        k_row0 = off_bh * LK
+        col0 = 0
 
-    q = tl.load(q_base + offs_m[:, None] * stride_ql + d[None, :], mask=(offs_m < LQ)[:, None], other=0.0)
+    q = _load_tile(Qd, q_row0 + pid_m * BLOCK_M, col0, q_ptrs, 0, offs_m < LQ, USE_TMA, True)
     if NORM or ROPE:
         q = _norm_rope(q.to(tl.float32), offs_m, LQ, QW0, QW1, norm_split, Cos, Sin, stride_cl, eps,
                        NORM, ROPE, INTERLEAVED, BLOCK_M, HEAD_DIM).to(Q.dtype.element_ty)
@@ -222,15 +248,15 @@ def _attn_fwd_kernel(
     qk_scale = sm_scale * 1.4426950408889634  # log2(e)
 
     n_full = (LK // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, 0, n_full,
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, Kd, Vd, k_row0, col0, k_ptrs, v_ptrs, mask_ptr, 0, n_full,
                                 stride_kl, stride_vl, LK, qk_scale,
                                 KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
-                                False, HAS_MASK, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION,
+                                False, USE_TMA, HAS_MASK, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION,
                                 BLOCK_N, HEAD_DIM)
-    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, mask_ptr, n_full, LK,
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, Kd, Vd, k_row0, col0, k_ptrs, v_ptrs, mask_ptr, n_full, LK,
                                 stride_kl, stride_vl, LK, qk_scale,
                                 KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
-                                True, HAS_MASK, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION,
+                                True, USE_TMA, HAS_MASK, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION,
                                 BLOCK_N, HEAD_DIM)
 
     has_keys = l_i > 0.0
@@ -239,6 +265,7 @@ def _attn_fwd_kernel(
                    float("-inf"))
     row_ok = offs_m < LQ
     tl.store(Lse + off_bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
+    # Pointer store even with TMA: a 2-D TMA store of a tail tile would spill into the next batch/head.
     o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_ol + d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
@@ -250,16 +277,26 @@ def _attn_fwd_kernel(
 # Interpreter: one fixed config, no timing (do_bench has no meaning there). The interpreter's cost is per
 # tile, not per element: 64x64 tiles ran a 1000x1000 head in ~3 s against ~15 s with 32x32, and lengths
 # 113 / 257 still cover several full tiles plus a masked tail.
-INTERPRET_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64}
+INTERPRET_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "USE_TMA": False}
+
+
+def _set_tma_block_shapes(nargs: dict) -> None:
+    if isinstance(nargs["Qd"], TensorDescriptor):
+        d = nargs["HEAD_DIM"]
+        nargs["Qd"].block_shape = [nargs["BLOCK_M"], d]
+        nargs["Kd"].block_shape = [nargs["BLOCK_N"], d]
+        nargs["Vd"].block_shape = [nargs["BLOCK_N"], d]
 
 
 def _candidate_configs() -> list[triton.Config]:
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=s,
+                      pre_hook=_set_tma_block_shapes)
         for bm in (64, 128)
         for bn in (64, 128)
         for w in (4, 8)
         for s in (2, 3)
+        for tma in (False, True)
     ]
 
 
@@ -280,15 +317,18 @@ def prune_configs(configs: list[triton.Config], named_args: dict, **meta) -> lis
         bm, bn, w, s = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
         if _smem_bytes(cfg, head_dim, elt) > smem:
             continue
+        if cfg.kwargs["USE_TMA"] and not (props.major >= 9 and named_args["TMA_OK"]):
+            continue
         if props.major == 9:
             # Hopper: one warpgroup per 64 query rows (wgmma m64), so w = BLOCK_M / 16. Long query sets:
-            # 128-row tiles (8 warps), BLOCK_N 64/128, 2-3 stages. Short ones (< 1024 rows): 64- or
-            # 128-row tiles, BLOCK_N 64, 2 stages, so that small grids still fill the 132 SMs.
+            # 128-row tiles (8 warps), BLOCK_N 64/128, 2-3 stages, TMA or pointer loads. Short ones
+            # (< 1024 rows): 64- or 128-row tiles, BLOCK_N 64, 2 stages, pointer loads, so that small
+            # grids still fill the 132 SMs and tuning stays cheap.
             if w != bm // 16:
                 continue
             if long_q and bm != 128:
                 continue
-            if not long_q and (bn != 64 or s != 2):
+            if not long_q and (bn != 64 or s != 2 or cfg.kwargs["USE_TMA"]):
                 continue
         elif bm * bn >= 128 * 64 and w == 4:
             continue
@@ -299,7 +339,7 @@ def prune_configs(configs: list[triton.Config], named_args: dict, **meta) -> lis
     return kept
 
 
-_TUNE_KEY = ["LQ", "LK", "HEAD_DIM", "HAS_MASK", "NORM", "ROPE", "K_PROLOGUE"]
+_TUNE_KEY = ["LQ", "LK", "HEAD_DIM", "HAS_MASK", "NORM", "ROPE", "K_PROLOGUE", "TMA_OK"]
 _attn_fwd_tuned = triton.autotune(
     configs=_candidate_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune_configs}
 )(_attn_fwd_kernel)
@@ -409,6 +449,20 @@ def _validate_prologue(p: Prologue, D: int, Lq: int, Lk: int, device: torch.devi
     return p
 
 
+def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str
+                     ) -> Optional[tuple[TensorDescriptor, ...]]:
+    """2-D TMA views (token rows, row width) of q, k, v, or None when a tensor is not dense in its layout
+    (e.g. a slice along L of a BLHD tensor) or misaligned; the tuner then only times pointer loads."""
+    descs = []
+    for x in (q, k, v):
+        B, H, L, D = dims(x, layout)
+        if not x.is_contiguous() or x.data_ptr() % 16 or (D * x.element_size()) % 16:
+            return None
+        rows, width = (B * L, H * D) if layout == "BLHD" else (B * H * L, D)
+        descs.append(TensorDescriptor(x, [rows, width], [width, 1], [1, D]))
+    return tuple(descs)
+
+
 def _attention_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], layout: str,
     scale: float, prologue: Optional[Prologue],
@@ -430,14 +484,15 @@ def _attention_impl(
     kw0, kw1 = _norm_weights(p.k_weight if norm else None, D, q)
     cos = p.cos if rope else q
     sin = p.sin if rope else q
+    descs = _tma_descriptors(q, k, v, layout) if not INTERPRET else None
     args = (
-        q, k, v, out, lse, mask_u8, qw0, qw1, kw0, kw1, cos, sin,
+        q, k, v, out, lse, mask_u8, *(descs or (q, k, v)), int(descs is not None), qw0, qw1, kw0, kw1, cos, sin,
         scale, p.eps if p is not None else 0.0, p.norm_split if p is not None else 0,
         *_strides(q, layout), *_strides(k, layout), *_strides(v, layout), *_strides(out, layout),
         mask_u8.stride(0) if mask is not None else 0, cos.stride(0),
         H, Lq, Lk,
     )
-    meta = dict(HEAD_DIM=D, HAS_MASK=mask is not None, NORM=norm, ROPE=rope,
+    meta = dict(HEAD_DIM=D, BLHD=layout == "BLHD", HAS_MASK=mask is not None, NORM=norm, ROPE=rope,
                 INTERLEAVED=p.interleaved if p is not None else True, K_PROLOGUE=k_inline and (norm or rope),
                 # fp32 inputs (interpreter tests, parity runs) get exact fp32 dots, not tf32.
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")

@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 import torch.nn.functional as F
 
 from . import attention as _attn
@@ -57,7 +58,7 @@ def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layo
     k_mean = kf.mean(dim=2, keepdim=True)
     ks = kf - k_mean
     nkb = triton.cdiv(Lk, K_BLOCK)
-    k_scale = F.pad(ks, (0, 0, 0, nkb * K_BLOCK - Lk)).view(B, H, nkb, K_BLOCK * D).abs().amax(-1)
+    k_scale = F.pad(ks, (0, 0, 0, nkb * K_BLOCK - Lk)).reshape(B, H, nkb, K_BLOCK * D).abs().amax(-1)
     k_scale = k_scale.clamp_min(1e-12) / FP8_MAX
     k8 = (ks / k_scale.repeat_interleave(K_BLOCK, dim=2)[:, :, :Lk, None]).to(FP8)
 
@@ -71,9 +72,10 @@ def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layo
 @triton.jit
 def _attn_fp8_inner(
     acc, l_i, m_i, q, q_row_scale,
-    k_ptrs, vt_ptrs, ks_ptr, mask_ptr,
+    k_ptrs, vt_ptrs, ks_ptr, mask_ptr, Kd, Vtd, k_row0, vt_row0,
     start, end, LK,
     TAIL: tl.constexpr,
+    USE_TMA: tl.constexpr,
     HAS_MASK: tl.constexpr,
     K_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -83,7 +85,9 @@ def _attn_fp8_inner(
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
-        if TAIL:
+        if USE_TMA:  # tail rows past LK belong to the next head: their scores are masked below
+            k = Kd.load([k_row0 + start_n, 0])
+        elif TAIL:
             k = tl.load(k_ptrs + start_n * HEAD_DIM, mask=(cols < LK)[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs + start_n * HEAD_DIM)
@@ -101,7 +105,9 @@ def _attn_fp8_inner(
         p = tl.math.exp2(qk * s[:, None] - (m_ij - 8.0)[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if TAIL:
+        if USE_TMA:  # Vt's padding columns are zeros and TMA fills past the end with zeros
+            vt = Vtd.load([vt_row0, start_n])
+        elif TAIL:
             vt = tl.load(vt_ptrs + start_n, mask=(cols < LK)[None, :], other=0.0)
         else:
             vt = tl.load(vt_ptrs + start_n)
@@ -115,12 +121,14 @@ def _attn_fp8_inner(
 @triton.jit
 def _attn_fwd_fp8_kernel(
     Q, K, Vt, QS, KS, VS, Out, Lse, Mask,
+    Qd, Kd, Vtd,
     sm_scale,
     stride_ob, stride_oh, stride_ol, stride_mb,
     H, LQ, LK, LK_PAD, NKB,
     HEAD_DIM: tl.constexpr,
     HAS_MASK: tl.constexpr,
     K_BLOCK: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -135,7 +143,11 @@ def _attn_fwd_fp8_kernel(
     d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < LQ
 
-    q = tl.load(Q + bh * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0)
+    if USE_TMA:
+        q = Qd.load([off_bh * LQ + pid_m * BLOCK_M, 0])
+    else:
+        q = tl.load(Q + bh * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None],
+                    other=0.0)
     q_row_scale = tl.load(QS + bh * LQ + offs_m, mask=row_ok, other=1.0) * (sm_scale * 1.4426950408889634)
     k_ptrs = K + bh * LK * HEAD_DIM + offs_n[:, None] * HEAD_DIM + d[None, :]
     vt_ptrs = Vt + bh * HEAD_DIM * LK_PAD + d[:, None] * LK_PAD + offs_n[None, :]
@@ -146,10 +158,14 @@ def _attn_fwd_fp8_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_full = (LK // BLOCK_N) * BLOCK_N
+    k_row0 = off_bh * LK
+    vt_row0 = off_bh * HEAD_DIM
     acc, l_i, m_i = _attn_fp8_inner(acc, l_i, m_i, q, q_row_scale, k_ptrs, vt_ptrs, ks_ptr, mask_ptr,
-                                    0, n_full, LK, False, HAS_MASK, K_BLOCK, BLOCK_N, HEAD_DIM)
+                                    Kd, Vtd, k_row0, vt_row0,
+                                    0, n_full, LK, False, USE_TMA, HAS_MASK, K_BLOCK, BLOCK_N, HEAD_DIM)
     acc, l_i, m_i = _attn_fp8_inner(acc, l_i, m_i, q, q_row_scale, k_ptrs, vt_ptrs, ks_ptr, mask_ptr,
-                                    n_full, LK, LK, True, HAS_MASK, K_BLOCK, BLOCK_N, HEAD_DIM)
+                                    Kd, Vtd, k_row0, vt_row0,
+                                    n_full, LK, LK, True, USE_TMA, HAS_MASK, K_BLOCK, BLOCK_N, HEAD_DIM)
 
     has_keys = l_i > 0.0
     v_scale = tl.load(VS + bh * HEAD_DIM + d)
@@ -162,16 +178,26 @@ def _attn_fwd_fp8_kernel(
     tl.store(o_base + offs_m[:, None] * stride_ol + d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-INTERPRET_CONFIG_FP8: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64}
+INTERPRET_CONFIG_FP8: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "USE_TMA": False}
+
+
+def _set_tma_block_shapes(nargs: dict) -> None:
+    if isinstance(nargs["Qd"], TensorDescriptor):
+        d = nargs["HEAD_DIM"]
+        nargs["Qd"].block_shape = [nargs["BLOCK_M"], d]
+        nargs["Kd"].block_shape = [nargs["BLOCK_N"], d]
+        nargs["Vtd"].block_shape = [d, nargs["BLOCK_N"]]
 
 
 def _fp8_configs() -> list[triton.Config]:
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=s,
+                      pre_hook=_set_tma_block_shapes)
         for bm in (64, 128)
         for bn in (64, 128)
         for w in (4, 8)
         for s in (2, 3)
+        for tma in (False, True)
     ]
 
 
@@ -187,7 +213,9 @@ def prune_fp8_configs(configs: list[triton.Config], named_args: dict, **meta) ->
         c for c in configs
         if (c.kwargs["BLOCK_M"] * head_dim + 2 * c.num_stages * c.kwargs["BLOCK_N"] * head_dim) <= smem
         and c.num_warps == c.kwargs["BLOCK_M"] // 16
-        and (c.kwargs["BLOCK_M"] == 128 if long_q else (c.kwargs["BLOCK_N"] == 64 and c.num_stages == 2))
+        and (props.major >= 9 or not c.kwargs["USE_TMA"])
+        and (c.kwargs["BLOCK_M"] == 128 if long_q
+             else (c.kwargs["BLOCK_N"] == 64 and c.num_stages == 2 and not c.kwargs["USE_TMA"]))
     ]
     if not kept:
         raise RuntimeError(f"ditserve attention_fp8: no kernel config fits head_dim={head_dim} on {props.name}")
@@ -213,7 +241,12 @@ def attention_fp8_quantized(
     out = _attn._alloc(shape, t.q, out_dtype)
     lse = _attn._alloc((B, H, Lq), t.q, torch.float32)
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else t.q_scale
-    args = (t.q, t.k, t.vt, t.q_scale, t.k_scale, t.v_scale, out, lse, mask_u8, s,
+    if INTERPRET:
+        descs = (t.q, t.k, t.vt)
+    else:  # block shapes are set per config by _set_tma_block_shapes
+        descs = tuple(TensorDescriptor(x, [x.shape[0] * x.shape[1] * x.shape[2], x.shape[3]], [x.shape[3], 1],
+                                       [1, 16]) for x in (t.q, t.k, t.vt))
+    args = (t.q, t.k, t.vt, t.q_scale, t.k_scale, t.v_scale, out, lse, mask_u8, *descs, s,
             *_strides(out, out_layout),
             mask_u8.stride(0) if mask is not None else 0,
             H, Lq, Lk, t.vt.shape[-1], t.k_scale.shape[-1])

@@ -71,6 +71,10 @@ def attention_rows(shapes: list[tuple[int, int, int, int]]) -> list[dict]:
         for name, fn in fns.items():
             ms = bench(fn)
             row[name] = {"ms": ms, "tflops": tflops(B, H, L, D, ms)}
+            tuner = {"triton_bf16": A._attn_fwd_tuned, "triton_fp8_kernel": A8._attn_fwd_fp8_tuned}.get(name)
+            if tuner is not None and getattr(tuner, "configs_timings", None):
+                row[name]["tuning_ms"] = {str(c): t[0] for c, t in tuner.configs_timings.items()}
+                tuner.configs_timings = None
         ref = fns["sdpa_cudnn"]().transpose(1, 2)
         row["rel_err_bf16_vs_cudnn"] = rel_err(attention(q, k, v), ref)
         row["cos_fp8_vs_cudnn"] = F.cosine_similarity(attention_fp8(q, k, v).float().flatten(),
