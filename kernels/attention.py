@@ -138,6 +138,50 @@ def _load_tile(desc, row, col, ptrs, step, n_valid, TMA: tl.constexpr, TAIL: tl.
 
 
 @triton.jit
+def _qk_tile(
+    q, Kd, k_row0, col0, k_ptrs, stride_kl, start_n, LK,
+    KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
+    TAIL: tl.constexpr, TMA: tl.constexpr, K_PROLOGUE: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Raw scores q k^T of the key tile at start_n (K's prologue applied on the fly when inline)."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(Kd, k_row0 + start_n, col0, k_ptrs, start_n * stride_kl, cols < LK, TMA, TAIL)
+    if K_PROLOGUE:
+        k = _norm_rope(k.to(tl.float32), cols, LK, KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
+                       NORM, ROPE, INTERLEAVED, BLOCK_N, HEAD_DIM).to(q.dtype)
+    return tl.dot(q, tl.trans(k), input_precision=PRECISION)
+
+
+@triton.jit
+def _softmax_pv(
+    acc, l_i, m_i, qk, Vd, k_row0, col0, v_ptrs, stride_vl, mask_ptr, start_n, LK, qk_scale,
+    TAIL: tl.constexpr, TMA: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Online-softmax update with the key tile at start_n: rescale, exponentiate, accumulate P V."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if HAS_MASK:
+        if TAIL:
+            keep = tl.load(mask_ptr + cols, mask=cols < LK, other=0) != 0
+        else:
+            keep = tl.load(mask_ptr + cols) != 0
+        qk = tl.where(keep[None, :], qk, float("-inf"))
+    elif TAIL:
+        qk = tl.where((cols < LK)[None, :], qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(Vd, k_row0 + start_n, col0, v_ptrs, start_n * stride_vl, cols < LK, TMA, TAIL)
+    if TMA and TAIL:
+        # Rows past LK came from the next batch/head: finite, but keep 0 * inf out of the sum.
+        v = tl.where((cols < LK)[:, None], v, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _attn_inner(
     acc, l_i, m_i, q,
     Kd, Vd, k_row0, col0,
@@ -146,6 +190,7 @@ def _attn_inner(
     KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
     TAIL: tl.constexpr,
     TMA: tl.constexpr,
+    PIPE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     K_PROLOGUE: tl.constexpr,
     NORM: tl.constexpr,
@@ -155,33 +200,31 @@ def _attn_inner(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(start, end, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        k = _load_tile(Kd, k_row0 + start_n, col0, k_ptrs, start_n * stride_kl, cols < LK, TMA, TAIL)
-        if K_PROLOGUE:
-            k = _norm_rope(k.to(tl.float32), cols, LK, KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
-                           NORM, ROPE, INTERLEAVED, BLOCK_N, HEAD_DIM).to(q.dtype)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if HAS_MASK:
-            if TAIL:
-                keep = tl.load(mask_ptr + cols, mask=cols < LK, other=0) != 0
-            else:
-                keep = tl.load(mask_ptr + cols) != 0
-            qk = tl.where(keep[None, :], qk, float("-inf"))
-        elif TAIL:
-            qk = tl.where((cols < LK)[None, :], qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(Vd, k_row0 + start_n, col0, v_ptrs, start_n * stride_vl, cols < LK, TMA, TAIL)
-        if TMA and TAIL:
-            # Rows past LK came from the next batch/head: finite, but keep 0 * inf out of the sum.
-            v = tl.where((cols < LK)[:, None], v, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_ij
+    if PIPE:
+        # Scores of tile j+1 are issued before the softmax of tile j, so that the tensor cores can work
+        # on them while the CUDA cores exponentiate (what FA3 calls intra-warpgroup overlap).
+        if end > start:
+            qk = _qk_tile(q, Kd, k_row0, col0, k_ptrs, stride_kl, start, LK, KW0, KW1, norm_split, Cos, Sin,
+                          stride_cl, eps, TAIL, TMA, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION, BLOCK_N,
+                          HEAD_DIM)
+            for start_n in range(start, end - BLOCK_N, BLOCK_N):
+                start_n = tl.multiple_of(start_n, BLOCK_N)
+                qk_next = _qk_tile(q, Kd, k_row0, col0, k_ptrs, stride_kl, start_n + BLOCK_N, LK, KW0, KW1,
+                                   norm_split, Cos, Sin, stride_cl, eps, TAIL, TMA, K_PROLOGUE, NORM, ROPE,
+                                   INTERLEAVED, PRECISION, BLOCK_N, HEAD_DIM)
+                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, Vd, k_row0, col0, v_ptrs, stride_vl, mask_ptr,
+                                            start_n, LK, qk_scale, TAIL, TMA, HAS_MASK, PRECISION, BLOCK_N)
+                qk = qk_next
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, Vd, k_row0, col0, v_ptrs, stride_vl, mask_ptr,
+                                        end - BLOCK_N, LK, qk_scale, TAIL, TMA, HAS_MASK, PRECISION, BLOCK_N)
+    else:
+        for start_n in range(start, end, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            qk = _qk_tile(q, Kd, k_row0, col0, k_ptrs, stride_kl, start_n, LK, KW0, KW1, norm_split, Cos, Sin,
+                          stride_cl, eps, TAIL, TMA, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION, BLOCK_N,
+                          HEAD_DIM)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, Vd, k_row0, col0, v_ptrs, stride_vl, mask_ptr,
+                                        start_n, LK, qk_scale, TAIL, TMA, HAS_MASK, PRECISION, BLOCK_N)
     return acc, l_i, m_i
 
 
@@ -206,6 +249,7 @@ def _attn_fwd_kernel(
     K_PROLOGUE: tl.constexpr,
     PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    PIPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -251,12 +295,12 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, Kd, Vd, k_row0, col0, k_ptrs, v_ptrs, mask_ptr, 0, n_full,
                                 stride_kl, stride_vl, LK, qk_scale,
                                 KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
-                                False, USE_TMA, HAS_MASK, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION,
+                                False, USE_TMA, PIPE, HAS_MASK, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION,
                                 BLOCK_N, HEAD_DIM)
     acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, Kd, Vd, k_row0, col0, k_ptrs, v_ptrs, mask_ptr, n_full, LK,
                                 stride_kl, stride_vl, LK, qk_scale,
                                 KW0, KW1, norm_split, Cos, Sin, stride_cl, eps,
-                                True, USE_TMA, HAS_MASK, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION,
+                                True, USE_TMA, False, HAS_MASK, K_PROLOGUE, NORM, ROPE, INTERLEAVED, PRECISION,
                                 BLOCK_N, HEAD_DIM)
 
     has_keys = l_i > 0.0
@@ -277,7 +321,7 @@ def _attn_fwd_kernel(
 # Interpreter: one fixed config, no timing (do_bench has no meaning there). The interpreter's cost is per
 # tile, not per element: 64x64 tiles ran a 1000x1000 head in ~3 s against ~15 s with 32x32, and lengths
 # 113 / 257 still cover several full tiles plus a masked tail.
-INTERPRET_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "USE_TMA": False}
+INTERPRET_CONFIG: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "USE_TMA": False, "PIPE": False}
 
 
 def _set_tma_block_shapes(nargs: dict) -> None:
@@ -288,15 +332,31 @@ def _set_tma_block_shapes(nargs: dict) -> None:
         nargs["Vd"].block_shape = [nargs["BLOCK_N"], d]
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, PIPE)
+CfgKey = tuple[int, int, int, int, bool, bool]
+# Hopper, >= 1024 queries. One warpgroup per 64 query rows (wgmma m64): 128-row tiles, 8 warps.
+# H100, 2026-11-26 (perf/ATTENTION_NOTES.md): 3 stages beat 2 by 10-25% at every shape, so 2-stage
+# configs are gone; TMA and pointer loads were within 3% of each other, so both stay in the race.
+HOPPER_LONG: frozenset[CfgKey] = frozenset({
+    (128, 128, 8, 3, False, False), (128, 128, 8, 3, True, False), (128, 64, 8, 3, False, False),
+    (128, 64, 8, 4, False, False), (128, 64, 8, 3, False, True), (128, 64, 8, 3, True, True),
+    (128, 128, 8, 3, True, True), (128, 128, 8, 3, False, True),
+})
+# Hopper, < 1024 queries: small grids; 64- or 128-row tiles, cheap to tune.
+HOPPER_SHORT: frozenset[CfgKey] = frozenset({(64, 64, 4, 2, False, False), (128, 64, 8, 2, False, False)})
+
+
+def _key(cfg: triton.Config) -> CfgKey:
+    k = cfg.kwargs
+    return (k["BLOCK_M"], k["BLOCK_N"], cfg.num_warps, cfg.num_stages, k["USE_TMA"], k["PIPE"])
+
+
 def _candidate_configs() -> list[triton.Config]:
+    generic = {(bm, bn, w, s, False, False) for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3)}
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=s,
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma, "PIPE": pipe}, num_warps=w, num_stages=s,
                       pre_hook=_set_tma_block_shapes)
-        for bm in (64, 128)
-        for bn in (64, 128)
-        for w in (4, 8)
-        for s in (2, 3)
-        for tma in (False, True)
+        for bm, bn, w, s, tma, pipe in sorted(generic | HOPPER_LONG | HOPPER_SHORT)
     ]
 
 
@@ -311,28 +371,16 @@ def prune_configs(configs: list[triton.Config], named_args: dict, **meta) -> lis
     elt = named_args["Q"].element_size()
     props = torch.cuda.get_device_properties(named_args["Q"].device)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
-    long_q = named_args["LQ"] >= 1024
-    kept = []
-    for cfg in configs:
-        bm, bn, w, s = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
-        if _smem_bytes(cfg, head_dim, elt) > smem:
-            continue
-        if cfg.kwargs["USE_TMA"] and not (props.major >= 9 and named_args["TMA_OK"]):
-            continue
-        if props.major == 9:
-            # Hopper: one warpgroup per 64 query rows (wgmma m64), so w = BLOCK_M / 16. Long query sets:
-            # 128-row tiles (8 warps), BLOCK_N 64/128, 2-3 stages, TMA or pointer loads. Short ones
-            # (< 1024 rows): 64- or 128-row tiles, BLOCK_N 64, 2 stages, pointer loads, so that small
-            # grids still fill the 132 SMs and tuning stays cheap.
-            if w != bm // 16:
-                continue
-            if long_q and bm != 128:
-                continue
-            if not long_q and (bn != 64 or s != 2 or cfg.kwargs["USE_TMA"]):
-                continue
-        elif bm * bn >= 128 * 64 and w == 4:
-            continue
-        kept.append(cfg)
+    if props.major == 9:
+        allowed = HOPPER_LONG if named_args["LQ"] >= 1024 else HOPPER_SHORT
+    else:
+        allowed = {(bm, bn, w, s, False, False) for bm in (64, 128) for bn in (64, 128) for w in (4, 8)
+                   for s in (2, 3) if not (bm * bn >= 128 * 64 and w == 4)}
+    kept = [
+        c for c in configs
+        if _key(c) in allowed and _smem_bytes(c, head_dim, elt) <= smem
+        and (named_args["TMA_OK"] or not c.kwargs["USE_TMA"])
+    ]
     if not kept:
         raise RuntimeError(f"ditserve attention: no kernel config fits head_dim={head_dim} in {smem} B of "
                            f"shared memory on {props.name}")

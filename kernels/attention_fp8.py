@@ -145,56 +145,85 @@ def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layo
 
 
 @triton.jit
+def _qk_tile_fp8(q, Kd, k_row0, k_ptrs, start_n, LK,
+                 TAIL: tl.constexpr, USE_TMA: tl.constexpr, QK_INT8: tl.constexpr,
+                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Unscaled scores of the key tile at start_n, as fp32."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if USE_TMA:  # tail rows past LK belong to the next head: their scores are masked by the caller
+        k = Kd.load([k_row0 + start_n, 0])
+    elif TAIL:
+        k = tl.load(k_ptrs + start_n * HEAD_DIM, mask=(cols < LK)[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs + start_n * HEAD_DIM)
+    if QK_INT8:
+        qk_i = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+        return (qk_i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # exact for |x| < 2^22
+    return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _softmax_pv_fp8(acc, l_i, m_i, qk, q_row_scale, Vtd, vt_row0, vt_ptrs, ks_ptr, mask_ptr, start_n, LK,
+                    TAIL: tl.constexpr, USE_TMA: tl.constexpr, HAS_MASK: tl.constexpr,
+                    K_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    cols = start_n + tl.arange(0, BLOCK_N)
+    s = q_row_scale * tl.load(ks_ptr + start_n // K_BLOCK)
+    if HAS_MASK:
+        if TAIL:
+            keep = tl.load(mask_ptr + cols, mask=cols < LK, other=0) != 0
+        else:
+            keep = tl.load(mask_ptr + cols) != 0
+        qk = tl.where(keep[None, :], qk, float("-inf"))
+    elif TAIL:
+        qk = tl.where((cols < LK)[None, :], qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * s)
+    p = tl.math.exp2(qk * s[:, None] - (m_ij - 8.0)[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if USE_TMA:  # Vt's padding columns are zeros and TMA fills past the end with zeros
+        vt = Vtd.load([vt_row0, start_n])
+    elif TAIL:
+        vt = tl.load(vt_ptrs + start_n, mask=(cols < LK)[None, :], other=0.0)
+    else:
+        vt = tl.load(vt_ptrs + start_n)
+    # Fresh fp32 product added to the fp32 accumulator: Hopper's fp8 MMA accumulates with reduced
+    # precision inside one instruction chain, so the long sum over tiles stays out of it.
+    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _attn_fp8_inner(
     acc, l_i, m_i, q, q_row_scale,
     k_ptrs, vt_ptrs, ks_ptr, mask_ptr, Kd, Vtd, k_row0, vt_row0,
     start, end, LK,
     TAIL: tl.constexpr,
     USE_TMA: tl.constexpr,
+    PIPE: tl.constexpr,
     HAS_MASK: tl.constexpr,
     QK_INT8: tl.constexpr,
     K_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(start, end, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        cols = start_n + offs_n
-        if USE_TMA:  # tail rows past LK belong to the next head: their scores are masked below
-            k = Kd.load([k_row0 + start_n, 0])
-        elif TAIL:
-            k = tl.load(k_ptrs + start_n * HEAD_DIM, mask=(cols < LK)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs + start_n * HEAD_DIM)
-        if QK_INT8:
-            qk_i = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-            qk = (qk_i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # exact for |x| < 2^22
-        else:
-            qk = tl.dot(q, tl.trans(k))
-        s = q_row_scale * tl.load(ks_ptr + start_n // K_BLOCK)
-        if HAS_MASK:
-            if TAIL:
-                keep = tl.load(mask_ptr + cols, mask=cols < LK, other=0) != 0
-            else:
-                keep = tl.load(mask_ptr + cols) != 0
-            qk = tl.where(keep[None, :], qk, float("-inf"))
-        elif TAIL:
-            qk = tl.where((cols < LK)[None, :], qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * s)
-        p = tl.math.exp2(qk * s[:, None] - (m_ij - 8.0)[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if USE_TMA:  # Vt's padding columns are zeros and TMA fills past the end with zeros
-            vt = Vtd.load([vt_row0, start_n])
-        elif TAIL:
-            vt = tl.load(vt_ptrs + start_n, mask=(cols < LK)[None, :], other=0.0)
-        else:
-            vt = tl.load(vt_ptrs + start_n)
-        # Fresh fp32 product added to the fp32 accumulator: Hopper's fp8 MMA accumulates with reduced
-        # precision inside one instruction chain, so the long sum over tiles stays out of it.
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), tl.trans(vt))
-        m_i = m_ij
+    if PIPE:  # scores of tile j+1 issued before the softmax of tile j (see attention._attn_inner)
+        if end > start:
+            qk = _qk_tile_fp8(q, Kd, k_row0, k_ptrs, start, LK, TAIL, USE_TMA, QK_INT8, BLOCK_N, HEAD_DIM)
+            for start_n in range(start, end - BLOCK_N, BLOCK_N):
+                start_n = tl.multiple_of(start_n, BLOCK_N)
+                qk_next = _qk_tile_fp8(q, Kd, k_row0, k_ptrs, start_n + BLOCK_N, LK, TAIL, USE_TMA, QK_INT8,
+                                       BLOCK_N, HEAD_DIM)
+                acc, l_i, m_i = _softmax_pv_fp8(acc, l_i, m_i, qk, q_row_scale, Vtd, vt_row0, vt_ptrs, ks_ptr,
+                                                mask_ptr, start_n, LK, TAIL, USE_TMA, HAS_MASK, K_BLOCK, BLOCK_N)
+                qk = qk_next
+            acc, l_i, m_i = _softmax_pv_fp8(acc, l_i, m_i, qk, q_row_scale, Vtd, vt_row0, vt_ptrs, ks_ptr,
+                                            mask_ptr, end - BLOCK_N, LK, TAIL, USE_TMA, HAS_MASK, K_BLOCK, BLOCK_N)
+    else:
+        for start_n in range(start, end, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            qk = _qk_tile_fp8(q, Kd, k_row0, k_ptrs, start_n, LK, TAIL, USE_TMA, QK_INT8, BLOCK_N, HEAD_DIM)
+            acc, l_i, m_i = _softmax_pv_fp8(acc, l_i, m_i, qk, q_row_scale, Vtd, vt_row0, vt_ptrs, ks_ptr,
+                                            mask_ptr, start_n, LK, TAIL, USE_TMA, HAS_MASK, K_BLOCK, BLOCK_N)
     return acc, l_i, m_i
 
 
@@ -210,6 +239,7 @@ def _attn_fwd_fp8_kernel(
     QK_INT8: tl.constexpr,
     K_BLOCK: tl.constexpr,
     USE_TMA: tl.constexpr,
+    PIPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -244,10 +274,12 @@ def _attn_fwd_fp8_kernel(
     vt_row0 = off_bh * HEAD_DIM
     acc, l_i, m_i = _attn_fp8_inner(acc, l_i, m_i, q, q_row_scale, k_ptrs, vt_ptrs, ks_ptr, mask_ptr,
                                     Kd, Vtd, k_row0, vt_row0,
-                                    0, n_full, LK, False, USE_TMA, HAS_MASK, QK_INT8, K_BLOCK, BLOCK_N, HEAD_DIM)
+                                    0, n_full, LK, False, USE_TMA, PIPE, HAS_MASK, QK_INT8, K_BLOCK, BLOCK_N,
+                                    HEAD_DIM)
     acc, l_i, m_i = _attn_fp8_inner(acc, l_i, m_i, q, q_row_scale, k_ptrs, vt_ptrs, ks_ptr, mask_ptr,
                                     Kd, Vtd, k_row0, vt_row0,
-                                    n_full, LK, LK, True, USE_TMA, HAS_MASK, QK_INT8, K_BLOCK, BLOCK_N, HEAD_DIM)
+                                    n_full, LK, LK, True, USE_TMA, False, HAS_MASK, QK_INT8, K_BLOCK, BLOCK_N,
+                                    HEAD_DIM)
 
     has_keys = l_i > 0.0
     v_scale = tl.load(VS + bh * HEAD_DIM + d)
@@ -261,7 +293,7 @@ def _attn_fwd_fp8_kernel(
     tl.store(o_base + offs_m[:, None] * stride_ol + d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-INTERPRET_CONFIG_FP8: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "USE_TMA": False}
+INTERPRET_CONFIG_FP8: dict[str, int] = {"BLOCK_M": 64, "BLOCK_N": 64, "USE_TMA": False, "PIPE": False}
 
 
 def _set_tma_block_shapes(nargs: dict) -> None:
@@ -272,33 +304,42 @@ def _set_tma_block_shapes(nargs: dict) -> None:
         nargs["Vtd"].block_shape = [d, nargs["BLOCK_N"]]
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, USE_TMA, PIPE). Hopper, >= 1024 queries; H100, 2026-11-26:
+# 128x128 tiles with 3 stages and pointer loads won at every shape (13% ahead of the next), 2 stages lost.
+FP8_LONG = frozenset({
+    (128, 128, 8, 3, False, False), (128, 128, 8, 3, True, False), (128, 64, 8, 3, False, False),
+    (128, 64, 8, 4, False, False), (128, 128, 8, 3, False, True), (128, 128, 8, 3, True, True),
+    (128, 64, 8, 3, False, True), (128, 64, 8, 4, False, True),
+})
+FP8_SHORT = frozenset({(64, 64, 4, 2, False, False), (128, 64, 8, 2, False, False)})
+
+
+def _key(c: triton.Config) -> tuple[int, int, int, int, bool, bool]:
+    k = c.kwargs
+    return (k["BLOCK_M"], k["BLOCK_N"], c.num_warps, c.num_stages, k["USE_TMA"], k["PIPE"])
+
+
 def _fp8_configs() -> list[triton.Config]:
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=s,
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma, "PIPE": pipe}, num_warps=w, num_stages=s,
                       pre_hook=_set_tma_block_shapes)
-        for bm in (64, 128)
-        for bn in (64, 128)
-        for w in (4, 8)
-        for s in (2, 3)
-        for tma in (False, True)
+        for bm, bn, w, s, tma, pipe in sorted(FP8_LONG | FP8_SHORT)
     ]
 
 
 def prune_fp8_configs(configs: list[triton.Config], named_args: dict, **meta) -> list[triton.Config]:
-    """Hopper: 128-row tiles with two warpgroups for long query sets (as for bf16); raise if none fits."""
+    """Hopper (and Ada) only, as fp8 MMA needs sm_89+; raise if nothing fits."""
     props = torch.cuda.get_device_properties(named_args["Q"].device)
-    if props.major < 9 and (props.major, props.minor) != (8, 9):
+    if (props.major, props.minor) < (8, 9):
         raise RuntimeError(f"ditserve attention_fp8: {props.name} has no fp8 tensor cores (needs sm_89+)")
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
     head_dim = meta["HEAD_DIM"]
-    long_q = named_args["LQ"] >= 1024
+    allowed = FP8_LONG if named_args["LQ"] >= 1024 else FP8_SHORT
     kept = [
         c for c in configs
-        if (c.kwargs["BLOCK_M"] * head_dim + 2 * c.num_stages * c.kwargs["BLOCK_N"] * head_dim) <= smem
-        and c.num_warps == c.kwargs["BLOCK_M"] // 16
+        if _key(c) in allowed
+        and (c.kwargs["BLOCK_M"] * head_dim + 2 * c.num_stages * c.kwargs["BLOCK_N"] * head_dim) <= smem
         and (props.major >= 9 or not c.kwargs["USE_TMA"])
-        and (c.kwargs["BLOCK_M"] == 128 if long_q
-             else (c.kwargs["BLOCK_N"] == 64 and c.num_stages == 2 and not c.kwargs["USE_TMA"]))
     ]
     if not kept:
         raise RuntimeError(f"ditserve attention_fp8: no kernel config fits head_dim={head_dim} on {props.name}")

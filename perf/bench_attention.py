@@ -4,8 +4,8 @@
 
 For each shape (B, H, L, D), bf16, random inputs: TFLOP/s = 4 * B * H * L^2 * D / median time
 (triton.testing.do_bench). Ours run on (B, L, H, D) tensors, the layout diffusers' processors hold;
-SDPA runs on contiguous (B, H, L, D), its best case. FP8 is timed twice: the kernel on pre-quantised
-inputs, and end to end with the torch quantisation pass. Then the fused RMSNorm+RoPE prologue on the FLUX
+SDPA runs on contiguous (B, H, L, D), its best case. The quantised kernel is timed on pre-quantised
+inputs (int8 Q.K^T default, and all-e4m3), and end to end with the Triton quantisation passes. Then the fused RMSNorm+RoPE prologue on the FLUX
 shape against diffusers' separate ops + cuDNN SDPA. Writes bench_attention.json to --out; prints a table last.
 """
 
@@ -60,28 +60,38 @@ def attention_rows(shapes: list[tuple[int, int, int, int]]) -> list[dict]:
         q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         t8 = quantize_fp8(q, k, v)
+        t8e4 = quantize_fp8(q, k, v, qk_format="fp8")
         fns = {
             "triton_bf16": lambda: attention(q, k, v),
             "triton_fp8_kernel": lambda: attention_fp8_quantized(t8),
             "triton_fp8_e2e": lambda: attention_fp8(q, k, v),
+            "triton_e4m3qk_kernel": lambda: attention_fp8_quantized(t8e4),
+            "quantize_only": lambda: quantize_fp8(q, k, v),
             "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, qh, kh, vh),
             "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION, qh, kh, vh),
         }
         row: dict = {"shape": [B, H, L, D]}
         for name, fn in fns.items():
-            ms = bench(fn)
+            try:
+                ms = bench(fn)
+            except Exception as e:  # one failing variant must not cost the rest of the run
+                row[name] = {"error": repr(e)[:500], "ms": float("nan"), "tflops": float("nan")}
+                print(f"{name} {B, H, L, D} failed: {e!r}"[:2000], flush=True)
+                continue
             row[name] = {"ms": ms, "tflops": tflops(B, H, L, D, ms)}
-            tuner = {"triton_bf16": A._attn_fwd_tuned, "triton_fp8_kernel": A8._attn_fwd_fp8_tuned}.get(name)
+            tuner = {"triton_bf16": A._attn_fwd_tuned, "triton_fp8_kernel": A8._attn_fwd_fp8_tuned,
+                     "triton_e4m3qk_kernel": A8._attn_fwd_fp8_tuned}.get(name)
             if tuner is not None and getattr(tuner, "configs_timings", None):
                 row[name]["tuning_ms"] = {str(c): t[0] for c, t in tuner.configs_timings.items()}
                 tuner.configs_timings = None
         ref = fns["sdpa_cudnn"]().transpose(1, 2)
         row["rel_err_bf16_vs_cudnn"] = rel_err(attention(q, k, v), ref)
-        row["cos_fp8_vs_cudnn"] = F.cosine_similarity(attention_fp8(q, k, v).float().flatten(),
-                                                      ref.float().flatten(), dim=0).item()
+        for fmt in ("int8", "fp8"):
+            row[f"cos_fp8_{fmt}qk_vs_cudnn"] = F.cosine_similarity(
+                attention_fp8(q, k, v, qk_format=fmt).float().flatten(), ref.float().flatten(), dim=0).item()
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del q, k, v, qh, kh, vh, t8
+        del q, k, v, qh, kh, vh, t8, t8e4
         torch.cuda.empty_cache()
     return rows
 
@@ -129,6 +139,9 @@ def prologue_rows(B: int, H: int, L: int, D: int) -> dict:
     ref = separate_cudnn()
     for name, fn in fns.items():
         row[name] = {"ms": bench(fn)}
+        if name.startswith("fused") and getattr(A._attn_fwd_tuned, "configs_timings", None):
+            row[name]["tuning_ms"] = {str(c): t[0] for c, t in A._attn_fwd_tuned.configs_timings.items()}
+            A._attn_fwd_tuned.configs_timings = None
         if not name.startswith("attention_only"):
             row[name]["rel_err_vs_separate_cudnn"] = rel_err(fn(), ref)
     print(json.dumps(row), flush=True)
@@ -161,12 +174,15 @@ def main() -> None:
 
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
     print("TFLOP/s (4*B*H*L^2*D / median time)")
-    cols = ["triton_bf16", "triton_fp8_kernel", "triton_fp8_e2e", "sdpa_cudnn", "sdpa_flash"]
-    print(f"{'shape':<20}" + "".join(f"{c:>18}" for c in cols) + f"{'bf16/cuDNN':>11}{'fp8/cuDNN':>10}")
+    cols = ["triton_bf16", "triton_fp8_kernel", "triton_fp8_e2e", "triton_e4m3qk_kernel", "sdpa_cudnn", "sdpa_flash"]
+    heads = ["bf16", "int8qk-fp8pv", "...e2e", "e4m3-all", "cuDNN", "flash"]
+    print(f"{'shape':<20}" + "".join(f"{c:>14}" for c in heads) + f"{'bf16/cuDNN':>11}{'fp8/cuDNN':>10}{'cos fp8':>9}")
     for r in rows:
         t = {c: r[c]["tflops"] for c in cols}
-        print(f"{str(tuple(r['shape'])):<20}" + "".join(f"{t[c]:>18.1f}" for c in cols)
-              + f"{t['triton_bf16'] / t['sdpa_cudnn']:>11.2f}{t['triton_fp8_kernel'] / t['sdpa_cudnn']:>10.2f}")
+        print(f"{str(tuple(r['shape'])):<20}" + "".join(f"{t[c]:>14.1f}" for c in cols)
+              + f"{t['triton_bf16'] / t['sdpa_cudnn']:>11.2f}{t['triton_fp8_kernel'] / t['sdpa_cudnn']:>10.2f}"
+              + f"{r['cos_fp8_int8qk_vs_cudnn']:>9.5f}")
+    print("quantize_only ms: " + ", ".join(f"{r['quantize_only']['ms']:.3f}" for r in rows))
     print("prologue (1,24,4608,128), ms: " + ", ".join(f"{k} {v['ms']:.3f}" for k, v in pro.items() if k != "shape"))
 
 

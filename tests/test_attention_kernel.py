@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 from ditserve.kernels import attention as A  # noqa: E402
+from ditserve.kernels import attention_fp8 as A8  # noqa: E402
 from ditserve.kernels.attention import Prologue, attention, norm_rope, reference_prologue  # noqa: E402
 from ditserve.kernels.attention_fp8 import (  # noqa: E402
     K_BLOCK, FP8Tensors, attention_fp8, attention_fp8_quantized, quantize_fp8,
@@ -142,6 +143,29 @@ def test_fused_prologue_matches_fp64(L, D, dtype, norm, rope, interleaved, k_mod
 
 
 @interp
+@pytest.mark.parametrize("Lq,Lk,D,dtype,masked,inline_prologue", [
+    (113, 257, 64, torch.float16, True, False),
+    (17, 17, 16, torch.float32, False, False),  # no full key tile: the pipelined loop is skipped
+    (257, 257, 16, torch.float32, False, True),
+])
+def test_pipelined_key_loop_matches_fp64(monkeypatch, Lq, Lk, D, dtype, masked, inline_prologue):
+    """PIPE=True (scores of tile j+1 before the softmax of tile j), a tuning option on Hopper."""
+    monkeypatch.setitem(A.INTERPRET_CONFIG, "PIPE", True)
+    B, H = 2, 1
+    q, k, v = make_qkv(B, H, Lq, Lk, D, dtype, "BLHD")
+    mask = make_mask(B, Lk) if masked else None
+    p = make_prologue(Lq, D, norm=True, rope=True, interleaved=True, k_mode="inline", split=9) \
+        if inline_prologue else None
+    out, lse = attention(q, k, v, mask=mask, prologue=p, return_lse=True)
+    check_finite(out, lse)
+    if p is not None:
+        q, k = reference_prologue(q.double(), p, which="q"), reference_prologue(k.double(), p, which="k")
+    ref, ref_lse = ref_attention(q, k, v, mask)
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-3)
+    assert (lse.double() - ref_lse).abs().max().item() < 1e-4
+
+
+@interp
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_norm_rope_kernel_matches_reference(interleaved):
     L, D = 113, 64
@@ -244,6 +268,21 @@ def test_fp8_kernel_logic_on_torch_quantised_inputs(B, H, Lq, Lk, D, masked, qk_
     ref, ref_lse = ref_attention(*dequantized(t), mask=mask, layout="BHLD")
     # The LSE never sees the in-kernel e4m3 cast of P: it must be exact, smoothing shift included. The
     # output does, and the interpreter's cast rounds differently from the GPU's (cosine ~0.998 here).
+    assert (lse.double() - (ref_lse + t.q_dot_kmean.double() / math.sqrt(D))).abs().max().item() < 1e-4
+    assert cosine(out, ref) > 0.995
+
+
+@interp
+@pytest.mark.parametrize("qk_format", ["int8", "fp8"])
+def test_fp8_pipelined_key_loop(monkeypatch, qk_format):
+    monkeypatch.setitem(A8.INTERPRET_CONFIG_FP8, "PIPE", True)
+    B, H, Lq, Lk, D = 1, 2, 113, 300, 64
+    q, k, v = make_qkv(B, H, Lq, Lk, D, torch.float32, "BLHD")
+    mask = make_mask(B, Lk)
+    t = torch_quantize(q, k, v, qk_format)
+    out, lse = attention_fp8_quantized(t, mask=mask, out_layout="BHLD", out_dtype=torch.float32)
+    check_finite(out, lse)
+    ref, ref_lse = ref_attention(*dequantized(t), mask=mask, layout="BHLD")
     assert (lse.double() - (ref_lse + t.q_dot_kmean.double() / math.sqrt(D))).abs().max().item() < 1e-4
     assert cosine(out, ref) > 0.995
 
