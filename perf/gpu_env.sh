@@ -27,6 +27,12 @@
 # Idempotent: a second source with the same bundle/checkout only re-exports the variables.
 
 _dsg_say() { printf '[gpu_env] %s\n' "$*"; }
+_dsg_untar() {  # _dsg_untar <python> <archive.tar.xz> <dest>: tar+xz, else Python's tarfile/lzma
+    tar -C "$3" -xJf "$2" 2>/dev/null && return 0
+    "$1" -c 'import sys, tarfile
+with tarfile.open(sys.argv[1], "r:xz") as t:
+    t.extractall(sys.argv[2], **({"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}))' "$2" "$3"
+}
 
 _ditserve_gpu_env() {
     local t0=$SECONDS
@@ -75,10 +81,10 @@ _ditserve_gpu_env() {
         local site
         site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || return 1
         _dsg_say "unpacking tritonserver into $site"
-        tar -C "$site" -xJf "$bundle/tritonserver.tar.xz" || { _dsg_say "tritonserver.tar.xz did not unpack"; return 1; }
+        _dsg_untar "$venv/bin/python" "$bundle/tritonserver.tar.xz" "$site" || { _dsg_say "tritonserver.tar.xz did not unpack"; return 1; }
         if [[ -f "$bundle/site-$pytag.tar.xz" ]]; then
             _dsg_say "unpacking site-$pytag.tar.xz (numpy 1.26.4, diffusers, tritonclient)"
-            tar -C "$site" -xJf "$bundle/site-$pytag.tar.xz" || { _dsg_say "site-$pytag.tar.xz did not unpack"; return 1; }
+            _dsg_untar "$venv/bin/python" "$bundle/site-$pytag.tar.xz" "$site" || { _dsg_say "site-$pytag.tar.xz did not unpack"; return 1; }
         else
             _dsg_say "WARNING: no $bundle/site-$pytag.tar.xz for Python $pyver: relying on $host_site for numpy/diffusers/tritonclient"
         fi
@@ -147,7 +153,7 @@ EOF
     export DITSERVE_HOST_SITE="$host_site"
     export DITSERVE_TRITONSERVER="$site/pytriton/tritonserver/bin/tritonserver"
     # No hub on the host: never try to reach it.
-    export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_OFFLINE=1
+    export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
     # NVLink multicast stays off on shared hosts (KINDS.md).
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     export PYTHONUNBUFFERED=1
@@ -186,7 +192,7 @@ PYEOF
 
 _ditserve_gpu_env
 _ditserve_gpu_env_rc=$?
-unset -f _ditserve_gpu_env _dsg_say
+unset -f _ditserve_gpu_env _dsg_say _dsg_untar
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     echo "[gpu_env] note: run as a script, the environment does not persist; use: source perf/gpu_env.sh" >&2
     exit $_ditserve_gpu_env_rc
