@@ -1,6 +1,7 @@
 """Attention throughput on a CUDA GPU: ditserve's Triton kernels against torch SDPA (cuDNN, flash).
 
     python3 perf/bench_attention.py [--out DIR] [--quick]
+    python3 perf/bench_attention.py --flux-step [--out DIR]     # needs diffusers
 
 For each shape (B, H, L, D), bf16, random inputs: TFLOP/s = 4 * B * H * L^2 * D / median time
 (triton.testing.do_bench). Ours run on (B, L, H, D) tensors, the layout diffusers' processors hold;
@@ -148,6 +149,46 @@ def prologue_rows(B: int, H: int, L: int, D: int) -> dict:
     return row
 
 
+def flux_step_rows(backends: list[str]) -> dict:
+    """One FLUX.1-dev-size transformer step (random bf16 weights), 1024x1024: 4096 image + 512 text tokens,
+    per attention backend (ditserve.kernels.flux_processor), against diffusers' own processor."""
+    from diffusers import FluxTransformer2DModel
+
+    from ditserve.kernels.flux_processor import set_attention_backend
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = FluxTransformer2DModel(guidance_embeds=True).eval()
+    torch.set_default_dtype(torch.float32)
+    img, txt = 4096, 512
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(64.0), torch.arange(64.0), indexing="ij"), -1)
+    inputs = dict(
+        hidden_states=torch.randn(1, img, 64, device="cuda", dtype=torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, txt, 4096, device="cuda", dtype=torch.bfloat16),
+        pooled_projections=torch.randn(1, 768, device="cuda", dtype=torch.bfloat16),
+        timestep=torch.tensor([0.5], device="cuda", dtype=torch.bfloat16),
+        guidance=torch.tensor([3.5], device="cuda", dtype=torch.bfloat16),
+        img_ids=ids.reshape(-1, 3).cuda(), txt_ids=torch.zeros(txt, 3, device="cuda"), return_dict=False,
+    )
+    row: dict = {"params_billion": sum(p.numel() for p in model.parameters()) / 1e9}
+    ref = None
+    with torch.no_grad():
+        for name in ["diffusers", *backends]:
+            set_attention_backend(model, name)
+            try:
+                out = model(**inputs)[0]
+                ms = do_bench(lambda: model(**inputs), warmup=500, rep=2000, return_mode="median")
+            except Exception as e:
+                row[name] = {"error": repr(e)[:500]}
+                print(f"flux step {name} failed: {e!r}"[:2000], flush=True)
+                continue
+            ref = out if ref is None else ref
+            row[name] = {"ms": ms, "rel_err_vs_diffusers": rel_err(out, ref)}
+            print(name, json.dumps(row[name]), flush=True)
+    return row
+
+
 def tuned_configs() -> dict[str, str]:
     out = {}
     for name, tuner in (("bf16", A._attn_fwd_tuned), ("fp8", A8._attn_fwd_fp8_tuned), ("prologue", A._prologue_tuned)):
@@ -160,7 +201,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
+    ap.add_argument("--flux-step", action="store_true", help="only the FLUX transformer step (needs diffusers)")
     args = ap.parse_args()
+    if args.flux_step:
+        row = flux_step_rows(["sdpa", "triton", "triton_fp8"])
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_flux_step.json").write_text(json.dumps(row, indent=1))
+        print(f"\nFLUX.1-dev-size step, 1024x1024, {torch.cuda.get_device_name()}, ms: "
+              + ", ".join(f"{k} {v['ms']:.1f}" for k, v in row.items() if isinstance(v, dict) and "ms" in v))
+        return
     shapes = SHAPES[:2] if args.quick else SHAPES
     meta = {
         "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
