@@ -170,14 +170,18 @@ def warmup(http_url: str, model: str, data: dict, config: dict) -> float:
     client = httpclient.InferenceServerClient(http_url.split("://", 1)[1], network_timeout=600,
                                               connection_timeout=600)
     try:
+        # perf_analyzer prepends the batch dimension itself (-b 1); here we do it.
+        batch = [1] if int(config.get("max_batch_size", 0)) > 0 else []
         inputs = []
         for name, spec in data["data"][0].items():
             ttype = types[name]
-            arr = np.array(spec["content"], dtype=np_of[ttype]).reshape(spec["shape"])
+            shape = batch + list(spec["shape"])
             if ttype == "BYTES":
-                arr = np.array([s.encode() for s in spec["content"]],
-                               dtype=np.object_).reshape(spec["shape"])
-            inp = httpclient.InferInput(name, spec["shape"], ttype)
+                arr = np.array([s.encode() for s in spec["content"]], dtype=np.object_)
+            else:
+                arr = np.array(spec["content"], dtype=np_of[ttype])
+            arr = arr.reshape(shape)
+            inp = httpclient.InferInput(name, shape, ttype)
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
         t0 = time.perf_counter()
@@ -192,26 +196,37 @@ def warmup(http_url: str, model: str, data: dict, config: dict) -> float:
 
 def run_perf_analyzer(binary: Path, env: dict, *, model: str, url: str, protocol: str,
                       concurrency: int, input_json: Path, csv_path: Path, args) -> dict:
-    cmd = [
-        str(binary), "-m", model, "-u", url, "-i", protocol,
-        "--input-data", str(input_json),
-        "--concurrency-range", f"{concurrency}:{concurrency}",
-        "--measurement-mode", "count_windows",
-        "--measurement-request-count", str(max(args.requests_per_window, concurrency * 2)),
-        "--stability-percentage", str(args.stability),
-        "--max-trials", str(args.max_trials),
-        "-f", str(csv_path),
-    ]
-    print(f">> {' '.join(cmd)}", flush=True)
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                          timeout=args.run_timeout)
-    elapsed = time.monotonic() - t0
-    log = csv_path.with_suffix(".log")
-    log.write_text(proc.stdout + proc.stderr)
-    if not csv_path.is_file():
-        raise SystemExit(f"perf_analyzer failed (rc {proc.returncode}); output in {log}:\n"
-                         + "\n".join((proc.stdout + proc.stderr).splitlines()[-30:]))
+    """One perf_analyzer run at one concurrency; retried once with longer, looser windows
+    if it cannot reach a stable measurement (perf_analyzer then writes no report)."""
+    attempts = [(args.window_ms, args.stability),
+                (args.window_ms * 2, max(args.stability * 2, 50))]
+    for n, (window_ms, stability) in enumerate(attempts, 1):
+        cmd = [
+            str(binary), "-m", model, "-u", url, "-i", protocol,
+            "--input-data", str(input_json),
+            "--concurrency-range", f"{concurrency}:{concurrency}",
+            "--measurement-mode", "time_windows",
+            "--measurement-interval", str(window_ms),
+            "--stability-percentage", str(stability),
+            "--max-trials", str(args.max_trials),
+            "-f", str(csv_path),
+        ]
+        print(f">> {' '.join(cmd)}", flush=True)
+        csv_path.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                              timeout=args.run_timeout)
+        elapsed = time.monotonic() - t0
+        log = csv_path.with_suffix(".log")
+        log.write_text(proc.stdout + proc.stderr)
+        if csv_path.is_file():
+            break
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-4:])
+        print(f"   no report (rc {proc.returncode}, attempt {n}/{len(attempts)}); {log}:\n{tail}",
+              flush=True)
+    else:
+        return {"protocol": protocol, "concurrency": concurrency, "failed": True,
+                "pa_rc": proc.returncode, "wall_s": round(elapsed, 1), "log": str(log)}
     unstable = "Failed to obtain stable measurement" in proc.stdout + proc.stderr
     with open(csv_path, newline="") as fh:
         rows = [r for r in csv.DictReader(fh)]
@@ -242,6 +257,8 @@ def run_perf_analyzer(binary: Path, env: dict, *, model: str, url: str, protocol
         "server_compute_ms": int(srv.group(2)) / 1000.0 if srv else (
             ms("Server Compute Input") + ms("Server Compute Infer") + ms("Server Compute Output")),
         "stable": not unstable and proc.returncode == 0,
+        "window_ms": window_ms,
+        "stability_pct": stability,
         "pa_rc": proc.returncode,
         "wall_s": round(elapsed, 1),
     }
@@ -249,15 +266,21 @@ def run_perf_analyzer(binary: Path, env: dict, *, model: str, url: str, protocol
 
 def format_table(results: list[dict]) -> str:
     head = ["protocol", "concurrency", "infer/s", "avg ms", "p50 ms", "p90 ms", "p99 ms",
-            "queue ms", "compute ms", "stable"]
+            "queue ms", "compute ms", "window"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        lines.append("| " + " | ".join([
-            r["protocol"], str(r["concurrency"]), f"{r['throughput_infer_per_s']:.3f}",
-            f"{r['avg_ms']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}",
-            f"{r['p99_ms']:.1f}", f"{r['server_queue_ms']:.1f}",
-            f"{r['server_compute_ms']:.1f}", "yes" if r["stable"] else "no",
-        ]) + " |")
+        if r.get("failed"):
+            cells = [r["protocol"], str(r["concurrency"])] + ["-"] * 7 + [
+                f"no stable measurement (see {r['log']})"]
+        else:
+            cells = [
+                r["protocol"], str(r["concurrency"]), f"{r['throughput_infer_per_s']:.2f}",
+                f"{r['avg_ms']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}",
+                f"{r['p99_ms']:.1f}", f"{r['server_queue_ms']:.1f}",
+                f"{r['server_compute_ms']:.1f}",
+                f"{r['window_ms'] / 1000:g}s, ±{r['stability_pct']}%",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -283,9 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-scale", type=float, default=3.5)
     p.add_argument("--concurrency", default="1,2,4")
     p.add_argument("--protocols", default="http,grpc")
-    p.add_argument("--requests-per-window", type=int, default=6)
-    p.add_argument("--stability", type=int, default=25, help="perf_analyzer -s (percent)")
-    p.add_argument("--max-trials", type=int, default=6)
+    p.add_argument("--window-ms", type=int, default=3000,
+                   help="perf_analyzer --measurement-interval (time windows)")
+    p.add_argument("--stability", type=int, default=30, help="perf_analyzer -s (percent)")
+    p.add_argument("--max-trials", type=int, default=8)
     p.add_argument("--run-timeout", type=float, default=300, help="seconds per perf_analyzer run")
     p.add_argument("--output-dir", default=str(REPO_ROOT / "out" / "perf"))
     args = p.parse_args(argv)
@@ -360,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         {"settings": vars(args), "results": results}, indent=2))
     (out_dir / "results.md").write_text(header + "\n\n" + table + "\n")
     print(f"\n(saved to {out_dir}/results.json and results.md)")
+    failed = [r for r in results if r.get("failed")]
+    if failed:
+        print(f"{len(failed)} measurement(s) did not stabilise", file=sys.stderr)
+        return 1
     return 0
 
 
