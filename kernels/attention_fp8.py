@@ -56,10 +56,14 @@ class FP8Tensors(NamedTuple):
 
 @triton.jit
 def _quantize(x, scale, INT8: tl.constexpr):
+    # One return statement: Triton's code generator rejects a constexpr-if branch that returns a
+    # different type than the code after it (seen on the H100, 2026-11-26).
     y = x / scale
     if INT8:
-        return tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)  # round half away from zero
-    return y.to(tl.float8e4nv)
+        out = tl.where(y >= 0, y + 0.5, y - 0.5).to(tl.int8)  # round half away from zero
+    else:
+        out = y.to(tl.float8e4nv)
+    return out
 
 
 @triton.jit
@@ -158,8 +162,10 @@ def _qk_tile_fp8(q, Kd, k_row0, k_ptrs, start_n, LK,
         k = tl.load(k_ptrs + start_n * HEAD_DIM)
     if QK_INT8:
         qk_i = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-        return (qk_i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # exact for |x| < 2^22
-    return tl.dot(q, tl.trans(k))
+        qk = (qk_i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # exact for |x| < 2^22
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    return qk
 
 
 @triton.jit

@@ -189,6 +189,84 @@ def flux_step_rows(backends: list[str]) -> dict:
     return row
 
 
+def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
+    """Cross-compile every Hopper config of every kernel for sm_{arch} (no GPU needed: Triton's bundled
+    ptxas) and report registers / spills from `ptxas -v`. Catches GPU-only compile errors that the
+    interpreter cannot see. Arguments are specialised as for the (1, 24, 4608, 128) benchmark shape.
+    quick: one config per kernel family (the CPU test suite runs this)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    D, BM_ROWS = 128, 4608
+
+    def run(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> dict:
+        sig = {name: types.get(name, "i32") for name in fn.arg_names}
+        sig.update({name: "constexpr" for name in constexprs})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if name not in constexprs and sig[name] in ("i32",) or sig[name].startswith("*")}
+        try:
+            k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": num_warps, "num_stages": num_stages})
+        except Exception as e:
+            return {"error": repr(e)[:300]}
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(k.asm["ptx"])
+        out = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+        regs = re.search(r"Used (\d+) registers", out)
+        spills = re.search(r"(\d+) bytes spill stores", out)
+        return {"regs": int(regs.group(1)) if regs else None, "spill_bytes": int(spills.group(1)) if spills else None,
+                "shared": k.metadata.shared}
+
+    def desc(dtype: str, rows: int) -> str:
+        return f"tensordesc<{dtype}[{rows}, {D}]>"
+
+    def pick(cfgs: frozenset) -> list:
+        # quick: the PIPE+TMA config, which exercises the most code paths
+        return [max(cfgs, key=lambda c: (c[5], c[4], -c[1]))] if quick else sorted(cfgs)
+
+    rows = []
+    for bm, bn, w, st, tma, pipe in pick(A.HOPPER_LONG):
+        for prologue in (False, True):
+            types = {n: "*bf16" for n in ("Q", "K", "V", "Out", "QW0", "QW1", "KW0", "KW1")}
+            types.update(Lse="*fp32", Mask="*u8", Cos="*fp32", Sin="*fp32", sm_scale="fp32", eps="fp32",
+                         Qd=desc("bf16", bm), Kd=desc("bf16", bn), Vd=desc("bf16", bn))
+            cx = dict(HEAD_DIM=D, BLHD=True, HAS_MASK=False, NORM=prologue, ROPE=prologue, INTERLEAVED=True,
+                      K_PROLOGUE=False, PRECISION="tf32", USE_TMA=tma, PIPE=pipe, BLOCK_M=bm, BLOCK_N=bn)
+            r = run(A._attn_fwd_kernel, types, cx, w, st)
+            rows.append({"kernel": "bf16" + ("+prologue" if prologue else ""), "cfg": [bm, bn, w, st, tma, pipe], **r})
+            print(json.dumps(rows[-1]), flush=True)
+    for bm, bn, w, st, tma, pipe in pick(A8.FP8_LONG):
+        for int8 in (True, False):
+            qk = "i8" if int8 else "fp8e4nv"
+            types = dict(Q=f"*{qk}", K=f"*{qk}", Vt="*fp8e4nv", QS="*fp32", KS="*fp32", VS="*fp32", QM="*fp32",
+                         Out="*bf16", Lse="*fp32", Mask="*u8", sm_scale="fp32", Qd=desc(qk, bm), Kd=desc(qk, bn),
+                         Vtd=f"tensordesc<fp8e4nv[{D}, {bn}]>")
+            cx = dict(HEAD_DIM=D, HAS_MASK=False, QK_INT8=int8, K_BLOCK=A8.K_BLOCK, USE_TMA=tma, PIPE=pipe,
+                      BLOCK_M=bm, BLOCK_N=bn)
+            r = run(A8._attn_fwd_fp8_kernel, types, cx, w, st)
+            rows.append({"kernel": "int8qk" if int8 else "e4m3qk", "cfg": [bm, bn, w, st, tma, pipe], **r})
+            print(json.dumps(rows[-1]), flush=True)
+    for int8 in (True, False):
+        qk = "i8" if int8 else "fp8e4nv"
+        base = dict(X="*bf16", Mean="*fp32", Y=f"*{qk}", S="*fp32", QM="*fp32")
+        for fn, cx, w in ((A8._quant_q_kernel, dict(HEAD_DIM=D, INT8=int8, QMAX=127.0 if int8 else 448.0, BLOCK_L=64), 4),
+                          (A8._quant_k_kernel, dict(HEAD_DIM=D, INT8=int8, QMAX=127.0 if int8 else 448.0,
+                                                    K_BLOCK=A8.K_BLOCK), 8)):
+            r = run(fn, base, cx, w, 2)
+            rows.append({"kernel": f"{fn.__name__}[int8={int8}]", **r})
+            print(json.dumps(rows[-1]), flush=True)
+    r = run(A8._quant_vt_kernel, dict(X="*bf16", S="*fp32", Yt="*fp8e4nv"), dict(HEAD_DIM=D, BLOCK_L=64), 4, 2)
+    rows.append({"kernel": "_quant_vt_kernel", **r})
+    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def tuned_configs() -> dict[str, str]:
     out = {}
     for name, tuner in (("bf16", A._attn_fwd_tuned), ("fp8", A8._attn_fwd_fp8_tuned), ("prologue", A._prologue_tuned)):
@@ -202,7 +280,13 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
     ap.add_argument("--flux-step", action="store_true", help="only the FLUX transformer step (needs diffusers)")
+    ap.add_argument("--compile-check", action="store_true", help="cross-compile all Hopper configs (no GPU)")
     args = ap.parse_args()
+    if args.compile_check:
+        rows = compile_check(quick=args.quick)
+        bad = [r for r in rows if "error" in r]
+        print(f"{len(rows)} kernels compiled for sm_90, {len(bad)} failed")
+        raise SystemExit(1 if bad else 0)
     if args.flux_step:
         row = flux_step_rows(["sdpa", "triton", "triton_fp8"])
         Path(args.out).mkdir(parents=True, exist_ok=True)

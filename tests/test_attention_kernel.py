@@ -317,6 +317,20 @@ def test_fp8_end_to_end_lse_is_that_of_unsmoothed_scores(qk_format):
     assert cosine(out, ref) > 0.99
 
 
+def test_hopper_configs_cross_compile_for_sm90():
+    """GPU-only compile errors (the interpreter never lowers to PTX): compile one Hopper config of every
+    kernel family for sm_90 with Triton's bundled ptxas, in a subprocess without the interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "perf" / "bench_attention.py"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, str(script), "--compile-check", "--quick"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 GPU_CASES = [
     (2, 3, 1031, 2053, 128, False),
