@@ -52,7 +52,7 @@ class Client:
 
     def _stage_models(self) -> list[str]:
         config = self.server.get_model_config(self.model)
-        config = config if self.protocol == "http" else config_to_dict(config)
+        config = config if self.protocol == "http" else config_to_dict(config.config)
         steps = config.get("ensemble_scheduling", {}).get("step", [])
         return [step["model_name"] for step in steps] or [self.model]
 

@@ -284,7 +284,7 @@ def diffusers_worker(args) -> None:
     pipe.transformer.register_forward_hook(lambda *_: spans["transformer"].stop())
 
     def run_once():
-        gen = torch.Generator(device=device).manual_seed(args.seed)
+        gen = torch.Generator("cpu").manual_seed(args.seed)  # as ditserve: seeds draw on the CPU
         sync()
         t0 = time.perf_counter()
         out = pipe(

@@ -72,7 +72,8 @@ _ditserve_gpu_env() {
     # --- build (once per bundle + checkout + host) ---------------------------------------------
     local stamp_want
     stamp_want="$( { cat "$bundle/MANIFEST" 2>/dev/null || ls -l "$bundle"; echo "$repo $host_site $host_py";
-                      sed -n '/^\[tool.setuptools\]/,/^\[/p' "$repo/pyproject.toml"; } | sha256sum | cut -c1-16)"
+                      sed -n '/^\[tool.setuptools\]/,/^\[/p' "$repo/pyproject.toml";
+                      cat "$repo/perf/gpu_env.sh"; } | sha256sum | cut -c1-16)"
     if [[ -x "$venv/bin/python" && "$(cat "$root/.stamp" 2>/dev/null)" == "$stamp_want" ]]; then
         _dsg_say "reusing $venv"
     else
@@ -88,8 +89,20 @@ _ditserve_gpu_env() {
         else
             _dsg_say "WARNING: no $bundle/site-$pytag.tar.xz for Python $pyver: relying on $host_site for numpy/diffusers/tritonclient"
         fi
-        # Host packages after ours: site.addsitedir also runs that folder's own .pth files.
-        printf 'import site; site.addsitedir(%s)\n' "'$host_site'" > "$site/zz_ditserve_host_site.pth"
+        # Host packages after ours, seen through a folder of links that leaves out the host's
+        # numpy 2 and what is compiled for it (scipy, scikit-learn): with numpy 1.26.4 scipy
+        # fails to import (np.long), and transformers imports scipy whenever it is installed
+        # (seen on the H100 host, 2026-11-26). site.addsitedir also runs the folder's .pth files.
+        local view="$venv/host-site-view"
+        rm -rf "$view"; mkdir -p "$view"
+        local entry
+        for entry in "$host_site"/*; do
+            case "$(basename "$entry")" in
+                numpy|numpy-*|numpy.libs|scipy|scipy-*|scipy.libs|sklearn|scikit_learn*) continue ;;
+            esac
+            ln -s "$entry" "$view/"
+        done
+        printf 'import site; site.addsitedir(%s)\n' "'$view'" > "$site/zz_ditserve_host_site.pth"
         # This checkout as `ditserve` (the package-dir mapping of pyproject.toml, like `pip install -e .`).
         "$venv/bin/python" - "$repo" "$site" <<'PYEOF' || { _dsg_say "ditserve finder setup failed"; return 1; }
 import os, sys, tomllib

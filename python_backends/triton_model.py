@@ -44,7 +44,9 @@ def check_io(stage_cls: type[Stage], config: dict[str, Any]) -> None:
 def stack_rows(values: list[Any]) -> Any:
     """Stack one request's row outputs along a new batch dimension."""
     if isinstance(values[0], torch.Tensor):
-        return values[0].unsqueeze(0).contiguous() if len(values) == 1 else torch.stack(values)
+        # contiguous() also after stack: stack keeps a channels-last layout (seen from the VAE's
+        # convolutions on CPU), and Triton's DLPack import takes only C-order tensors.
+        return torch.stack(values).contiguous()
     return np.stack(values)
 
 

@@ -4,50 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from diffusers import FluxPipeline
+from flux_reference import CPU_FP32, make_row, reference_pipeline, reference_uint8
 
-from ditserve.checkpoints import resolve_model_path
 from ditserve.flux import FLUX_T2I
 from ditserve.pipeline import LocalPipeline
 from ditserve.stage import RequestError, Runtime
-
-CPU_FP32 = dict(device=torch.device("cpu"), dtype=torch.float32)
-
-
-def make_row(prompt, negative=None, **scalars) -> dict:
-    """A request row as the Triton adapter builds it (batch dimension removed)."""
-    types = {"SEED": torch.int64, "GUIDANCE_SCALE": torch.float32, "TRUE_CFG_SCALE": torch.float32}
-    row = {"PROMPT": np.array([prompt.encode()], dtype=object)}
-    if negative is not None:
-        row["NEGATIVE_PROMPT"] = np.array([negative.encode()], dtype=object)
-    for name, value in scalars.items():
-        row[name] = torch.tensor([value], dtype=types.get(name, torch.int32))
-    return row
-
-
-def reference_uint8(pipe: FluxPipeline, prompt, negative=None, **kw) -> np.ndarray:
-    images = pipe(
-        prompt=prompt,
-        negative_prompt=negative,
-        true_cfg_scale=kw.get("TRUE_CFG_SCALE", 1.0),
-        height=kw["HEIGHT"],
-        width=kw["WIDTH"],
-        num_inference_steps=kw["NUM_INFERENCE_STEPS"],
-        guidance_scale=kw.get("GUIDANCE_SCALE", 3.5),
-        num_images_per_prompt=kw.get("NUM_IMAGES", 1),
-        generator=torch.Generator("cpu").manual_seed(kw["SEED"]),
-        output_type="np",
-    ).images
-    return (images * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-schnell"])
 def pipelines(request):
     runtime = Runtime(model_path=request.param, **CPU_FP32)
-    reference = FluxPipeline.from_pretrained(resolve_model_path(request.param), dtype=torch.float32)
-    reference.set_progress_bar_config(disable=True)
-    return LocalPipeline(FLUX_T2I, runtime), reference
+    return LocalPipeline(FLUX_T2I, runtime), reference_pipeline(request.param)
 
 
 CASES = [

@@ -1,6 +1,7 @@
 """FLUX.1 text-to-image (FLUX.1-dev with guidance embedding, FLUX.1-schnell without)."""
 
 from ditserve.flux.denoiser import FluxDenoiser
+from ditserve.flux.request import FluxRequestCheck
 from ditserve.flux.text_encoder import FluxTextEncoder
 from ditserve.flux.vae import FluxVaeDecoder
 from ditserve.pipeline import PipelineSpec, StageSpec
@@ -9,6 +10,7 @@ from ditserve.postprocess import Postprocess
 FLUX_T2I = PipelineSpec(
     "flux_t2i",
     (
+        StageSpec("flux_request", FluxRequestCheck),
         StageSpec("flux_text_encoder", FluxTextEncoder),
         StageSpec("flux_denoiser", FluxDenoiser),
         StageSpec("flux_vae_decoder", FluxVaeDecoder),

@@ -7,39 +7,27 @@ guidance and true-CFG scale. The result must equal ``FluxPipeline`` for each row
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import secrets
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffusers.utils.torch_utils import randn_tensor
 
+from ditserve.flux.request import GenerationParams, latent_geometry
 from ditserve.loading import Checkpoint
-from ditserve.stage import (
-    ConfigError,
-    Outputs,
-    RequestError,
-    Row,
-    Runtime,
-    Stage,
-    float_field,
-    int_field,
-    tensor_field,
-)
-
-MIN_SIZE, MAX_SIZE = 64, 4096
-MAX_STEPS = 200
-MAX_IMAGES = 8
-MAX_GUIDANCE = 100.0
-MAX_SEED = 2**63 - 1
+from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
 class DenoiserOptions:
-    attention_backend: str = "sdpa"
+    # "auto": cudnn on CUDA, sdpa elsewhere; "sdpa", "cudnn", or a ditserve.kernels backend.
+    attention_backend: str = "auto"
     # Images per transformer forward. A group of rows larger than this runs in chunks of
     # whole rows; a single row is never split (its latents come from one seeded draw).
     max_batch_images: int = 8
@@ -51,23 +39,17 @@ class DenoiserOptions:
 
 @dataclasses.dataclass(frozen=True)
 class FluxRequest:
-    """One validated row."""
+    """One validated row: its text embeddings and generation parameters."""
 
     prompt_embeds: torch.Tensor  # (L, D)
     pooled_embeds: torch.Tensor  # (D_pool,)
     negative_embeds: torch.Tensor | None
     negative_pooled: torch.Tensor | None
-    height: int
-    width: int
-    steps: int
-    guidance: float
-    true_cfg: float
-    seed: int
-    num_images: int
+    params: GenerationParams
 
     @property
     def do_true_cfg(self) -> bool:  # FluxPipeline: true_cfg_scale > 1 and a negative prompt
-        return self.true_cfg > 1 and self.negative_embeds is not None
+        return self.params.true_cfg > 1 and self.negative_embeds is not None
 
 
 # --- latent layout: pure functions ----------------------------------------------------
@@ -111,30 +93,35 @@ class FluxDenoiser(Stage):
         self.transformer = checkpoint.load("transformer", runtime)
         self.scheduler_class = checkpoint.component_class("scheduler")
         self.scheduler_config = checkpoint.load("scheduler").config
-        vae_config = checkpoint.component_class("vae").load_config(checkpoint.path / "vae")
-        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
-        # FluxPipeline's default size: default_sample_size (128) latents times the VAE factor.
-        self.default_size = 128 * self.vae_scale_factor
-        if self.options.attention_backend != "sdpa":
-            from ditserve.kernels.registry import set_attention_backend
+        self.attention_context = self._install_attention(self.options.attention_backend)
 
-            try:
-                set_attention_backend(self.transformer, self.options.attention_backend)
-            except ValueError as exc:
-                raise ConfigError(f"parameter attention_backend: {exc}") from None
+    def _install_attention(self, name: str):
+        """Returns the context the transformer runs in; installs kernel processors if asked."""
+        if name == "auto":
+            name = "cudnn" if self.runtime.device.type == "cuda" else "sdpa"
+        if name == "sdpa":  # torch's own SDPA dispatch, as diffusers runs it
+            return contextlib.nullcontext
+        if name == "cudnn":
+            # SDPA restricted to cuDNN's kernel: 611 TFLOP/s against flash's 327 on the FLUX
+            # shape 1x24x4608x128 on an H100 (shared/ENVIRONMENT.md). Restricted, not preferred:
+            # a shape cuDNN cannot run fails loudly instead of silently running slower.
+            if self.runtime.device.type != "cuda":
+                raise ConfigError("parameter attention_backend: cudnn needs a CUDA device")
+            return functools.partial(sdpa_kernel, [SDPBackend.CUDNN_ATTENTION])
+        from ditserve.kernels.flux_processor import set_attention_backend
+
+        try:
+            set_attention_backend(self.transformer, name)
+        except ValueError as exc:
+            raise ConfigError(f"parameter attention_backend: {exc}") from None
+        return contextlib.nullcontext
 
     # --- requests -------------------------------------------------------------------
 
     def parse(self, row: Row) -> FluxRequest:
         device, dtype = self.runtime.device, self.runtime.dtype
-        multiple = self.vae_scale_factor * 2
-        sizes = {}
-        for name in ("HEIGHT", "WIDTH"):
-            value = int_field(row, name, self.default_size, MIN_SIZE, MAX_SIZE)
-            if value % multiple:
-                raise RequestError(name, f"must be a multiple of {multiple} in [{MIN_SIZE}, {MAX_SIZE}], got {value}")
-            sizes[name] = value
         prompt = tensor_field(row, "PROMPT_EMBEDS", 2, device, dtype)
         pooled = tensor_field(row, "POOLED_PROMPT_EMBEDS", 1, device, dtype)
         negative = negative_pooled = None
@@ -143,20 +130,8 @@ class FluxDenoiser(Stage):
             negative_pooled = tensor_field(row, "NEGATIVE_POOLED_PROMPT_EMBEDS", 1, device, dtype)
             if negative.shape != prompt.shape:
                 raise RequestError("NEGATIVE_PROMPT_EMBEDS", f"shape {tuple(negative.shape)} != PROMPT_EMBEDS {tuple(prompt.shape)}")
-        seed = int_field(row, "SEED", None, 0, MAX_SEED)
-        return FluxRequest(
-            prompt_embeds=prompt,
-            pooled_embeds=pooled,
-            negative_embeds=negative,
-            negative_pooled=negative_pooled,
-            height=sizes["HEIGHT"],
-            width=sizes["WIDTH"],
-            steps=int_field(row, "NUM_INFERENCE_STEPS", 28, 1, MAX_STEPS),
-            guidance=float_field(row, "GUIDANCE_SCALE", 3.5, 0.0, MAX_GUIDANCE),
-            true_cfg=float_field(row, "TRUE_CFG_SCALE", 1.0, 0.0, MAX_GUIDANCE),
-            seed=secrets.randbelow(MAX_SEED) if seed is None else seed,
-            num_images=int_field(row, "NUM_IMAGES", 1, 1, MAX_IMAGES),
-        )
+        params = GenerationParams.parse(row, self.size_multiple, self.default_size)
+        return FluxRequest(prompt, pooled, negative, negative_pooled, params)
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
         results: list[Outputs | RequestError | None] = [None] * len(rows)
@@ -167,7 +142,7 @@ class FluxDenoiser(Stage):
             except RequestError as error:
                 results[i] = error
                 continue
-            groups[(request.height, request.width, request.steps)].append((i, request))
+            groups[(request.params.height, request.params.width, request.params.steps)].append((i, request))
         for members in groups.values():
             for chunk in self._chunks(members):
                 latents = self.denoise([request for _, request in chunk])
@@ -178,11 +153,11 @@ class FluxDenoiser(Stage):
     def _chunks(self, members):
         chunk, images = [], 0
         for member in members:
-            if chunk and images + member[1].num_images > self.options.max_batch_images:
+            if chunk and images + member[1].params.num_images > self.options.max_batch_images:
                 yield chunk
                 chunk, images = [], 0
             chunk.append(member)
-            images += member[1].num_images
+            images += member[1].params.num_images
         if chunk:
             yield chunk
 
@@ -197,9 +172,9 @@ class FluxDenoiser(Stage):
         """
         device, dtype = self.runtime.device, self.runtime.dtype
         first = requests[0]
-        latent_h = 2 * (first.height // (self.vae_scale_factor * 2))
-        latent_w = 2 * (first.width // (self.vae_scale_factor * 2))
-        counts = [r.num_images for r in requests]
+        latent_h = 2 * (first.params.height // self.size_multiple)
+        latent_w = 2 * (first.params.width // self.size_multiple)
+        counts = [r.params.num_images for r in requests]
 
         def per_image(values: list) -> torch.Tensor:
             return torch.cat([v.expand(n, *v.shape[1:]) for v, n in zip(values, counts)])
@@ -209,8 +184,8 @@ class FluxDenoiser(Stage):
         # on any device and whatever it is batched with.
         noise = [
             randn_tensor(
-                (r.num_images, self.latent_channels, latent_h, latent_w),
-                generator=torch.Generator("cpu").manual_seed(r.seed),
+                (r.params.num_images, self.latent_channels, latent_h, latent_w),
+                generator=torch.Generator("cpu").manual_seed(r.params.seed),
                 device=device,
                 dtype=dtype,
             )
@@ -224,7 +199,7 @@ class FluxDenoiser(Stage):
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.tensor(
-                [r.guidance for r, n in zip(requests, counts) for _ in range(n)], device=device, dtype=torch.float32
+                [r.params.guidance for r, n in zip(requests, counts) for _ in range(n)], device=device, dtype=torch.float32
             )
 
         cfg = [r.do_true_cfg for r in requests]
@@ -235,11 +210,11 @@ class FluxDenoiser(Stage):
             negative_pooled = torch.cat([r.negative_pooled[None].expand(n, -1) for r, n in cfg_requests])
             # Rows of the CFG sub-batch by scale: combining with a Python float per scale
             # rounds exactly as FluxPipeline's `neg + scale * (pos - neg)` does in bf16.
-            scales = np.repeat([r.true_cfg for r, _ in cfg_requests], [n for _, n in cfg_requests])
+            scales = np.repeat([r.params.true_cfg for r, _ in cfg_requests], [n for _, n in cfg_requests])
             by_scale = [(float(s), torch.from_numpy(np.flatnonzero(scales == s)).to(device)) for s in np.unique(scales)]
 
         scheduler = self.scheduler_class.from_config(self.scheduler_config)
-        sigmas = np.linspace(1.0, 1 / first.steps, first.steps)
+        sigmas = np.linspace(1.0, 1 / first.params.steps, first.params.steps)
         if getattr(scheduler.config, "use_flow_sigmas", False):
             sigmas = None
         mu = calculate_shift(
@@ -250,40 +225,41 @@ class FluxDenoiser(Stage):
             scheduler.config.get("max_shift", 1.15),
         )
         if sigmas is None:
-            scheduler.set_timesteps(first.steps, device=device, mu=mu)
+            scheduler.set_timesteps(first.params.steps, device=device, mu=mu)
         else:
             scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
         scheduler.set_begin_index(0)
 
-        for t in scheduler.timesteps:
-            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-            prediction = self.transformer(
-                hidden_states=latents,
-                timestep=timestep,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=prompt,
-                txt_ids=text_ids,
-                img_ids=image_ids,
-                return_dict=False,
-            )[0]
-            if len(cfg_index):
-                negative_prediction = self.transformer(
-                    hidden_states=latents[cfg_index],
-                    timestep=timestep[cfg_index],
-                    guidance=None if guidance is None else guidance[cfg_index],
-                    pooled_projections=negative_pooled,
-                    encoder_hidden_states=negative,
+        with self.attention_context():
+            for t in scheduler.timesteps:
+                timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+                prediction = self.transformer(
+                    hidden_states=latents,
+                    timestep=timestep,
+                    guidance=guidance,
+                    pooled_projections=pooled,
+                    encoder_hidden_states=prompt,
                     txt_ids=text_ids,
                     img_ids=image_ids,
                     return_dict=False,
                 )[0]
-                positive = prediction[cfg_index]
-                for scale, rows in by_scale:
-                    negative_rows = negative_prediction[rows]
-                    positive[rows] = negative_rows + scale * (positive[rows] - negative_rows)
-                prediction[cfg_index] = positive
-            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+                if len(cfg_index):
+                    negative_prediction = self.transformer(
+                        hidden_states=latents[cfg_index],
+                        timestep=timestep[cfg_index],
+                        guidance=None if guidance is None else guidance[cfg_index],
+                        pooled_projections=negative_pooled,
+                        encoder_hidden_states=negative,
+                        txt_ids=text_ids,
+                        img_ids=image_ids,
+                        return_dict=False,
+                    )[0]
+                    positive = prediction[cfg_index]
+                    for scale, rows in by_scale:
+                        negative_rows = negative_prediction[rows]
+                        positive[rows] = negative_rows + scale * (positive[rows] - negative_rows)
+                    prediction[cfg_index] = positive
+                latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
 
         grid = latents.float().view(latents.shape[0], latent_h // 2, latent_w // 2, latents.shape[-1])
         return list(grid.split(counts))

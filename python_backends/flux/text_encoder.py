@@ -7,11 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ditserve.flux.request import MAX_PROMPT_CHARS
 from ditserve.loading import Checkpoint
 from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, text_field
-
-# Prompts longer than this are almost certainly not prompts; T5 would truncate them anyway.
-MAX_PROMPT_CHARS = 20_000
 
 
 @dataclasses.dataclass(frozen=True)

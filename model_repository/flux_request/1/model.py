@@ -1,0 +1,4 @@
+from ditserve.flux.request import FluxRequestCheck
+from ditserve.triton_model import triton_model
+
+TritonPythonModel = triton_model(FluxRequestCheck)
