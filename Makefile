@@ -23,7 +23,8 @@ STAMPS        := $(VENV)/.stamps
 # libb64-0d: perf_analyzer (tritonclient 2.41.1 binary); ca-certificates: pip over HTTPS.
 DEB_PACKAGES  := python3.11 python3.11-venv libpython3.11 libb64-0d ca-certificates
 
-PYTEST_ARGS   ?= -q
+# --timeout: a hung test fails after 15 minutes instead of stalling CI (pytest-timeout).
+PYTEST_ARGS   ?= -q --timeout=900
 
 .PHONY: all setup debs venv test demo perf clean help
 
