@@ -15,10 +15,11 @@ Optional, all in the same launch:
     all masked give output 0 and LSE -inf;
   * the per-row log-sum-exp (natural log, fp32, (B, H, Lq)) so that results over disjoint key sets merge
     exactly: lse = logaddexp(lse1, lse2), out = out1 * exp(lse1 - lse) + out2 * exp(lse2 - lse);
-  * a fused prologue (`Prologue`): per-head RMSNorm of Q and K with weights, then rotary embedding, applied
-    to the tiles in registers as they are loaded, so normalised, rotated Q/K are never written.
-    K's prologue can run inline (per K tile, recomputed for every query block) or as a prepass kernel
-    that writes normalised, rotated K once (`k_mode`); perf/ATTENTION_NOTES.md has the measured trade-off.
+  * a fused prologue (`Prologue`): per-head RMSNorm of Q and K with weights, then rotary embedding.
+    Q's is applied to the Q tile in registers as it is loaded (normalised, rotated Q is never written).
+    K's runs either inline (per K tile inside the key loop, so K' is never written either, but it is
+    recomputed for every query block) or as a prepass kernel that writes K' once (`k_mode`, default
+    "prepass": 2.2x faster on the H100 at FLUX size, perf/ATTENTION_NOTES.md).
 
 Under TRITON_INTERPRET=1 (CPU) the kernels run in Triton's interpreter: tl.dot on bf16 is wrong there
 (shared/ENVIRONMENT.md), so CPU use is restricted to fp16/fp32 by the registry.
@@ -40,8 +41,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 Layout = Literal["BLHD", "BHLD"]
-LN2: float = math.log(2.0)
-LOG2E: float = 1.0 / LN2
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ def set_attention_backend(
     n = 0
     for module in transformer.modules():
         if isinstance(module, FluxAttention):
-            module.set_processor(FluxAttnProcessor() if name == "diffusers" else DitserveFluxAttnProcessor(name, k_mode))
+            processor = FluxAttnProcessor() if name == "diffusers" else DitserveFluxAttnProcessor(name, k_mode)
+            module.set_processor(processor)
             n += 1
     if n == 0:
         raise ValueError(f"set_attention_backend: {type(transformer).__name__} has no FluxAttention modules")

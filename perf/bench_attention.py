@@ -2,12 +2,14 @@
 
     python3 perf/bench_attention.py [--out DIR] [--quick]
     python3 perf/bench_attention.py --flux-step [--out DIR]     # needs diffusers
+    python3 perf/bench_attention.py --compile-check [--quick]   # no GPU: sm_90 cross-compile + ptxas -v
 
 For each shape (B, H, L, D), bf16, random inputs: TFLOP/s = 4 * B * H * L^2 * D / median time
 (triton.testing.do_bench). Ours run on (B, L, H, D) tensors, the layout diffusers' processors hold;
 SDPA runs on contiguous (B, H, L, D), its best case. The quantised kernel is timed on pre-quantised
-inputs (int8 Q.K^T default, and all-e4m3), and end to end with the Triton quantisation passes. Then the fused RMSNorm+RoPE prologue on the FLUX
-shape against diffusers' separate ops + cuDNN SDPA. Writes bench_attention.json to --out; prints a table last.
+inputs (int8 Q.K^T default, and all-e4m3), and end to end with the Triton quantisation passes. Then the
+fused RMSNorm+RoPE prologue on the FLUX shape against diffusers' separate ops + cuDNN SDPA.
+Writes bench_attention.json to --out; prints a table last.
 """
 
 from __future__ import annotations
@@ -55,44 +57,48 @@ def sdpa(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return run
 
 
+def attention_row(B: int, H: int, L: int, D: int) -> dict:
+    q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    t8 = quantize_fp8(q, k, v)
+    t8e4 = quantize_fp8(q, k, v, qk_format="fp8")
+    fns = {
+        "triton_bf16": lambda: attention(q, k, v),
+        "triton_fp8_kernel": lambda: attention_fp8_quantized(t8),
+        "triton_fp8_e2e": lambda: attention_fp8(q, k, v),
+        "triton_e4m3qk_kernel": lambda: attention_fp8_quantized(t8e4),
+        "quantize_only": lambda: quantize_fp8(q, k, v),
+        "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, qh, kh, vh),
+        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION, qh, kh, vh),
+    }
+    tuners = {"triton_bf16": A._attn_fwd_tuned, "triton_fp8_kernel": A8._attn_fwd_fp8_tuned,
+              "triton_e4m3qk_kernel": A8._attn_fwd_fp8_tuned}
+    row: dict = {"shape": [B, H, L, D]}
+    for name, fn in fns.items():
+        try:
+            ms = bench(fn)
+        except Exception as e:  # one failing variant must not cost the rest of the run
+            row[name] = {"error": repr(e)[:500], "ms": float("nan"), "tflops": float("nan")}
+            print(f"{name} {B, H, L, D} failed: {e!r}"[:2000], flush=True)
+            continue
+        row[name] = {"ms": ms, "tflops": tflops(B, H, L, D, ms)}
+        tuner = tuners.get(name)
+        if tuner is not None and getattr(tuner, "configs_timings", None):
+            row[name]["tuning_ms"] = {str(c): t[0] for c, t in tuner.configs_timings.items()}
+            tuner.configs_timings = None
+    ref = fns["sdpa_cudnn"]().transpose(1, 2)
+    row["rel_err_bf16_vs_cudnn"] = rel_err(attention(q, k, v), ref)
+    for fmt in ("int8", "fp8"):
+        row[f"cos_fp8_{fmt}qk_vs_cudnn"] = F.cosine_similarity(
+            attention_fp8(q, k, v, qk_format=fmt).float().flatten(), ref.float().flatten(), dim=0).item()
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def attention_rows(shapes: list[tuple[int, int, int, int]]) -> list[dict]:
     rows = []
-    for B, H, L, D in shapes:
-        q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-        t8 = quantize_fp8(q, k, v)
-        t8e4 = quantize_fp8(q, k, v, qk_format="fp8")
-        fns = {
-            "triton_bf16": lambda: attention(q, k, v),
-            "triton_fp8_kernel": lambda: attention_fp8_quantized(t8),
-            "triton_fp8_e2e": lambda: attention_fp8(q, k, v),
-            "triton_e4m3qk_kernel": lambda: attention_fp8_quantized(t8e4),
-            "quantize_only": lambda: quantize_fp8(q, k, v),
-            "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, qh, kh, vh),
-            "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION, qh, kh, vh),
-        }
-        row: dict = {"shape": [B, H, L, D]}
-        for name, fn in fns.items():
-            try:
-                ms = bench(fn)
-            except Exception as e:  # one failing variant must not cost the rest of the run
-                row[name] = {"error": repr(e)[:500], "ms": float("nan"), "tflops": float("nan")}
-                print(f"{name} {B, H, L, D} failed: {e!r}"[:2000], flush=True)
-                continue
-            row[name] = {"ms": ms, "tflops": tflops(B, H, L, D, ms)}
-            tuner = {"triton_bf16": A._attn_fwd_tuned, "triton_fp8_kernel": A8._attn_fwd_fp8_tuned,
-                     "triton_e4m3qk_kernel": A8._attn_fwd_fp8_tuned}.get(name)
-            if tuner is not None and getattr(tuner, "configs_timings", None):
-                row[name]["tuning_ms"] = {str(c): t[0] for c, t in tuner.configs_timings.items()}
-                tuner.configs_timings = None
-        ref = fns["sdpa_cudnn"]().transpose(1, 2)
-        row["rel_err_bf16_vs_cudnn"] = rel_err(attention(q, k, v), ref)
-        for fmt in ("int8", "fp8"):
-            row[f"cos_fp8_{fmt}qk_vs_cudnn"] = F.cosine_similarity(
-                attention_fp8(q, k, v, qk_format=fmt).float().flatten(), ref.float().flatten(), dim=0).item()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del q, k, v, qh, kh, vh, t8, t8e4
+    for shape in shapes:
+        rows.append(attention_row(*shape))
         torch.cuda.empty_cache()
     return rows
 
@@ -202,7 +208,7 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
     from triton.compiler import ASTSource
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    D, BM_ROWS = 128, 4608
+    D = 128
 
     def run(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> dict:
         sig = {name: types.get(name, "i32") for name in fn.arg_names}
@@ -255,9 +261,9 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
     for int8 in (True, False):
         qk = "i8" if int8 else "fp8e4nv"
         base = dict(X="*bf16", Mean="*fp32", Y=f"*{qk}", S="*fp32", QM="*fp32")
-        for fn, cx, w in ((A8._quant_q_kernel, dict(HEAD_DIM=D, INT8=int8, QMAX=127.0 if int8 else 448.0, BLOCK_L=64), 4),
-                          (A8._quant_k_kernel, dict(HEAD_DIM=D, INT8=int8, QMAX=127.0 if int8 else 448.0,
-                                                    K_BLOCK=A8.K_BLOCK), 8)):
+        qmax = 127.0 if int8 else 448.0
+        for fn, cx, w in ((A8._quant_q_kernel, dict(HEAD_DIM=D, INT8=int8, QMAX=qmax, BLOCK_L=64), 4),
+                          (A8._quant_k_kernel, dict(HEAD_DIM=D, INT8=int8, QMAX=qmax, K_BLOCK=A8.K_BLOCK), 8)):
             r = run(fn, base, cx, w, 2)
             rows.append({"kernel": f"{fn.__name__}[int8={int8}]", **r})
             print(json.dumps(rows[-1]), flush=True)

@@ -361,7 +361,8 @@ def test_gpu_bf16_prologue_matches_fp64(k_mode, interleaved):
     p = make_prologue(L, D, norm=True, rope=True, interleaved=interleaved, k_mode=k_mode, split=300, device="cuda")
     out = attention(q, k, v, prologue=p)
     check_finite(out)
-    ref, _ = ref_attention(reference_prologue(q.double(), p, which="q"), reference_prologue(k.double(), p, which="k"), v)
+    ref, _ = ref_attention(reference_prologue(q.double(), p, which="q"),
+                           reference_prologue(k.double(), p, which="k"), v)
     assert rel_err(out, ref) <= 1e-2
 
 
