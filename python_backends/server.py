@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -195,6 +196,28 @@ def _is_stub(comm: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- server
+
+
+def _parent_death_signal(sig: int = signal.SIGTERM):
+    """preexec_fn: the child gets ``sig`` when the thread that started it dies (Linux), so a
+    killed test run or CLI does not leave a tritonserver behind. None elsewhere."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    parent = os.getpid()
+
+    def _preexec() -> None:
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # parent already gone between fork and prctl
+            os.kill(os.getpid(), int(sig))
+
+    return _preexec
 
 
 def _venv_bin() -> Path:
@@ -367,6 +390,7 @@ class TritonServer:
             env=self.environment(),
             start_new_session=True,
             close_fds=True,
+            preexec_fn=_parent_death_signal(),
         )
         atexit.register(self._atexit_stop)
         if wait:
