@@ -226,3 +226,24 @@ def test_triton_server_fixture_serves_repository(triton_server):
     for name in expected:
         assert http_get(f"{triton_server.http_url}/v2/models/{name}/ready") == 200, (
             f"{name} not ready:\n{triton_server.log_tail()}")
+
+
+def test_server_dies_with_the_process_that_started_it(tmp_path):
+    """A starter killed with SIGKILL (no cleanup runs) still takes tritonserver with it."""
+    script = (
+        "import os, sys\n"
+        "from ditserve.server import TritonServer\n"
+        f"s = TritonServer({str(FIXTURE_REPOSITORY)!r}, http_port=0, grpc_port=0, metrics_port=0,\n"
+        "                 host='127.0.0.1', models=['echo'])\n"
+        "s.start()\n"
+        "print(s.pid, flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pid = int(proc.stdout.strip().splitlines()[-1])
+    deadline = time.monotonic() + 60
+    while session_processes(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert session_processes(pid) == []
