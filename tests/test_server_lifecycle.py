@@ -247,3 +247,24 @@ def test_server_dies_with_the_process_that_started_it(tmp_path):
     while session_processes(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert session_processes(pid) == []
+
+
+def test_cli_takes_subcommands_from_optional_modules(monkeypatch):
+    """`ditserve` adds the subcommands of modules with register(subparsers) when present."""
+    import types
+
+    from ditserve import cli
+
+    fake = types.ModuleType("ditserve_test_fake_cli")
+
+    def register(subparsers):
+        p = subparsers.add_parser("hello")
+        p.add_argument("--name", default="world")
+        p.set_defaults(func=lambda args: 7 if args.name == "triton" else 0)
+
+    fake.register = register
+    monkeypatch.setitem(sys.modules, "ditserve_test_fake_cli", fake)
+    monkeypatch.setattr(cli, "OPTIONAL_SUBCOMMAND_MODULES",
+                        ("ditserve_test_fake_cli", "ditserve_test_missing_cli"))
+    assert cli.main(["hello", "--name", "triton"]) == 7
+    assert cli.build_parser().parse_args(["serve", "--models", "a,b"]).models == "a,b"
