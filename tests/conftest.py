@@ -18,6 +18,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run only in Triton's interpreter, and triton reads this variable
+# when it is first imported (diffusers may import it before any kernel test does).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ditserve.server import TritonServer, TritonServerError, find_free_ports, locate_tritonserver
 
