@@ -166,6 +166,24 @@ class FluxDenoiser(Stage):
         if chunk:
             yield chunk
 
+    def scheduler(self, steps: int, image_tokens: int):
+        """A fresh scheduler set as FluxPipeline sets it: linear sigmas, resolution shift mu."""
+        scheduler = self.scheduler_class.from_config(self.scheduler_config)
+        config = scheduler.config
+        mu = calculate_shift(
+            image_tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        if getattr(config, "use_flow_sigmas", False):
+            scheduler.set_timesteps(steps, device=self.runtime.device, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.runtime.device, mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler
+
     # --- the denoising loop -----------------------------------------------------------
 
     @torch.inference_mode()
@@ -218,47 +236,29 @@ class FluxDenoiser(Stage):
             scales = np.repeat([r.params.true_cfg for r, _ in cfg_requests], [n for _, n in cfg_requests])
             by_scale = [(float(s), torch.from_numpy(np.flatnonzero(scales == s)).to(device)) for s in np.unique(scales)]
 
-        scheduler = self.scheduler_class.from_config(self.scheduler_config)
-        sigmas = np.linspace(1.0, 1 / first.params.steps, first.params.steps)
-        if getattr(scheduler.config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = calculate_shift(
-            latents.shape[1],
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
-        )
-        if sigmas is None:
-            scheduler.set_timesteps(first.params.steps, device=device, mu=mu)
-        else:
-            scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
-        scheduler.set_begin_index(0)
+        scheduler = self.scheduler(first.params.steps, image_tokens=latents.shape[1])
+
+        def transformer(hidden, timestep, guidance, pooled, text):
+            return self.transformer(
+                hidden_states=hidden,
+                timestep=timestep,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=text,
+                txt_ids=text_ids,
+                img_ids=image_ids,
+                return_dict=False,
+            )[0]
 
         with self.attention_context():
             for t in scheduler.timesteps:
                 timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-                prediction = self.transformer(
-                    hidden_states=latents,
-                    timestep=timestep,
-                    guidance=guidance,
-                    pooled_projections=pooled,
-                    encoder_hidden_states=prompt,
-                    txt_ids=text_ids,
-                    img_ids=image_ids,
-                    return_dict=False,
-                )[0]
+                prediction = transformer(latents, timestep, guidance, pooled, prompt)
                 if len(cfg_index):
-                    negative_prediction = self.transformer(
-                        hidden_states=latents[cfg_index],
-                        timestep=timestep[cfg_index],
-                        guidance=None if guidance is None else guidance[cfg_index],
-                        pooled_projections=negative_pooled,
-                        encoder_hidden_states=negative,
-                        txt_ids=text_ids,
-                        img_ids=image_ids,
-                        return_dict=False,
-                    )[0]
+                    negative_guidance = None if guidance is None else guidance[cfg_index]
+                    negative_prediction = transformer(
+                        latents[cfg_index], timestep[cfg_index], negative_guidance, negative_pooled, negative
+                    )
                     positive = prediction[cfg_index]
                     for scale, rows in by_scale:
                         negative_rows = negative_prediction[rows]

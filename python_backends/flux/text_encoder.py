@@ -44,23 +44,13 @@ class FluxTextEncoder(Stage):
     @torch.inference_mode()
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 embeddings (n, max_sequence_length, d) and CLIP pooled embeddings (n, d_pool), fp32."""
-        device = self.runtime.device
-        clip_ids = self.clip_tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.clip_tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        pooled = self.clip(clip_ids.to(device), output_hidden_states=False).pooler_output
-        t5_ids = self.t5_tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.options.max_sequence_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        sequence = self.t5(t5_ids.to(device), output_hidden_states=False)[0]
+        def ids(tokenizer, max_length: int) -> torch.Tensor:  # as FluxPipeline tokenizes
+            batch = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+            return batch.input_ids.to(self.runtime.device)
+
+        pooled = self.clip(ids(self.clip_tokenizer, self.clip_tokenizer.model_max_length), output_hidden_states=False)
+        pooled = pooled.pooler_output
+        sequence = self.t5(ids(self.t5_tokenizer, self.options.max_sequence_length), output_hidden_states=False)[0]
         # Stage boundaries carry fp32 whatever the compute dtype: bf16 -> fp32 is exact, and
         # one config.pbtxt then serves CPU (fp32) and GPU (bf16) alike.
         return sequence.float(), pooled.float()
