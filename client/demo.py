@@ -19,14 +19,13 @@ def main() -> None:
     parser.add_argument("--protocol", choices=("http", "grpc"), default="grpc")
     parser.add_argument("--model-path", default="tiny")
     args = parser.parse_args()
-    width, height = (int(v) for v in args.size.lower().split("x"))
 
     print(f"starting tritonserver with model {args.model_path!r} on CPU ...", flush=True)
     with TritonServer(http_port=0, grpc_port=0, metrics_port=0, host="127.0.0.1",
                       models=["flux_t2i"], model_path=args.model_path, device="cpu", dtype="float32") as server:
         url = server.grpc_url if args.protocol == "grpc" else server.http_url.removeprefix("http://")
         client = Client(url, protocol=args.protocol)
-        result = client.generate(args.prompt, HEIGHT=height, WIDTH=width, NUM_INFERENCE_STEPS=args.steps, SEED=args.seed)
+        result = client.generate(args.prompt, size=args.size, num_inference_steps=args.steps, seed=args.seed)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     for i, png in enumerate(result.png):
         path = args.output_dir / f"flux_t2i_{i}.png"

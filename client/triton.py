@@ -1,24 +1,36 @@
-"""A small Python client for the image ensembles, over Triton HTTP or gRPC."""
+"""Python client for ditserve's ensembles over Triton HTTP or gRPC, sync (``Client``) and
+asyncio (``AsyncClient``).
+
+Requests use OpenAI-style field names (``n``, ``size``, ``seed``, ...), mapped to ensemble
+tensors and checked by ``ditserve.client.pipelines.PIPELINES`` before anything is sent. The
+two classes share everything but the awaits.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import io
 import time
+from collections.abc import Generator, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-# Ensemble input name -> (Triton dtype, numpy dtype), as in model_repository/flux_t2i.
-_SCALARS = {
-    "HEIGHT": ("INT32", np.int32),
-    "WIDTH": ("INT32", np.int32),
-    "NUM_INFERENCE_STEPS": ("INT32", np.int32),
-    "GUIDANCE_SCALE": ("FP32", np.float32),
-    "TRUE_CFG_SCALE": ("FP32", np.float32),
-    "SEED": ("INT64", np.int64),
-    "NUM_IMAGES": ("INT32", np.int32),
-}
+from ditserve.client.pipelines import PIPELINES, Pipeline, Tensor
+
+
+class ModelNotLoaded(LookupError):
+    def __init__(self, model: str, url: str):
+        super().__init__(f"model {model} is not loaded on the server at {url}")
+        self.model = model
+
+
+class TritonUnavailable(ConnectionError):
+    """The Triton server could not be reached."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +39,7 @@ class GenerateResult:
     pixels: np.ndarray  # (n, H, W, 3) uint8
     latency_s: float
     # Server compute time per stage model during this request (from Triton's statistics;
-    # exact only when no other request ran at the same time).
+    # exact only when no other request ran at the same time). Empty with stage_timings=False.
     stage_ms: dict[str, float]
 
     @property
@@ -35,73 +47,190 @@ class GenerateResult:
         return [Image.open(io.BytesIO(data)) for data in self.png]
 
 
-class Client:
-    def __init__(self, url: str, protocol: str = "http", model: str = "flux_t2i", timeout_s: float = 600.0):
-        if protocol == "http":
-            import tritonclient.http as triton
-        elif protocol == "grpc":
-            import tritonclient.grpc as triton
-        else:
+@dataclasses.dataclass(frozen=True)
+class VideoResult:
+    mp4: bytes
+    latency_s: float
+    stage_ms: dict[str, float]
+
+
+Result = GenerateResult | VideoResult
+
+
+@contextlib.contextmanager
+def _reachable(url: str) -> Iterator[None]:
+    """Connection failures of either protocol, sync or async, as one TritonUnavailable."""
+    try:
+        yield
+    except OSError as error:  # HTTP: refused / reset / DNS (aiohttp's errors are OSErrors too)
+        raise TritonUnavailable(f"Triton server at {url} is unreachable: {error}") from error
+    except InferenceServerException as error:
+        if error.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"):
+            raise TritonUnavailable(f"Triton server at {url} is unreachable: {error.message()}") from error
+        raise
+
+
+class _Base:
+    def __init__(self, url: str, protocol: str, asyncio: bool, timeout_s: float, stage_timings: bool):
+        if protocol not in ("http", "grpc"):
             raise ValueError(f"protocol: must be http or grpc, got {protocol!r}")
-        self.triton = triton
+        self.url = url
         self.protocol = protocol
-        self.model = model
         self.timeout_s = timeout_s
-        kwargs = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
-        self.server = triton.InferenceServerClient(url, **kwargs)
+        self.stage_timings = stage_timings
+        # InferInput/InferRequestedOutput live in the sync modules; the aio ones reuse them.
+        self.triton = importlib.import_module(f"tritonclient.{protocol}")
+        client_module = importlib.import_module(f"tritonclient.{protocol}.aio") if asyncio else self.triton
+        if protocol == "http":
+            timeouts = {"conn_timeout": timeout_s} if asyncio else {"network_timeout": timeout_s, "connection_timeout": timeout_s}
+            self.server = client_module.InferenceServerClient(url, **timeouts)
+            self._infer_kwargs: dict[str, Any] = {}
+            self._json: dict[str, Any] = {}  # HTTP answers JSON already
+        else:
+            self.server = client_module.InferenceServerClient(url)
+            self._infer_kwargs = {"client_timeout": timeout_s}
+            self._json = {"as_json": True}
 
-    def _stage_models(self) -> list[str]:
-        config = self.server.get_model_config(self.model)
-        config = config if self.protocol == "http" else config_to_dict(config.config)
-        steps = config.get("ensemble_scheduling", {}).get("step", [])
-        return [step["model_name"] for step in steps] or [self.model]
+    def _request(self, kind: str, model: str | None, fields: Mapping[str, Any]) -> tuple[Pipeline, str, list, list]:
+        pipeline = PIPELINES[kind]
+        inputs = [self._input(name, tensor) for name, tensor in pipeline.tensors(fields).items()]
+        outputs = [self.triton.InferRequestedOutput(name) for name in pipeline.outputs]
+        return pipeline, model or pipeline.model, inputs, outputs
 
-    def _compute_ns(self, models: list[str]) -> dict[str, int]:
-        totals = {}
-        for model in models:
-            stats = self.server.get_inference_statistics(model)
-            stats = stats if self.protocol == "http" else config_to_dict(stats)
-            totals[model] = sum(
-                int(m["inference_stats"].get("compute_infer", {}).get("ns", 0)) for m in stats["model_stats"]
-            )
-        return totals
+    def _input(self, name: str, tensor: Tensor):
+        datatype, values = tensor
+        array = np.array([values], dtype=triton_to_np_dtype(datatype))  # batch of one request
+        item = self.triton.InferInput(name, list(array.shape), datatype)
+        item.set_data_from_numpy(array)
+        return item
 
-    def inputs(self, prompt: str, negative_prompt: str | None = None, **scalars) -> list:
-        def tensor(name, datatype, value):
-            array = np.array([[value]], dtype=object if datatype == "BYTES" else _SCALARS[name][1])
-            item = self.triton.InferInput(name, list(array.shape), datatype)
-            item.set_data_from_numpy(array)
-            return item
 
-        items = [tensor("PROMPT", "BYTES", prompt.encode())]
-        if negative_prompt is not None:
-            items.append(tensor("NEGATIVE_PROMPT", "BYTES", negative_prompt.encode()))
-        for name, value in scalars.items():
-            if name not in _SCALARS:
-                raise ValueError(f"unknown input {name}; known: {sorted(_SCALARS)}")
-            if value is not None:
-                items.append(tensor(name, _SCALARS[name][0], value))
-        return items
+def _stage_models(config: dict, model: str) -> list[str]:
+    config = config.get("config", config)  # gRPC wraps the configuration, HTTP does not
+    steps = config.get("ensemble_scheduling", {}).get("step", [])
+    return [step["model_name"] for step in steps] or [model]
 
-    def generate(self, prompt: str, negative_prompt: str | None = None, **scalars) -> GenerateResult:
-        """Run the ensemble once. Scalars use the ensemble's names: HEIGHT=..., SEED=..."""
-        stages = self._stage_models()
-        before = self._compute_ns(stages)
-        outputs = [self.triton.InferRequestedOutput(name) for name in ("PNG", "IMAGE")]
+
+def _compute_ns(stats: dict) -> int:
+    return sum(int(m["inference_stats"].get("compute_infer", {}).get("ns", 0)) for m in stats["model_stats"])
+
+
+def _ready(index: Any) -> list[str]:
+    # HTTP answers a list, gRPC (as JSON) {"models": [...]}.
+    models = index if isinstance(index, list) else index.get("models", [])
+    return sorted({m["name"] for m in models if m.get("state") == "READY"})
+
+
+def _result(pipeline: Pipeline, response, latency_s: float, stage_ms: dict[str, float]) -> Result:
+    if pipeline.outputs == ("MP4",):
+        return VideoResult(mp4=bytes(response.as_numpy("MP4")[0][0]), latency_s=latency_s, stage_ms=stage_ms)
+    return GenerateResult(
+        png=list(response.as_numpy("PNG")[0]),
+        pixels=response.as_numpy("IMAGE")[0],
+        latency_s=latency_s,
+        stage_ms=stage_ms,
+    )
+
+
+# The request logic is written once as a generator that yields the server calls it needs, as
+# (method name, args, kwargs), and gets their answers back; Client runs the calls directly,
+# AsyncClient awaits them.
+Call = tuple[str, tuple, dict]
+Steps = Generator[Call, Any, Any]
+
+
+class _Requests(_Base):
+    def _run(self, kind: str, model: str | None, fields: Mapping[str, Any]) -> Steps:
+        pipeline, model, inputs, outputs = self._request(kind, model, fields)
+        if not (yield "is_model_ready", (model,), {}):
+            raise ModelNotLoaded(model, self.url)
+        stages = []
+        if self.stage_timings:
+            stages = _stage_models((yield "get_model_config", (model,), self._json), model)
+
+        def compute_ns() -> Steps:
+            totals = {}
+            for m in stages:
+                totals[m] = _compute_ns((yield "get_inference_statistics", (m,), self._json))
+            return totals
+
+        before = yield from compute_ns()
         start = time.perf_counter()
-        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        result = self.server.infer(self.model, self.inputs(prompt, negative_prompt, **scalars), outputs=outputs, **kwargs)
+        response = yield "infer", (model, inputs), {"outputs": outputs, **self._infer_kwargs}
         latency = time.perf_counter() - start
-        after = self._compute_ns(stages)
-        return GenerateResult(
-            png=list(result.as_numpy("PNG")[0]),
-            pixels=result.as_numpy("IMAGE")[0],
-            latency_s=latency,
-            stage_ms={m: (after[m] - before[m]) / 1e6 for m in stages},
-        )
+        after = yield from compute_ns()
+        return _result(pipeline, response, latency, {m: (after[m] - before[m]) / 1e6 for m in stages})
+
+    def _loaded_models(self) -> Steps:
+        return _ready((yield "get_model_repository_index", (), self._json))
 
 
-def config_to_dict(message) -> dict:
-    from google.protobuf.json_format import MessageToDict
+class Client(_Requests):
+    """Synchronous client; one per thread (tritonclient's HTTP client is not thread-safe)."""
 
-    return MessageToDict(message, preserving_proto_field_name=True)
+    def __init__(self, url: str, protocol: str = "http", timeout_s: float = 600.0, stage_timings: bool = True):
+        super().__init__(url, protocol, asyncio=False, timeout_s=timeout_s, stage_timings=stage_timings)
+
+    def _drive(self, steps: Steps) -> Any:
+        with _reachable(self.url):
+            try:
+                name, args, kwargs = next(steps)
+                while True:
+                    name, args, kwargs = steps.send(getattr(self.server, name)(*args, **kwargs))
+            except StopIteration as done:
+                return done.value
+
+    def generate(self, prompt: str, negative_prompt: str | None = None, *, model: str | None = None, **fields) -> GenerateResult:
+        """Text to images: ``generate("a cat", n=2, size="512x512", seed=3)``."""
+        return self.run("generate", model, prompt=prompt, negative_prompt=negative_prompt, **fields)
+
+    def edit(self, prompt: str, image: list[bytes], *, model: str | None = None, **fields) -> GenerateResult:
+        return self.run("edit", model, prompt=prompt, image=image, **fields)
+
+    def video(self, prompt: str, *, model: str | None = None, **fields) -> VideoResult:
+        return self.run("video", model, prompt=prompt, **fields)
+
+    def run(self, kind: str, model: str | None = None, **fields) -> Result:
+        """One request of a kind in PIPELINES ("generate", "edit", "video")."""
+        return self._drive(self._run(kind, model, fields))
+
+    def loaded_models(self) -> list[str]:
+        """Names of the models the server has loaded and ready."""
+        return self._drive(self._loaded_models())
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class AsyncClient(_Requests):
+    """asyncio client (tritonclient's ``http.aio`` / ``grpc.aio``); one can serve many tasks."""
+
+    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 600.0, stage_timings: bool = False):
+        super().__init__(url, protocol, asyncio=True, timeout_s=timeout_s, stage_timings=stage_timings)
+
+    async def _drive(self, steps: Steps) -> Any:
+        with _reachable(self.url):
+            try:
+                name, args, kwargs = next(steps)
+                while True:
+                    name, args, kwargs = steps.send(await getattr(self.server, name)(*args, **kwargs))
+            except StopIteration as done:
+                return done.value
+
+    async def generate(self, prompt: str, negative_prompt: str | None = None, *, model: str | None = None, **fields) -> GenerateResult:
+        return await self.run("generate", model, prompt=prompt, negative_prompt=negative_prompt, **fields)
+
+    async def edit(self, prompt: str, image: list[bytes], *, model: str | None = None, **fields) -> GenerateResult:
+        return await self.run("edit", model, prompt=prompt, image=image, **fields)
+
+    async def video(self, prompt: str, *, model: str | None = None, **fields) -> VideoResult:
+        return await self.run("video", model, prompt=prompt, **fields)
+
+    async def run(self, kind: str, model: str | None = None, **fields) -> Result:
+        return await self._drive(self._run(kind, model, fields))
+
+    async def loaded_models(self) -> list[str]:
+        return await self._drive(self._loaded_models())
+
+    async def close(self) -> None:
+        await self.server.close()

@@ -1,0 +1,122 @@
+"""``ditserve generate | edit | video`` (one subcommand per row of ``PIPELINES``, options
+generated from its fields, OpenAI names) and ``ditserve openai`` (the gateway).
+
+Any failure ends with exit code 1 and one line on stderr saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+
+
+KINDS = {"generate": "text to images", "edit": "edit images", "video": "text to video"}
+
+
+class _PipelineParser(argparse.ArgumentParser):
+    """Gets its options from ``PIPELINES`` when it first parses: the table imports the serving
+    code's limits (torch and diffusers, ~10 s on a busy machine), which `ditserve serve` and
+    `ditserve --help` should not pay."""
+
+    kind: str
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not any(action.dest == "model" for action in self._actions):
+            self._add_options()
+        return super().parse_known_args(args, namespace)
+
+    def _add_options(self) -> None:
+        from ditserve.client.pipelines import PIPELINES, Float, Images, Int
+
+        pipeline = PIPELINES[self.kind]
+        for name, converter in pipeline.fields.items():
+            option = "--" + name.replace("_", "-")
+            if isinstance(converter, Images):
+                self.add_argument(option, dest=name, action="append", metavar="PATH", help=converter.help)
+            else:
+                value_type = {Int: int, Float: float}.get(type(converter), str)
+                self.add_argument(option, dest=name, type=value_type, help=converter.help)
+        self.add_argument("--model", default=pipeline.model, help="ensemble to call")
+        self.add_argument("--url", default=None, help=f"Triton server host:port (default: {DEFAULT_URLS})")
+        self.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+        self.add_argument("--response-format", choices=("file", "b64_json"), default="file",
+                          help="file: write to --output-dir; b64_json: print OpenAI-style JSON on stdout")
+        self.add_argument("--output-dir", type=Path, default=Path("."))
+        self.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the result")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    for kind, summary in KINDS.items():
+        p = subparsers.add_parser(kind, help=f"{summary} through a running Triton server",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # The subparsers action makes plain ArgumentParsers; this one fills itself in lazily.
+        p.__class__ = _PipelineParser
+        p.kind = kind
+        p.set_defaults(func=_run, kind=kind)
+
+    p = subparsers.add_parser(
+        "openai",
+        help="OpenAI-compatible HTTP gateway (/v1/images/generations, /v1/models) in front of Triton",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--triton-url", default=None, help=f"Triton server host:port (default: {DEFAULT_URLS})")
+    p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.set_defaults(func=_openai)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here: `ditserve serve` builds this parser too and needs no client libraries.
+    from tritonclient.utils import InferenceServerException
+
+    from ditserve.client import PIPELINES, Client, ModelNotLoaded, RequestError, TritonUnavailable
+
+    pipeline = PIPELINES[args.kind]
+    fields = {name: getattr(args, name) for name in pipeline.fields}
+    url = args.url or DEFAULT_URLS[args.protocol]
+    try:
+        if fields.get("image"):
+            fields["image"] = [Path(path).read_bytes() for path in fields["image"]]
+        client = Client(url, protocol=args.protocol, timeout_s=args.timeout)
+        result = client.run(args.kind, args.model, **fields)
+    except ModelNotLoaded as error:
+        return _fail(args.kind, f"not available: ensemble {error.model} is not loaded on the server at {url}")
+    except InferenceServerException as error:  # the server refused the request
+        return _fail(args.kind, error.message())
+    except (RequestError, TritonUnavailable, OSError) as error:
+        return _fail(args.kind, str(error))
+
+    payloads, extension = ([result.mp4], "mp4") if args.kind == "video" else (result.png, "png")
+    info = sys.stderr if args.response_format == "b64_json" else sys.stdout  # keep stdout pure JSON
+    if args.response_format == "b64_json":
+        data = [{"b64_json": base64.b64encode(p).decode()} for p in payloads]
+        print(json.dumps({"created": int(time.time()), "data": data}))
+    else:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        for i, payload in enumerate(payloads):
+            path = args.output_dir / f"{args.model}_{i}.{extension}"
+            path.write_bytes(payload)
+            print(f"wrote {path}", file=info)
+    print(f"latency {result.latency_s * 1000:.0f} ms over {args.protocol}; server compute per stage:", file=info)
+    for model, ms in result.stage_ms.items():
+        print(f"  {model:<20} {ms:8.1f} ms", file=info)
+    return 0
+
+
+def _fail(kind: str, reason: str) -> int:
+    print(f"ditserve {kind}: {' '.join(reason.split())}", file=sys.stderr)
+    return 1
+
+
+def _openai(args: argparse.Namespace) -> int:
+    from ditserve.client.gateway import serve
+
+    return serve(args.triton_url or DEFAULT_URLS[args.protocol], args.protocol, args.host, args.port, args.api_key)
