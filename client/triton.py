@@ -115,12 +115,6 @@ def _compute_ns(stats: dict) -> int:
     return sum(int(m["inference_stats"].get("compute_infer", {}).get("ns", 0)) for m in stats["model_stats"])
 
 
-def _ready(index: Any) -> list[str]:
-    # HTTP answers a list, gRPC (as JSON) {"models": [...]}.
-    models = index if isinstance(index, list) else index.get("models", [])
-    return sorted({m["name"] for m in models if m.get("state") == "READY"})
-
-
 def _result(pipeline: Pipeline, response, latency_s: float, stage_ms: dict[str, float]) -> Result:
     if pipeline.outputs == ("MP4",):
         return VideoResult(mp4=bytes(response.as_numpy("MP4")[0][0]), latency_s=latency_s, stage_ms=stage_ms)
@@ -142,7 +136,7 @@ Steps = Generator[Call, Any, Any]
 class _Requests(_Base):
     def _run(self, kind: str, model: str | None, fields: Mapping[str, Any]) -> Steps:
         pipeline, model, inputs, outputs = self._request(kind, model, fields)
-        if not (yield "is_model_ready", (model,), {}):
+        if not (yield from self._is_ready(model)):
             raise ModelNotLoaded(model, self.url)
         stages = []
         if self.stage_timings:
@@ -161,8 +155,20 @@ class _Requests(_Base):
         after = yield from compute_ns()
         return _result(pipeline, response, latency, {m: (after[m] - before[m]) / 1e6 for m in stages})
 
-    def _loaded_models(self) -> Steps:
-        return _ready((yield "get_model_repository_index", (), self._json))
+    def _loaded_ensembles(self) -> Steps:
+        index = yield "get_model_repository_index", (), self._json
+        # HTTP answers a list, gRPC (as JSON) {"models": [...]}.
+        models = index if isinstance(index, list) else index.get("models", [])
+        ready = sorted({m["name"] for m in models if m.get("state") == "READY"})
+        ensembles = []
+        for model in ready:
+            config = yield "get_model_config", (model,), self._json
+            if config.get("config", config).get("platform") == "ensemble":
+                ensembles.append(model)
+        return ensembles
+
+    def _is_ready(self, model: str) -> Steps:
+        return (yield "is_model_ready", (model,), {})
 
 
 class Client(_Requests):
@@ -194,9 +200,9 @@ class Client(_Requests):
         """One request of a kind in PIPELINES ("generate", "edit", "video")."""
         return self._drive(self._run(kind, model, fields))
 
-    def loaded_models(self) -> list[str]:
-        """Names of the models the server has loaded and ready."""
-        return self._drive(self._loaded_models())
+    def loaded_ensembles(self) -> list[str]:
+        """Names of the ensembles the server has loaded and ready (what can be generated with)."""
+        return self._drive(self._loaded_ensembles())
 
     def close(self) -> None:
         self.server.close()
@@ -229,8 +235,11 @@ class AsyncClient(_Requests):
     async def run(self, kind: str, model: str | None = None, **fields) -> Result:
         return await self._drive(self._run(kind, model, fields))
 
-    async def loaded_models(self) -> list[str]:
-        return await self._drive(self._loaded_models())
+    async def loaded_ensembles(self) -> list[str]:
+        return await self._drive(self._loaded_ensembles())
+
+    async def is_model_ready(self, model: str) -> bool:
+        return await self._drive(self._is_ready(model))
 
     async def close(self) -> None:
         await self.server.close()
