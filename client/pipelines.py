@@ -2,7 +2,7 @@
 
 The client, the CLI (its options are generated from these rows) and the OpenAI gateway all
 read ``PIPELINES``; a new pipeline or field is one row here. Limits come from the serving
-code itself (``ditserve.flux.request``) so that a request the client accepts is one the
+code itself (``ditserve.flux.limits``) so that a request the client accepts is one the
 server accepts, except for checks that depend on the loaded checkpoint (the size multiple
 comes from its VAE), which only the server can make.
 """
@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Union
 
-from ditserve.flux.request import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE
+from ditserve.flux.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE
 from ditserve.stage import RequestError
 
 # One ensemble input: (Triton data type, values). Values are one row of the request; the

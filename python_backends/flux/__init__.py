@@ -1,19 +1,11 @@
 """FLUX.1 text-to-image (FLUX.1-dev with guidance embedding, FLUX.1-schnell without)."""
 
-from ditserve.flux.denoiser import FluxDenoiser
-from ditserve.flux.request import FluxRequestCheck
-from ditserve.flux.text_encoder import FluxTextEncoder
-from ditserve.flux.vae import FluxVaeDecoder
-from ditserve.pipeline import PipelineSpec, StageSpec
-from ditserve.postprocess import Postprocess
 
-FLUX_T2I = PipelineSpec(
-    "flux_t2i",
-    (
-        StageSpec("flux_request", FluxRequestCheck),
-        StageSpec("flux_text_encoder", FluxTextEncoder),
-        StageSpec("flux_denoiser", FluxDenoiser),
-        StageSpec("flux_vae_decoder", FluxVaeDecoder),
-        StageSpec("flux_postprocess", Postprocess),
-    ),
-)
+def __getattr__(name: str):
+    # The stage list imports torch, diffusers and transformers (7-10 s); the client and CLI
+    # import only ditserve.flux.limits and should not pay for them.
+    if name == "FLUX_T2I":
+        from ditserve.flux.t2i import FLUX_T2I
+
+        return FLUX_T2I
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,16 +17,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ditserve.flux.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE
 from ditserve.loading import Checkpoint
 from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, float_field, int_field, text_field
 
-MIN_SIZE, MAX_SIZE = 64, 4096
-MAX_STEPS = 200
-MAX_IMAGES = 8
-MAX_GUIDANCE = 100.0
-MAX_SEED = 2**63 - 1
-# Prompts longer than this are almost certainly not prompts; T5 would truncate them anyway.
-MAX_PROMPT_CHARS = 20_000
 
 
 @dataclasses.dataclass(frozen=True)

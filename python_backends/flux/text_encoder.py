@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ditserve.flux.request import MAX_PROMPT_CHARS
+from ditserve.flux.limits import MAX_PROMPT_CHARS
 from ditserve.loading import Checkpoint
 from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, text_field
 
