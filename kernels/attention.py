@@ -544,12 +544,17 @@ def _attention_impl(
                 INTERLEAVED=p.interleaved if p is not None else True, K_PROLOGUE=k_inline and (norm or rope),
                 # fp32 inputs (interpreter tests, parity runs) get exact fp32 dots, not tf32.
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    if INTERPRET:
-        grid = (triton.cdiv(Lq, INTERPRET_CONFIG["BLOCK_M"]), B * H)
-        _attn_fwd_kernel[grid](*args, **meta, **INTERPRET_CONFIG)
-    else:
-        _attn_fwd_tuned[lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H)](*args, **meta)
+    launch(_attn_fwd_kernel, _attn_fwd_tuned, INTERPRET_CONFIG, args, meta, Lq, B * H)
     return out, lse
+
+
+def launch(kernel, tuned, interpret_config: dict, args: tuple, meta: dict, Lq: int, batch_heads: int) -> None:
+    """One program per BLOCK_M queries of each (batch, head): the interpreter runs one fixed
+    config (autotuning there would only multiply the slow interpreted runs), the GPU the tuner."""
+    if INTERPRET:
+        kernel[(triton.cdiv(Lq, interpret_config["BLOCK_M"]), batch_heads)](*args, **meta, **interpret_config)
+    else:
+        tuned[lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), batch_heads)](*args, **meta)
 
 
 # torch.library registration: the op takes the prologue as flat optional tensors and scalars.

@@ -35,7 +35,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import attention as _attn
-from .attention import INTERPRET, Layout, _last_contiguous, _strides, dims
+from .attention import INTERPRET, Layout, _last_contiguous, _strides, dims, launch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -381,11 +381,7 @@ def attention_fp8_quantized(
             mask_u8.stride(0) if mask is not None else 0,
             H, Lq, Lk, t.vt.shape[-1], t.k_scale.shape[-1])
     meta = dict(HEAD_DIM=D, HAS_MASK=mask is not None, QK_INT8=t.q.dtype == torch.int8, K_BLOCK=K_BLOCK)
-    if INTERPRET:
-        grid = (triton.cdiv(Lq, INTERPRET_CONFIG_FP8["BLOCK_M"]), B * H)
-        _attn_fwd_fp8_kernel[grid](*args, **meta, **INTERPRET_CONFIG_FP8)
-    else:
-        _attn_fwd_fp8_tuned[lambda m: (triton.cdiv(Lq, m["BLOCK_M"]), B * H)](*args, **meta)
+    launch(_attn_fwd_fp8_kernel, _attn_fwd_fp8_tuned, INTERPRET_CONFIG_FP8, args, meta, Lq, B * H)
     return out, lse
 
 
