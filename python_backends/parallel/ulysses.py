@@ -1,0 +1,69 @@
+"""Ulysses attention: all_to_all from sequence shards to head shards, full-sequence attention on
+H/P heads, all_to_all back.
+
+Rank r of the group attends with heads [r * H/P, (r + 1) * H/P) over the whole sequence, so the
+degree must divide the head count. The sequence shards are contiguous and in rank order
+(shard.plan), so gathering the sequence is a plain concatenation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from ditserve.kernels.registry import get_backend
+
+from ._comm import all_gather_mask
+
+# (q, k, v, key mask) -> out, all (B, L, H, D) with mask (B, L) or None.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def check_heads(heads: int, ulysses_degree: int) -> None:
+    if heads % ulysses_degree:
+        raise ValueError(f"ulysses_degree={ulysses_degree} does not divide the {heads} attention heads: "
+                         f"choose a ulysses_degree that divides {heads} and put the rest of the sequence "
+                         f"parallelism in ring_degree")
+
+
+def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """(B, L/P, H, D) sequence shard -> (B, L, H/P, D) head shard (whole sequence)."""
+    size = dist.get_world_size(group)
+    b, lp, h, d = x.shape
+    send = x.reshape(b, lp, size, h // size, d).permute(2, 0, 1, 3, 4).contiguous()  # chunk j -> rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[i]: rank i's tokens, our heads
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, size * lp, h // size, d)
+
+
+def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Inverse of seq_to_heads: (B, L, H/P, D) -> (B, L/P, H, D)."""
+    size = dist.get_world_size(group)
+    b, l, hp, d = x.shape
+    send = x.reshape(b, size, l // size, hp, d).permute(1, 0, 2, 3, 4).contiguous()  # tokens of rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[i]: our tokens, rank i's heads
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, l // size, size * hp, d)
+
+
+def backend_attend(backend: str) -> Attend:
+    fn = get_backend(backend)
+    return lambda q, k, v, mask: fn(q, k, v, mask=mask)
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
+                      mask: Optional[torch.Tensor] = None, backend: str = "sdpa",
+                      attend: Optional[Attend] = None) -> torch.Tensor:
+    """Attention of the local queries over the whole sequence of `group`.
+
+    q, k, v: this rank's (B, L/P, H, D) shards; mask: this rank's (B, L/P) key mask (True = attend).
+    backend: a ditserve.kernels.registry name; attend: an explicit attention function over the
+    gathered sequence instead (USP passes ring attention here). Returns (B, L/P, H, D).
+    """
+    check_heads(q.shape[2], dist.get_world_size(group))
+    attend = attend or backend_attend(backend)
+    full_mask = torch.cat(all_gather_mask(mask, group), dim=1) if mask is not None else None
+    out = attend(seq_to_heads(q, group), seq_to_heads(k, group), seq_to_heads(v, group), full_mask)
+    return heads_to_seq(out, group)

@@ -1,0 +1,86 @@
+"""USP (unified sequence parallelism): Ulysses inside groups of `ulysses_degree` adjacent ranks, ring
+attention across those groups.
+
+Rank layout over a world of ulysses_degree * ring_degree ranks: rank = ring_index * ulysses_degree +
+ulysses_index. Ulysses groups are runs of adjacent ranks (their all_to_all is the bandwidth-hungry
+collective; adjacent ranks share NVLink / a host), ring groups take one rank of each Ulysses group.
+The sequence shards follow the global rank, so after the Ulysses all_to_all each rank holds the
+contiguous chunk of its Ulysses group, for its share of the heads, and the ring runs over chunks.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .ring import ring_attention
+from .ulysses import ulysses_attention
+
+
+@dataclass(frozen=True)
+class USPLayout:
+    ulysses_degree: int
+    ring_degree: int
+    ulysses_groups: tuple[tuple[int, ...], ...]
+    ring_groups: tuple[tuple[int, ...], ...]
+
+
+def usp_layout(world: int, ulysses_degree: int, ring_degree: int) -> USPLayout:
+    """The process groups (as global ranks) of a USP layout; pure."""
+    if ulysses_degree < 1 or ring_degree < 1 or ulysses_degree * ring_degree != world:
+        raise ValueError(f"ulysses_degree * ring_degree must equal the world size {world} (both >= 1), got "
+                         f"ulysses_degree={ulysses_degree}, ring_degree={ring_degree}")
+    u, r = ulysses_degree, ring_degree
+    return USPLayout(
+        u, r,
+        ulysses_groups=tuple(tuple(ring * u + i for i in range(u)) for ring in range(r)),
+        ring_groups=tuple(tuple(ring * u + i for ring in range(r)) for i in range(u)),
+    )
+
+
+@dataclass(frozen=True)
+class SPMesh:
+    """This rank's process groups for sequence parallelism."""
+
+    layout: USPLayout
+    ulysses_group: dist.ProcessGroup
+    ring_group: dist.ProcessGroup
+
+    @property
+    def degree(self) -> int:
+        return self.layout.ulysses_degree * self.layout.ring_degree
+
+    @property
+    def rank(self) -> int:
+        """This rank's sequence shard index."""
+        return dist.get_rank(self.ring_group) * self.layout.ulysses_degree + dist.get_rank(self.ulysses_group)
+
+
+def build_mesh(ulysses_degree: int, ring_degree: int) -> SPMesh:
+    """Create the USP groups over the default process group; every rank must call it (new_group is collective)."""
+    layout = usp_layout(dist.get_world_size(), ulysses_degree, ring_degree)
+    me = dist.get_rank()
+    # new_group must be called by every rank for every group, in the same order.
+    ulysses = [dist.new_group(list(ranks)) for ranks in layout.ulysses_groups]
+    ring = [dist.new_group(list(ranks)) for ranks in layout.ring_groups]
+    return SPMesh(layout, ulysses[me // ulysses_degree], ring[me % ulysses_degree])
+
+
+def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: SPMesh, *,
+                  mask: Optional[torch.Tensor] = None, backend: str = "sdpa") -> torch.Tensor:
+    """Attention of this rank's (B, L/P, H, D) shard (P = mesh.degree) over the whole sequence.
+
+    mask: this rank's (B, L/P) key mask, True = attend. ulysses_degree 1 is pure ring attention,
+    ring_degree 1 pure Ulysses.
+    """
+    if mesh.layout.ring_degree == 1:
+        return ulysses_attention(q, k, v, mesh.ulysses_group, mask=mask, backend=backend)
+    ring = functools.partial(ring_attention, group=mesh.ring_group, backend=backend)
+    if mesh.layout.ulysses_degree == 1:
+        return ring(q, k, v, mask=mask)
+    return ulysses_attention(q, k, v, mesh.ulysses_group, mask=mask,
+                             attend=lambda q, k, v, m: ring(q, k, v, mask=m))
