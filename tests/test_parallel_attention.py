@@ -1,0 +1,101 @@
+"""Sequence-parallel attention across gloo process groups on CPU equals one-process attention.
+
+Each test spawns one group and runs several checks in it (spawning costs more than the checks).
+Every rank draws the same full q/k/v from one seeded generator, attends with its shard, and the
+gathered result is compared with SDPA over the whole sequence (fp32, key-padding mask included,
+lengths that do not divide the degree).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from ditserve.parallel import (build_mesh, gather, local_key_mask, plan, ring_attention, shard, ulysses_attention,
+                               usp_attention)
+
+TOL = 1e-5
+
+
+def _worker(rank: int, world: int, init_file: str, checks: Callable[[], None]) -> None:
+    torch.set_num_threads(1)  # the test machines have few cores; ranks must not fight over them
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        checks()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_group(world: int, tmp_path, checks: Callable[[], None]) -> None:
+    """Run `checks` (a module-level function) on `world` spawned gloo ranks; a failing rank fails the test."""
+    mp.spawn(_worker, args=(world, str(tmp_path / "pg_init"), checks), nprocs=world, join=True)
+
+
+def _expect_equal(name: str, attn: Callable, text_len: int, image_len: int, heads: int, seed: int) -> None:
+    """attn(q, k, v, mask) on this rank's shard, gathered over the default group, equals full SDPA.
+    The shard index is the global rank (USP's layout keeps it so: SPMesh.rank)."""
+    degree, rank = dist.get_world_size(), dist.get_rank()
+    g = torch.Generator().manual_seed(seed)
+    p = plan(text_len, image_len, degree)
+    q, k, v = (torch.randn(2, p.total, heads, 8, generator=g) for _ in range(3))
+    mask = torch.rand(2, p.total, generator=g) > 0.3
+    mask[:, 0] = True  # SDPA gives NaN for a row with no key at all
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    local = attn(*(shard(x, p, rank, dim=1) for x in (q, k, v)), local_key_mask(p, rank, mask))
+    parts = [torch.empty_like(local) for _ in range(degree)]
+    dist.all_gather(parts, local.contiguous())
+    err = (gather(parts, p, dim=1) - ref).abs().max().item()
+    assert err < TOL, f"{name}: max abs err {err} (lengths {text_len}+{image_len}, degree {degree})"
+
+
+def _check_schemes(ulysses_heads: int) -> None:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    group = dist.group.WORLD
+    lengths = [(3, 2 * world + 1), (0, 4 * world - 1), (5, world)]  # none divides the degree
+    ring = lambda q, k, v, m: ring_attention(q, k, v, group, mask=m)
+    uly = lambda q, k, v, m: ulysses_attention(q, k, v, group, mask=m)
+    for i, (text_len, image_len) in enumerate(lengths):
+        _expect_equal("ring", ring, text_len, image_len, heads=2, seed=i)
+        _expect_equal("ulysses", uly, text_len, image_len, heads=ulysses_heads, seed=i)
+    for u, r in ((world, 1), (1, world)):
+        mesh = build_mesh(u, r)
+        assert mesh.rank == rank
+        usp = lambda q, k, v, m: usp_attention(q, k, v, mesh, mask=m)
+        _expect_equal(f"usp {u}x{r}", usp, 3, 2 * world + 1, heads=ulysses_heads, seed=7)
+
+
+def _checks_2() -> None:
+    _check_schemes(ulysses_heads=2)
+
+
+def _checks_3() -> None:
+    with pytest.raises(ValueError, match=r"ulysses_degree=3 does not divide the 2 attention heads"):
+        x = torch.zeros(1, 2, 2, 8)
+        ulysses_attention(x, x, x, dist.group.WORLD)
+    _check_schemes(ulysses_heads=6)
+
+
+def _checks_4() -> None:
+    mesh = build_mesh(2, 2)
+    assert mesh.rank == dist.get_rank()
+    usp = lambda q, k, v, m: usp_attention(q, k, v, mesh, mask=m)
+    _expect_equal("usp 2x2", usp, 3, 10, heads=4, seed=11)
+    _expect_equal("usp 2x2", usp, 0, 17, heads=2, seed=12)
+
+
+def test_two_ranks(tmp_path):
+    run_group(2, tmp_path, _checks_2)
+
+
+def test_three_ranks(tmp_path):
+    run_group(3, tmp_path, _checks_3)
+
+
+def test_usp_2x2(tmp_path):
+    run_group(4, tmp_path, _checks_4)
