@@ -570,6 +570,17 @@ def ensure_builtin(name: str) -> Path:
     return build_checkpoint(name, builtin_checkpoint_dir(name), exist_ok=True)
 
 
+# Built-ins of other model families, each built by its own module's ``ensure_builtin(name)``
+# (imported only when the name is asked for). Not in BUILTIN_MODELS, which lists the FLUX presets.
+OTHER_BUILTINS: Mapping[str, str] = MappingProxyType({"tiny-qwen-image": "ditserve.qwen_image.checkpoint"})
+
+
+def _other_builtin(name: str) -> Path:
+    import importlib
+
+    return importlib.import_module(OTHER_BUILTINS[name]).ensure_builtin(name)
+
+
 def resolve_model_path(spec: str | os.PathLike) -> Path:
     """Resolve a model-path spec to a diffusers pipeline directory (absolute).
 
@@ -582,6 +593,8 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
         raise ValueError(f"empty model path; give a pipeline directory or one of: {', '.join(BUILTIN_MODELS)}")
     if text in BUILTIN_MODELS:
         return ensure_builtin(text)
+    if text in OTHER_BUILTINS:
+        return _other_builtin(text)
     path = Path(text).expanduser()
     if not path.exists():
         hint = ""

@@ -1,0 +1,223 @@
+"""Qwen-Image denoising: latents, FlowMatch Euler schedule with Qwen-Image's shift, true CFG.
+
+Rows that share (height, width, steps) share one schedule and image token count, so they run as
+one batched transformer forward per step, text padded to the longest row of the batch and masked
+(``encoder_hidden_states_mask``); each row keeps its own seed and true-CFG scale. When every text
+token of a batch is real the mask is dropped, as ``QwenImagePipeline.encode_prompt`` does, so a
+row alone runs exactly the reference's computation. True CFG is QwenImagePipeline's
+norm-preserving combination: ``comb = neg + s * (pos - neg)``, rescaled per token to the norm of
+``pos``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+from diffusers.utils.torch_utils import randn_tensor
+
+from ditserve.flux.denoiser import pack_latents
+from ditserve.flux.request import GenerationParams
+from ditserve.loading import Checkpoint
+from ditserve.qwen_image.request import latent_geometry, parse_params
+from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage, tensor_field
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserOptions:
+    # Only torch's SDPA for now (diffusers' QwenDoubleStreamAttnProcessor2_0); our Triton kernel
+    # is FLUX's processor and does not take the text mask yet.
+    attention_backend: str = "auto"
+    max_batch_images: int = 8  # images per transformer forward; a row is never split
+
+    def __post_init__(self):
+        if self.attention_backend not in ("auto", "sdpa"):
+            raise ValueError(f"parameter attention_backend: must be auto or sdpa, got {self.attention_backend!r}")
+        if self.max_batch_images < 1:
+            raise ValueError(f"parameter max_batch_images: must be >= 1, got {self.max_batch_images}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenRequest:
+    prompt_embeds: torch.Tensor  # (L, D), only real tokens
+    negative_embeds: torch.Tensor | None
+    params: GenerationParams
+
+    @property
+    def do_true_cfg(self) -> bool:  # QwenImagePipeline: true_cfg_scale > 1 and a negative prompt
+        return self.params.true_cfg > 1 and self.negative_embeds is not None
+
+
+def _real_tokens(row: Row, embeds_name: str, mask_name: str, device, dtype) -> torch.Tensor:
+    """The embeddings of the real tokens: padding (mask 0) is dropped; the mask must be a prefix."""
+    embeds = tensor_field(row, embeds_name, 2, device, dtype)
+    if mask_name not in row:
+        return embeds
+    mask = row[mask_name].reshape(-1).to(device=device)
+    if mask.shape[0] != embeds.shape[0]:
+        raise RequestError(mask_name, f"length {mask.shape[0]} != {embeds_name} length {embeds.shape[0]}")
+    length = int(mask.sum())
+    if not bool((mask[:length] == 1).all()) or bool(mask[length:].any()):
+        raise RequestError(mask_name, "must be ones followed by zeros")
+    return embeds[:length]
+
+
+def pad_texts(texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, L_max, D) right-padded with zeros, and the (B, L_max) mask, or None when nothing is padded."""
+    length = max(t.shape[0] for t in texts)
+    out = texts[0].new_zeros((len(texts), length, texts[0].shape[-1]))
+    mask = torch.zeros(len(texts), length, dtype=torch.int64, device=out.device)
+    for i, t in enumerate(texts):
+        out[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = 1
+    return out, (None if bool(mask.all()) else mask)
+
+
+class QwenImageDenoiser(Stage):
+    Options = DenoiserOptions
+    inputs = (
+        "PROMPT_EMBEDS",
+        "PROMPT_EMBEDS_MASK",
+        "NEGATIVE_PROMPT_EMBEDS",
+        "NEGATIVE_PROMPT_EMBEDS_MASK",
+        "HEIGHT",
+        "WIDTH",
+        "NUM_INFERENCE_STEPS",
+        "GUIDANCE_SCALE",
+        "TRUE_CFG_SCALE",
+        "SEED",
+        "NUM_IMAGES",
+    )
+    outputs = ("LATENTS",)
+
+    def __init__(self, runtime: Runtime, options: DenoiserOptions | None = None):
+        super().__init__(runtime, options)
+        checkpoint = Checkpoint(runtime.model_path)
+        self.transformer = checkpoint.load("transformer", runtime)
+        if self.transformer.config.guidance_embeds:
+            raise ConfigError("model_path: guidance-distilled Qwen-Image transformers are not supported")
+        self.scheduler_class = checkpoint.component_class("scheduler")
+        self.scheduler_config = checkpoint.load("scheduler").config
+        self.size_multiple, self.default_size = latent_geometry(checkpoint)
+        self.latent_channels = self.transformer.config.in_channels // 4
+
+    def parse(self, row: Row) -> QwenRequest:
+        device, dtype = self.runtime.device, self.runtime.dtype
+        prompt = _real_tokens(row, "PROMPT_EMBEDS", "PROMPT_EMBEDS_MASK", device, dtype)
+        if prompt.shape[0] == 0:
+            raise RequestError("PROMPT_EMBEDS", "has no tokens")
+        negative = None
+        if "NEGATIVE_PROMPT_EMBEDS" in row and row["NEGATIVE_PROMPT_EMBEDS"].numel() > 0:
+            negative = _real_tokens(row, "NEGATIVE_PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS_MASK", device, dtype)
+            if negative.shape[-1] != prompt.shape[-1]:
+                raise RequestError("NEGATIVE_PROMPT_EMBEDS", f"width {negative.shape[-1]} != PROMPT_EMBEDS {prompt.shape[-1]}")
+        return QwenRequest(prompt, negative, parse_params(row, self.size_multiple, self.default_size))
+
+    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
+        results: list[Outputs | RequestError | None] = [None] * len(rows)
+        groups: dict[tuple[int, int, int], list[tuple[int, QwenRequest]]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            try:
+                request = self.parse(row)
+            except RequestError as error:
+                results[i] = error
+                continue
+            groups[(request.params.height, request.params.width, request.params.steps)].append((i, request))
+        for members in groups.values():
+            for chunk in self._chunks(members):
+                for (i, _), value in zip(chunk, self.denoise([request for _, request in chunk])):
+                    results[i] = {"LATENTS": value}
+        return results
+
+    def _chunks(self, members):
+        chunk, images = [], 0
+        for member in members:
+            if chunk and images + member[1].params.num_images > self.options.max_batch_images:
+                yield chunk
+                chunk, images = [], 0
+            chunk.append(member)
+            images += member[1].params.num_images
+        if chunk:
+            yield chunk
+
+    def scheduler(self, steps: int, image_tokens: int):
+        """A fresh scheduler set as QwenImagePipeline sets it: linear sigmas, resolution shift mu."""
+        scheduler = self.scheduler_class.from_config(self.scheduler_config)
+        config = scheduler.config
+        mu = calculate_shift(
+            image_tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.runtime.device, mu=mu)
+        scheduler.set_begin_index(0)
+        return scheduler
+
+    @torch.inference_mode()
+    def denoise(self, requests: list[QwenRequest]) -> list[torch.Tensor]:
+        """Denoise requests of one (height, width, steps): per request (num_images, h/2, w/2, 4C) fp32,
+        the packed tokens on their 2x2-patch grid (the layout flux_vae_decoder also takes)."""
+        device, dtype = self.runtime.device, self.runtime.dtype
+        first = requests[0]
+        latent_h = 2 * (first.params.height // self.size_multiple)
+        latent_w = 2 * (first.params.width // self.size_multiple)
+        counts = [r.params.num_images for r in requests]
+        # Each request draws from its own CPU generator, as QwenImagePipeline with
+        # generator=torch.Generator("cpu").manual_seed(seed): (n, 1, C, h, w) holds the same numbers.
+        noise = [
+            randn_tensor(
+                (r.params.num_images, self.latent_channels, latent_h, latent_w),
+                generator=torch.Generator("cpu").manual_seed(r.params.seed),
+                device=device,
+                dtype=dtype,
+            )
+            for r in requests
+        ]
+        latents = pack_latents(torch.cat(noise))
+        prompt, prompt_mask = pad_texts([r.prompt_embeds for r, n in zip(requests, counts) for _ in range(n)])
+        img_shapes = [[(1, latent_h // 2, latent_w // 2)]] * latents.shape[0]
+
+        cfg_requests = [(r, n) for r, n in zip(requests, counts) if r.do_true_cfg]
+        cfg_index = torch.tensor(
+            [j for r, start, n in zip(requests, np.cumsum([0, *counts]), counts) if r.do_true_cfg for j in range(start, start + n)],
+            dtype=torch.long,
+            device=device,
+        )
+        if cfg_requests:
+            negative, negative_mask = pad_texts([r.negative_embeds for r, n in cfg_requests for _ in range(n)])
+            scales = torch.tensor(
+                [r.params.true_cfg for r, n in cfg_requests for _ in range(n)], device=device, dtype=dtype
+            ).view(-1, 1, 1)
+
+        def transformer(hidden, timestep, text, mask):
+            return self.transformer(
+                hidden_states=hidden,
+                timestep=timestep,
+                guidance=None,
+                encoder_hidden_states_mask=mask,
+                encoder_hidden_states=text,
+                img_shapes=img_shapes[: hidden.shape[0]],
+                return_dict=False,
+            )[0]
+
+        scheduler = self.scheduler(first.params.steps, image_tokens=latents.shape[1])
+        for t in scheduler.timesteps:
+            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+            prediction = transformer(latents, timestep, prompt, prompt_mask)
+            if cfg_requests:
+                positive = prediction[cfg_index]
+                negative_prediction = transformer(latents[cfg_index], timestep[cfg_index], negative, negative_mask)
+                combined = negative_prediction + scales * (positive - negative_prediction)
+                positive_norm = torch.norm(positive, dim=-1, keepdim=True)
+                combined_norm = torch.norm(combined, dim=-1, keepdim=True)
+                prediction[cfg_index] = combined * (positive_norm / combined_norm)
+            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+
+        grid = latents.float().view(latents.shape[0], latent_h // 2, latent_w // 2, latents.shape[-1])
+        return list(grid.split(counts))

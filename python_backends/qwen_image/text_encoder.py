@@ -1,0 +1,113 @@
+"""Qwen-Image prompt encoding: Qwen2.5-VL's last hidden states of the templated prompt.
+
+As ``QwenImagePipeline._get_qwen_prompt_embeds``: the prompt goes into the chat template, the
+template's first ``prompt_template_encode_start_idx`` (34) tokens are dropped from the hidden
+states, and at most ``max_sequence_length`` tokens are kept. Prompts of different lengths are
+encoded together, right-padded; each row's outputs are padded to the longest prompt of the call
+and ``PROMPT_EMBEDS_MASK`` (1 for real tokens) says how many are its own, so that the rows of one
+request share a shape and the denoiser can batch rows of different lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from ditserve.flux.limits import MAX_PROMPT_CHARS
+from ditserve.loading import Checkpoint
+from ditserve.qwen_image.checkpoint import PROMPT_TEMPLATE, PROMPT_TEMPLATE_DROP
+from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, text_field
+
+TOKENIZER_MAX_LENGTH = 1024  # QwenImagePipeline.tokenizer_max_length
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoderOptions:
+    max_sequence_length: int = 512  # QwenImagePipeline's default
+
+    def __post_init__(self):
+        if not 1 <= self.max_sequence_length <= 1024:
+            raise ValueError(f"parameter max_sequence_length: must be in [1, 1024], got {self.max_sequence_length}")
+
+
+class QwenImageTextEncoder(Stage):
+    """PROMPT and optional NEGATIVE_PROMPT -> hidden states (L, D) fp32 and their masks (L,) int64.
+
+    A request without NEGATIVE_PROMPT gets zero-length negative outputs: true CFG is off for it.
+    """
+
+    Options = TextEncoderOptions
+    inputs = ("PROMPT", "NEGATIVE_PROMPT")
+    outputs = ("PROMPT_EMBEDS", "PROMPT_EMBEDS_MASK", "NEGATIVE_PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS_MASK")
+
+    def __init__(self, runtime: Runtime, options: TextEncoderOptions | None = None):
+        super().__init__(runtime, options)
+        checkpoint = Checkpoint(runtime.model_path)
+        self.tokenizer = checkpoint.load("tokenizer")
+        self.text_encoder = checkpoint.load("text_encoder", runtime)
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> list[torch.Tensor]:
+        """Per text: its hidden states (n_i, D) without the template prefix, fp32."""
+        batch = self.tokenizer(
+            [PROMPT_TEMPLATE.format(t) for t in texts],
+            max_length=TOKENIZER_MAX_LENGTH + PROMPT_TEMPLATE_DROP,
+            padding=True,
+            truncation=True,
+            return_tensors="pt",
+        ).to(self.runtime.device)
+        hidden = self.text_encoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+        ).hidden_states[-1]
+        mask = batch.attention_mask.bool()
+        per_text = hidden[mask].split(mask.sum(dim=1).tolist())
+        # Stage boundaries carry fp32 (exact for bf16), whatever the compute dtype.
+        return [h[PROMPT_TEMPLATE_DROP:][: self.options.max_sequence_length].float() for h in per_text]
+
+    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
+        results: list[Outputs | RequestError] = []
+        texts: list[str] = []
+        slots: list[tuple[int, int | None]] = []
+        for row in rows:
+            try:
+                prompt = text_field(row, "PROMPT", required=True, max_chars=MAX_PROMPT_CHARS)
+                negative = text_field(row, "NEGATIVE_PROMPT", required=False, max_chars=MAX_PROMPT_CHARS)
+            except RequestError as error:
+                results.append(error)
+                continue
+            texts.append(prompt)
+            prompt_index = len(texts) - 1
+            negative_index = None
+            if negative is not None:
+                texts.append(negative)
+                negative_index = len(texts) - 1
+            slots.append((prompt_index, negative_index))
+            results.append({})
+        if not texts:
+            return results
+        embeds = self.encode(texts)
+        width = embeds[0].shape[-1]
+        positive_len = max(embeds[p].shape[0] for p, _ in slots)
+        negatives = [n for _, n in slots if n is not None]
+        negative_len = max((embeds[n].shape[0] for n in negatives), default=0)
+
+        def padded(index: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+            e = embeds[index]
+            out = e.new_zeros((length, width))
+            out[: e.shape[0]] = e
+            mask = torch.zeros(length, dtype=torch.int64, device=e.device)
+            mask[: e.shape[0]] = 1
+            return out, mask
+
+        empty = embeds[0].new_zeros((0, width)), torch.zeros(0, dtype=torch.int64, device=embeds[0].device)
+        valid = iter(slots)
+        for outputs in results:
+            if isinstance(outputs, RequestError):
+                continue
+            prompt_index, negative_index = next(valid)
+            outputs["PROMPT_EMBEDS"], outputs["PROMPT_EMBEDS_MASK"] = padded(prompt_index, positive_len)
+            negative = empty if negative_index is None else padded(negative_index, negative_len)
+            outputs["NEGATIVE_PROMPT_EMBEDS"], outputs["NEGATIVE_PROMPT_EMBEDS_MASK"] = negative
+        return results
