@@ -47,6 +47,7 @@ class SPMesh:
     """This rank's process groups for sequence parallelism."""
 
     layout: USPLayout
+    group: dist.ProcessGroup  # all ranks of the layout, in shard order (gathers whole sequences)
     ulysses_group: dist.ProcessGroup
     ring_group: dist.ProcessGroup
 
@@ -67,7 +68,7 @@ def build_mesh(ulysses_degree: int, ring_degree: int) -> SPMesh:
     # new_group must be called by every rank for every group, in the same order.
     ulysses = [dist.new_group(list(ranks)) for ranks in layout.ulysses_groups]
     ring = [dist.new_group(list(ranks)) for ranks in layout.ring_groups]
-    return SPMesh(layout, ulysses[me // ulysses_degree], ring[me % ulysses_degree])
+    return SPMesh(layout, dist.group.WORLD, ulysses[me // ulysses_degree], ring[me % ulysses_degree])
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: SPMesh, *,

@@ -1,0 +1,98 @@
+"""Sequence-parallel FLUX: FluxTransformer2DModel on a shard of its joint text + image sequence.
+
+Every rank runs the whole transformer on its shard (shard.plan: text rows, image rows, end padding);
+all per-token work (projections, MLPs, norms, AdaLN modulation) needs no communication, and the
+joint attention of every block runs through `usp_attention`. The processor is ditserve's FLUX
+processor (ditserve.kernels.flux_processor) with its backend swapped for a sequence-parallel one, so
+the projection, norm and output code is shared: on a shard the processor's norm split is the rank's
+own text row count and its rotary tables are those of the rank's own ids, which is what the
+per-row prologue needs.
+
+    mesh = build_mesh(ulysses_degree=2, ring_degree=1)      # on every rank
+    set_sequence_parallel(transformer, mesh)
+    out = sp_forward(transformer, mesh, hidden_states=..., encoder_hidden_states=..., txt_ids=...,
+                     img_ids=..., timestep=..., pooled_projections=..., guidance=...)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from diffusers.models.transformers.transformer_flux import FluxAttention
+
+from ditserve.kernels.attention import Prologue, reference_prologue
+from ditserve.kernels.flux_processor import DitserveFluxAttnProcessor
+
+from .shard import gather, local_key_mask, plan, shard
+from .ulysses import check_heads
+from .usp import SPMesh, usp_attention
+
+
+class SequenceParallelBackend:
+    """Has a registry Backend's call signature; attends this rank's shard over the whole sequence.
+
+    The prologue (QK RMSNorm + RoPE) runs before any communication, in torch: ring blocks from
+    other ranks arrive already normalised and rotated, and each rank knows only its own rows' tables.
+    """
+
+    def __init__(self, mesh: SPMesh, backend: str = "sdpa") -> None:
+        self.mesh = mesh
+        self.backend = backend
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
+                 prologue: Optional[Prologue] = None) -> torch.Tensor:
+        if prologue is not None:
+            q = reference_prologue(q, prologue, which="q").to(q.dtype)
+            k = reference_prologue(k, prologue, which="k").to(k.dtype)
+        return usp_attention(q, k, v, self.mesh, mask=mask, backend=self.backend)
+
+
+def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: str = "sdpa") -> int:
+    """Install the sequence-parallel processor on every FluxAttention; returns how many.
+
+    Raises ValueError when ulysses_degree does not divide the head count (checked here, at load,
+    rather than in the first request).
+    """
+    check_heads(transformer.config.num_attention_heads, mesh.layout.ulysses_degree)
+    n = 0
+    for module in transformer.modules():
+        if isinstance(module, FluxAttention):
+            processor = DitserveFluxAttnProcessor("sdpa")
+            processor.backend = SequenceParallelBackend(mesh, backend)
+            module.set_processor(processor)
+            n += 1
+    if n == 0:
+        raise ValueError(f"set_sequence_parallel: {type(transformer).__name__} has no FluxAttention modules")
+    return n
+
+
+def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: torch.Tensor,
+               encoder_hidden_states: torch.Tensor, txt_ids: torch.Tensor, img_ids: torch.Tensor,
+               joint_attention_kwargs: Optional[dict[str, Any]] = None, **kwargs: Any) -> torch.Tensor:
+    """FluxTransformer2DModel(...)[0] computed sequence-parallel; every rank of mesh.group calls it with
+    the same full inputs and gets the full output (B, image tokens, C).
+
+    The transformer must have the sequence-parallel processors (`set_sequence_parallel`).
+    """
+    batch, image_len = hidden_states.shape[:2]
+    p = plan(encoder_hidden_states.shape[1], image_len, mesh.degree)
+    rank = mesh.rank
+    mask = local_key_mask(p, rank, batch=batch, device=hidden_states.device)
+    local = transformer(
+        hidden_states=shard(hidden_states, p, rank, dim=1, stream="image"),
+        encoder_hidden_states=shard(encoder_hidden_states, p, rank, dim=1, stream="text"),
+        txt_ids=shard(txt_ids, p, rank, dim=0, stream="text"),
+        img_ids=shard(img_ids, p, rank, dim=0, stream="image"),
+        joint_attention_kwargs={**(joint_attention_kwargs or {}), "attention_mask": mask},
+        return_dict=False,
+        **kwargs,
+    )[0]
+    # The output holds only this rank's image (and padding) rows; put zero rows in front for its
+    # text rows so every rank sends a joint-shaped shard of one size, then drop the text rows.
+    text_rows = p.local_len - local.shape[1]
+    joint = torch.cat([local.new_zeros(batch, text_rows, local.shape[2]), local], dim=1)
+    parts = [torch.empty_like(joint) for _ in range(mesh.degree)]
+    dist.all_gather(parts, joint.contiguous(), group=mesh.group)
+    return gather(parts, p, dim=1)[:, p.text_len:]
