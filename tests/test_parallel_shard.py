@@ -95,3 +95,19 @@ def test_usp_layout():
     assert usp_layout(3, 1, 3).ring_groups == ((0, 1, 2),)
     with pytest.raises(ValueError, match="ulysses_degree=2, ring_degree=2"):
         usp_layout(3, 2, 2)
+
+
+def test_block_attention_needs_an_lse_backend():
+    x = torch.zeros(1, 2, 1, 16)
+    with pytest.raises(ValueError, match="backend must be 'triton' or 'sdpa', got 'triton_fp8'"):
+        block_attention(x, x, x, None, backend="triton_fp8")
+
+
+def test_block_attention_triton_lse_matches_reference():
+    """The Triton kernel's LSE (what ring attention merges on the GPU) equals the torch reference's."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 70, 2, 16, generator=g) for _ in range(3))
+    mask = torch.rand(1, 70, generator=g) > 0.2
+    out, lse = block_attention(q, k, v, mask, backend="triton")
+    ref_out, ref_lse = block_attention(q, k, v, mask, backend="sdpa")
+    assert (out - ref_out).abs().max() < 1e-5 and (lse - ref_lse).abs().max() < 1e-5

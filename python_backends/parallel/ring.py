@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ditserve.kernels import attention as _attn
+from ditserve.kernels.registry import get_backend
 
 from ._comm import all_gather_mask
 
@@ -38,11 +39,16 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
                     backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over one key block with its LSE: (out (B, Lq, H, D), lse (B, H, Lq) fp32).
 
-    backend "triton": the ditserve kernel (return_lse=True). Any other name: exact fp32 torch maths
-    (scores materialised, O(Lq * Lk) memory): the CPU reference; SDPA does not return its LSE.
+    backend "triton": the ditserve kernel (return_lse=True). "sdpa": exact fp32 torch maths with the
+    scores materialised (O(Lq * Lk) memory), the reference, since SDPA does not return its LSE.
+    The other registry backends return no LSE and cannot be merged.
     """
     if backend == "triton":
+        get_backend("triton").check(q, k, v, mask)
         return _attn.attention(q, k, v, mask=mask, layout="BLHD", return_lse=True)
+    if backend != "sdpa":
+        raise ValueError(f"ring attention needs the log-sum-exp of each block: backend must be 'triton' or "
+                         f"'sdpa', got {backend!r}")
     scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
