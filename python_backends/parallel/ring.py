@@ -39,7 +39,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
                     backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over one key block with its LSE: (out (B, Lq, H, D), lse (B, H, Lq) fp32).
 
-    backend "triton": the ditserve kernel (return_lse=True). "sdpa": exact fp32 torch maths with the
+    backend "triton": the ditserve kernel (return_lse=True), out in q's dtype. "sdpa": fp32 torch maths (fp32 out) with the
     scores materialised (O(Lq * Lk) memory), the reference, since SDPA does not return its LSE.
     The other registry backends return no LSE and cannot be merged.
     """
@@ -54,7 +54,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
-    return torch.einsum("bhlm,bmhd->blhd", probs, v.float()).to(q.dtype), lse
+    return torch.einsum("bhlm,bmhd->blhd", probs, v.float()), lse  # fp32: merged before rounding
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
