@@ -39,8 +39,8 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
                     backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over one key block with its LSE: (out (B, Lq, H, D), lse (B, H, Lq) fp32).
 
-    backend "triton": the ditserve kernel (return_lse=True), out in q's dtype. "sdpa": fp32 torch maths (fp32 out) with the
-    scores materialised (O(Lq * Lk) memory), the reference, since SDPA does not return its LSE.
+    backend "triton": the ditserve kernel (return_lse=True), out in q's dtype. "sdpa": fp32 torch maths
+    (fp32 out, scores materialised: O(Lq * Lk) memory), the reference, since SDPA returns no LSE.
     The other registry backends return no LSE and cannot be merged.
     """
     if backend == "triton":
