@@ -105,6 +105,9 @@ def test_request_defaults_are_qwen_image_pipelines(ours):
     assert int(out["HEIGHT"]) == int(out["WIDTH"]) == 1024
     (bad,) = stage.execute([make_row("a cat", HEIGHT=72)])
     assert isinstance(bad, RequestError) and bad.field == "HEIGHT" and "multiple of 16" in str(bad)
+    # One step is a NaN image in QwenImagePipeline (shift_terminal stretches by 1/0): refused.
+    (one_step,) = stage.execute([make_row("a cat", NUM_INFERENCE_STEPS=1)])
+    assert isinstance(one_step, RequestError) and one_step.field == "NUM_INFERENCE_STEPS" and "[2, 200]" in str(one_step)
 
 
 def test_text_encoder_pads_rows_and_carries_the_mask(ours):

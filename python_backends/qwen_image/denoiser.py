@@ -23,7 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.request import GenerationParams
 from ditserve.loading import Checkpoint
-from ditserve.qwen_image.request import latent_geometry, parse_params
+from ditserve.qwen_image.request import latent_geometry, min_steps, parse_params
 from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage, tensor_field
 
 
@@ -103,6 +103,7 @@ class QwenImageDenoiser(Stage):
         self.scheduler_class = checkpoint.component_class("scheduler")
         self.scheduler_config = checkpoint.load("scheduler").config
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
+        self.min_steps = min_steps(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
 
     def parse(self, row: Row) -> QwenRequest:
@@ -115,7 +116,7 @@ class QwenImageDenoiser(Stage):
             negative = _real_tokens(row, "NEGATIVE_PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS_MASK", device, dtype)
             if negative.shape[-1] != prompt.shape[-1]:
                 raise RequestError("NEGATIVE_PROMPT_EMBEDS", f"width {negative.shape[-1]} != PROMPT_EMBEDS {prompt.shape[-1]}")
-        return QwenRequest(prompt, negative, parse_params(row, self.size_multiple, self.default_size))
+        return QwenRequest(prompt, negative, parse_params(row, self.size_multiple, self.default_size, self.min_steps))
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
         results: list[Outputs | RequestError | None] = [None] * len(rows)

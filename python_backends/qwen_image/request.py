@@ -4,6 +4,8 @@ The fields, limits and error messages are flux_request's (``GenerationParams.par
 defaults differ: 50 steps and ``true_cfg_scale`` 4.0 as ``QwenImagePipeline.__call__`` (true CFG
 still needs a negative prompt), 1024x1024 (128 latents x the VAE factor), and the size multiple
 comes from the Qwen-Image VAE (``2 ** len(temperal_downsample)``, times 2 for the 2x2 packing).
+With Qwen-Image's scheduler (``shift_terminal``) at least 2 steps: one step is a NaN image in
+QwenImagePipeline too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ditserve.flux.limits import MAX_PROMPT_CHARS
+from ditserve.flux.limits import MAX_PROMPT_CHARS, MAX_STEPS
 from ditserve.flux.request import GenerationParams
 from ditserve.loading import Checkpoint
 from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, text_field
@@ -29,8 +31,16 @@ def latent_geometry(checkpoint: Checkpoint) -> tuple[int, int]:
     return vae_scale_factor * 2, 128 * vae_scale_factor  # QwenImagePipeline.default_sample_size = 128
 
 
-def parse_params(row: Row, size_multiple: int, default_size: int) -> GenerationParams:
+def min_steps(checkpoint: Checkpoint) -> int:
+    """2 with Qwen-Image's ``shift_terminal``: FlowMatchEulerDiscreteScheduler stretches the sigmas
+    by 1 / (1 - last sigma), which is 1 / 0 for one step, so QwenImagePipeline makes a NaN image."""
+    return 2 if checkpoint.load("scheduler").config.get("shift_terminal") else 1
+
+
+def parse_params(row: Row, size_multiple: int, default_size: int, least_steps: int = 1) -> GenerationParams:
     params = GenerationParams.parse(row, size_multiple, default_size)
+    if params.steps < least_steps:
+        raise RequestError("NUM_INFERENCE_STEPS", f"must be an integer in [{least_steps}, {MAX_STEPS}], got {params.steps}")
     defaults = {}
     if "NUM_INFERENCE_STEPS" not in row:
         defaults["steps"] = DEFAULT_STEPS
@@ -47,7 +57,9 @@ class QwenImageRequestCheck(Stage):
 
     def __init__(self, runtime: Runtime, options=None):
         super().__init__(runtime, options)
-        self.size_multiple, self.default_size = latent_geometry(Checkpoint(runtime.model_path))
+        checkpoint = Checkpoint(runtime.model_path)
+        self.size_multiple, self.default_size = latent_geometry(checkpoint)
+        self.min_steps = min_steps(checkpoint)
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
         results: list[Outputs | RequestError] = []
@@ -55,7 +67,7 @@ class QwenImageRequestCheck(Stage):
             try:
                 prompt = text_field(row, "PROMPT", required=True, max_chars=MAX_PROMPT_CHARS)
                 text_field(row, "NEGATIVE_PROMPT", required=False, max_chars=MAX_PROMPT_CHARS)
-                params = parse_params(row, self.size_multiple, self.default_size)
+                params = parse_params(row, self.size_multiple, self.default_size, self.min_steps)
             except RequestError as error:
                 results.append(error)
                 continue

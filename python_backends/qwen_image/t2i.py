@@ -14,6 +14,6 @@ QWEN_IMAGE_T2I = PipelineSpec(
         StageSpec("qwen_image_text_encoder", QwenImageTextEncoder),
         StageSpec("qwen_image_denoiser", QwenImageDenoiser),
         StageSpec("qwen_image_vae_decoder", QwenImageVaeDecoder),
-        StageSpec("qwen_image_postprocess", Postprocess),
+        StageSpec("flux_postprocess", Postprocess),  # the same stage: one shared Triton model
     ),
 )
