@@ -10,18 +10,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections import defaultdict
-from collections.abc import Sequence
 
 import numpy as np
 import torch
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffusers.utils.torch_utils import randn_tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ditserve.denoising import GroupedDenoiser, flow_match_scheduler
 from ditserve.flux.request import GenerationParams, latent_geometry
 from ditserve.loading import Checkpoint
-from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage, tensor_field
+from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +73,7 @@ def image_token_ids(grid_h: int, grid_w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(grid_h * grid_w, 3).to(device=device, dtype=dtype)
 
 
-class FluxDenoiser(Stage):
+class FluxDenoiser(GroupedDenoiser):
     Options = DenoiserOptions
     inputs = (
         "PROMPT_EMBEDS",
@@ -90,7 +88,6 @@ class FluxDenoiser(Stage):
         "SEED",
         "NUM_IMAGES",
     )
-    outputs = ("LATENTS",)
 
     def __init__(self, runtime: Runtime, options: DenoiserOptions | None = None):
         super().__init__(runtime, options)
@@ -153,52 +150,6 @@ class FluxDenoiser(Stage):
         params = GenerationParams.parse(row, self.size_multiple, self.default_size)
         return FluxRequest(prompt, pooled, negative, negative_pooled, params)
 
-    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
-        results: list[Outputs | RequestError | None] = [None] * len(rows)
-        groups: dict[tuple[int, int, int], list[tuple[int, FluxRequest]]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            try:
-                request = self.parse(row)
-            except RequestError as error:
-                results[i] = error
-                continue
-            groups[(request.params.height, request.params.width, request.params.steps)].append((i, request))
-        for members in groups.values():
-            for chunk in self._chunks(members):
-                latents = self.denoise([request for _, request in chunk])
-                for (i, _), value in zip(chunk, latents):
-                    results[i] = {"LATENTS": value}
-        return results
-
-    def _chunks(self, members):
-        chunk, images = [], 0
-        for member in members:
-            if chunk and images + member[1].params.num_images > self.options.max_batch_images:
-                yield chunk
-                chunk, images = [], 0
-            chunk.append(member)
-            images += member[1].params.num_images
-        if chunk:
-            yield chunk
-
-    def scheduler(self, steps: int, image_tokens: int):
-        """A fresh scheduler set as FluxPipeline sets it: linear sigmas, resolution shift mu."""
-        scheduler = self.scheduler_class.from_config(self.scheduler_config)
-        config = scheduler.config
-        mu = calculate_shift(
-            image_tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        if getattr(config, "use_flow_sigmas", False):
-            scheduler.set_timesteps(steps, device=self.runtime.device, mu=mu)
-        else:
-            scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.runtime.device, mu=mu)
-        scheduler.set_begin_index(0)
-        return scheduler
-
     # --- the denoising loop -----------------------------------------------------------
 
     @torch.inference_mode()
@@ -251,7 +202,9 @@ class FluxDenoiser(Stage):
             scales = np.repeat([r.params.true_cfg for r, _ in cfg_requests], [n for _, n in cfg_requests])
             by_scale = [(float(s), torch.from_numpy(np.flatnonzero(scales == s)).to(device)) for s in np.unique(scales)]
 
-        scheduler = self.scheduler(first.params.steps, image_tokens=latents.shape[1])
+        scheduler = flow_match_scheduler(
+            self.scheduler_class, self.scheduler_config, first.params.steps, latents.shape[1], self.runtime.device
+        )
 
         def transformer(hidden, timestep, guidance, pooled, text):
             return self.transformer(

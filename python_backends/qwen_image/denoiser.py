@@ -12,19 +12,17 @@ norm-preserving combination: ``comb = neg + s * (pos - neg)``, rescaled per toke
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
-from collections.abc import Sequence
 
 import numpy as np
 import torch
-from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
+from ditserve.denoising import GroupedDenoiser, flow_match_scheduler
 from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.request import GenerationParams
 from ditserve.loading import Checkpoint
 from ditserve.qwen_image.request import latent_geometry, min_steps, parse_params
-from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage, tensor_field
+from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +75,7 @@ def pad_texts(texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | N
     return out, (None if bool(mask.all()) else mask)
 
 
-class QwenImageDenoiser(Stage):
+class QwenImageDenoiser(GroupedDenoiser):
     Options = DenoiserOptions
     inputs = (
         "PROMPT_EMBEDS",
@@ -92,7 +90,6 @@ class QwenImageDenoiser(Stage):
         "SEED",
         "NUM_IMAGES",
     )
-    outputs = ("LATENTS",)
 
     def __init__(self, runtime: Runtime, options: DenoiserOptions | None = None):
         super().__init__(runtime, options)
@@ -117,48 +114,6 @@ class QwenImageDenoiser(Stage):
             if negative.shape[-1] != prompt.shape[-1]:
                 raise RequestError("NEGATIVE_PROMPT_EMBEDS", f"width {negative.shape[-1]} != PROMPT_EMBEDS {prompt.shape[-1]}")
         return QwenRequest(prompt, negative, parse_params(row, self.size_multiple, self.default_size, self.min_steps))
-
-    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
-        results: list[Outputs | RequestError | None] = [None] * len(rows)
-        groups: dict[tuple[int, int, int], list[tuple[int, QwenRequest]]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            try:
-                request = self.parse(row)
-            except RequestError as error:
-                results[i] = error
-                continue
-            groups[(request.params.height, request.params.width, request.params.steps)].append((i, request))
-        for members in groups.values():
-            for chunk in self._chunks(members):
-                for (i, _), value in zip(chunk, self.denoise([request for _, request in chunk])):
-                    results[i] = {"LATENTS": value}
-        return results
-
-    def _chunks(self, members):
-        chunk, images = [], 0
-        for member in members:
-            if chunk and images + member[1].params.num_images > self.options.max_batch_images:
-                yield chunk
-                chunk, images = [], 0
-            chunk.append(member)
-            images += member[1].params.num_images
-        if chunk:
-            yield chunk
-
-    def scheduler(self, steps: int, image_tokens: int):
-        """A fresh scheduler set as QwenImagePipeline sets it: linear sigmas, resolution shift mu."""
-        scheduler = self.scheduler_class.from_config(self.scheduler_config)
-        config = scheduler.config
-        mu = calculate_shift(
-            image_tokens,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), device=self.runtime.device, mu=mu)
-        scheduler.set_begin_index(0)
-        return scheduler
 
     @torch.inference_mode()
     def denoise(self, requests: list[QwenRequest]) -> list[torch.Tensor]:
@@ -207,7 +162,9 @@ class QwenImageDenoiser(Stage):
                 return_dict=False,
             )[0]
 
-        scheduler = self.scheduler(first.params.steps, image_tokens=latents.shape[1])
+        scheduler = flow_match_scheduler(
+            self.scheduler_class, self.scheduler_config, first.params.steps, latents.shape[1], self.runtime.device
+        )
         for t in scheduler.timesteps:
             timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
             prediction = transformer(latents, timestep, prompt, prompt_mask)
