@@ -296,10 +296,11 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in chars]
 
 
-def _learn_bpe_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Plain BPE on ``words`` (each counted once, CLIP's ``</w>`` end-of-word suffix) until every
-    word is one symbol. Ties go to the lexicographically smallest pair, so the result is fixed."""
-    seqs = [[*w[:-1], w[-1] + "</w>"] for w in dict.fromkeys(words)]
+def _learn_bpe_merges(words, end_of_word: str = "") -> list[tuple[str, str]]:
+    """Plain BPE on ``words`` (each counted once; ``end_of_word`` appended to the last symbol, as
+    CLIP's ``</w>``) until every word is one symbol. Ties go to the lexicographically smallest
+    pair, so the result is fixed."""
+    seqs = [[*w[:-1], w[-1] + end_of_word] for w in dict.fromkeys(words)]
     merges: list[tuple[str, str]] = []
     while True:
         counts: dict[tuple[str, str], int] = {}
@@ -332,7 +333,7 @@ def build_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
     vocab: dict[str, int] = {}
     for sym in [*alphabet, *(c + "</w>" for c in alphabet)]:
         vocab[sym] = len(vocab)
-    merges = _learn_bpe_merges(_WORDS)
+    merges = _learn_bpe_merges(_WORDS, end_of_word="</w>")
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):

@@ -29,9 +29,16 @@ import time
 import zlib
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
-from ditserve.checkpoints import _WORDS, _build_atomically, _bytes_to_unicode, _default_dtype, cache_root
+from ditserve.checkpoints import (
+    _WORDS,
+    _build_atomically,
+    _bytes_to_unicode,
+    _default_dtype,
+    _learn_bpe_merges,
+    cache_root,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,32 +150,6 @@ def version_tag(seed: int = 0) -> str:
 # --- tokenizer ---------------------------------------------------------------------------------
 
 
-def _learn_merges(words: list[str]) -> list[tuple[str, str]]:
-    """Plain byte-level BPE (no end-of-word marker) until every word is one symbol; ties go to the
-    lexicographically smallest pair, so the result is fixed."""
-    seqs = [list(w) for w in dict.fromkeys(words)]
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts: dict[tuple[str, str], int] = {}
-        for s in seqs:
-            for pair in zip(s, s[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            return merges
-        best = min(counts, key=lambda p: (-counts[p], p))
-        merges.append(best)
-        for i, s in enumerate(seqs):
-            out, j = [], 0
-            while j < len(s):
-                if j + 1 < len(s) and (s[j], s[j + 1]) == best:
-                    out.append(s[j] + s[j + 1])
-                    j += 2
-                else:
-                    out.append(s[j])
-                    j += 1
-            seqs[i] = out
-
-
 def build_tokenizer():
     """A Qwen2 byte-level BPE tokenizer: the 256 byte symbols, merges for prompt words with and
     without the leading-space marker ``Ġ``, then the chat and vision special tokens."""
@@ -178,7 +159,7 @@ def build_tokenizer():
     alphabet = _bytes_to_unicode()
     vocab: dict[str, int] = {c: i for i, c in enumerate(alphabet)}
     words = [*dict.fromkeys((*_WORDS, *_TEMPLATE_WORDS))]
-    merges = _learn_merges([w for word in words for w in (word, "Ġ" + word)])
+    merges = _learn_bpe_merges([w for word in words for w in (word, "Ġ" + word)])  # byte-level: no end-of-word marker
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     for special in SPECIAL_TOKENS:
