@@ -83,7 +83,15 @@ class FluxRequestCheck(Stage):
 
     def __init__(self, runtime: Runtime, options=None):
         super().__init__(runtime, options)
-        self.size_multiple, self.default_size = latent_geometry(Checkpoint(runtime.model_path))
+        self.configure(Checkpoint(runtime.model_path))
+
+    def configure(self, checkpoint: Checkpoint) -> None:
+        """Read what the limits depend on from the checkpoint's configs (no weights)."""
+        self.size_multiple, self.default_size = latent_geometry(checkpoint)
+
+    def parse_params(self, row: Row) -> GenerationParams:
+        """The pipeline's generation parameters; other pipelines change limits and defaults here."""
+        return GenerationParams.parse(row, self.size_multiple, self.default_size)
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
         results: list[Outputs | RequestError] = []
@@ -91,7 +99,7 @@ class FluxRequestCheck(Stage):
             try:
                 prompt = text_field(row, "PROMPT", required=True, max_chars=MAX_PROMPT_CHARS)
                 text_field(row, "NEGATIVE_PROMPT", required=False, max_chars=MAX_PROMPT_CHARS)
-                params = GenerationParams.parse(row, self.size_multiple, self.default_size)
+                params = self.parse_params(row)
             except RequestError as error:
                 results.append(error)
                 continue

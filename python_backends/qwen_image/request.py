@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
 
-import numpy as np
-
-from ditserve.flux.limits import MAX_PROMPT_CHARS, MAX_STEPS
-from ditserve.flux.request import GenerationParams
+from ditserve.flux.limits import MAX_STEPS
+from ditserve.flux.request import FluxRequestCheck, GenerationParams
 from ditserve.loading import Checkpoint
-from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, text_field
+from ditserve.stage import RequestError, Row
 
 DEFAULT_STEPS = 50
 DEFAULT_TRUE_CFG = 4.0
@@ -56,27 +53,12 @@ def parse_params(row: Row, size_multiple: int, default_size: int, least_steps: i
     return dataclasses.replace(params, **defaults)
 
 
-class QwenImageRequestCheck(Stage):
-    inputs = ("PROMPT", "NEGATIVE_PROMPT", "HEIGHT", "WIDTH", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE",
-              "TRUE_CFG_SCALE", "SEED", "NUM_IMAGES")
-    outputs = ("PROMPT", "HEIGHT", "WIDTH", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "TRUE_CFG_SCALE", "SEED",
-               "NUM_IMAGES")
+class QwenImageRequestCheck(FluxRequestCheck):
+    """FLUX's request check with Qwen-Image's geometry, defaults and least step count."""
 
-    def __init__(self, runtime: Runtime, options=None):
-        super().__init__(runtime, options)
-        checkpoint = Checkpoint(runtime.model_path)
+    def configure(self, checkpoint: Checkpoint) -> None:
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.min_steps = min_steps(checkpoint)
 
-    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
-        results: list[Outputs | RequestError] = []
-        for row in rows:
-            try:
-                prompt = text_field(row, "PROMPT", required=True, max_chars=MAX_PROMPT_CHARS)
-                text_field(row, "NEGATIVE_PROMPT", required=False, max_chars=MAX_PROMPT_CHARS)
-                params = parse_params(row, self.size_multiple, self.default_size, self.min_steps)
-            except RequestError as error:
-                results.append(error)
-                continue
-            results.append({"PROMPT": np.array([prompt.encode()], dtype=object), **params.as_row()})
-        return results
+    def parse_params(self, row: Row) -> GenerationParams:
+        return parse_params(row, self.size_multiple, self.default_size, self.min_steps)
