@@ -1,4 +1,4 @@
-"""Shared by the FLUX tests: request rows as the Triton adapter builds them, and the
+"""Shared by the pipeline tests: request rows as the Triton adapter builds them, and the
 diffusers reference image for the same inputs."""
 
 from __future__ import annotations
@@ -23,18 +23,22 @@ def make_row(prompt, negative=None, **scalars) -> dict:
     return row
 
 
-def reference_uint8(pipe: FluxPipeline, prompt, negative=None, **kw) -> np.ndarray:
+# Request field -> reference pipeline argument, passed only when the request sets it, so that
+# each diffusers pipeline (FluxPipeline, QwenImagePipeline) applies its own defaults.
+_OPTIONAL_ARGS = {"TRUE_CFG_SCALE": "true_cfg_scale", "GUIDANCE_SCALE": "guidance_scale", "NUM_IMAGES": "num_images_per_prompt"}
+
+
+def reference_uint8(pipe, prompt, negative=None, **kw) -> np.ndarray:
+    """The diffusers pipeline's image for the same request fields, as uint8 (N, H, W, 3)."""
     images = pipe(
         prompt=prompt,
         negative_prompt=negative,
-        true_cfg_scale=kw.get("TRUE_CFG_SCALE", 1.0),
         height=kw["HEIGHT"],
         width=kw["WIDTH"],
         num_inference_steps=kw["NUM_INFERENCE_STEPS"],
-        guidance_scale=kw.get("GUIDANCE_SCALE", 3.5),
-        num_images_per_prompt=kw.get("NUM_IMAGES", 1),
         generator=torch.Generator("cpu").manual_seed(kw["SEED"]),
         output_type="np",
+        **{arg: kw[field] for field, arg in _OPTIONAL_ARGS.items() if field in kw},
     ).images
     return (images * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flux_reference import CPU_FP32, make_row
+from flux_reference import CPU_FP32, make_row, reference_uint8
 
 from ditserve.checkpoints import resolve_model_path
 from ditserve.pipeline import LocalPipeline
@@ -27,21 +27,6 @@ def reference():
     pipe = QwenImagePipeline.from_pretrained(resolve_model_path(MODEL), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def reference_uint8(pipe, prompt, negative=None, **kw) -> np.ndarray:
-    images = pipe(
-        prompt=prompt,
-        negative_prompt=negative,
-        true_cfg_scale=kw.get("TRUE_CFG_SCALE", 4.0),
-        height=kw["HEIGHT"],
-        width=kw["WIDTH"],
-        num_inference_steps=kw["NUM_INFERENCE_STEPS"],
-        num_images_per_prompt=kw.get("NUM_IMAGES", 1),
-        generator=torch.Generator("cpu").manual_seed(kw["SEED"]),
-        output_type="np",
-    ).images
-    return (images * 255).round().astype(np.uint8)
 
 
 CASES = [

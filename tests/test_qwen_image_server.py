@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_qwen_image_parity import reference_uint8
+from flux_reference import reference_uint8
 
 from ditserve.client import Client
 from ditserve.qwen_image import QWEN_IMAGE_T2I
