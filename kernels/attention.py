@@ -153,12 +153,8 @@ def _qk_tile(
 
 
 @triton.jit
-def _softmax_pv(
-    acc, l_i, m_i, qk, Vd, k_row0, col0, v_ptrs, stride_vl, mask_ptr, start_n, LK, qk_scale,
-    TAIL: tl.constexpr, TMA: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Online-softmax update with the key tile at start_n: rescale, exponentiate, accumulate P V."""
+def mask_keys(qk, mask_ptr, start_n, LK, TAIL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scores of padded keys (key-padding mask) and of keys past LK (the last tile) become -inf."""
     cols = start_n + tl.arange(0, BLOCK_N)
     if HAS_MASK:
         if TAIL:
@@ -168,6 +164,18 @@ def _softmax_pv(
         qk = tl.where(keep[None, :], qk, float("-inf"))
     elif TAIL:
         qk = tl.where((cols < LK)[None, :], qk, float("-inf"))
+    return qk
+
+
+@triton.jit
+def _softmax_pv(
+    acc, l_i, m_i, qk, Vd, k_row0, col0, v_ptrs, stride_vl, mask_ptr, start_n, LK, qk_scale,
+    TAIL: tl.constexpr, TMA: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Online-softmax update with the key tile at start_n: rescale, exponentiate, accumulate P V."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    qk = mask_keys(qk, mask_ptr, start_n, LK, TAIL, HAS_MASK, BLOCK_N)
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
     alpha = tl.math.exp2(m_i - m_ij)

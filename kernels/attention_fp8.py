@@ -35,7 +35,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import attention as _attn
-from .attention import INTERPRET, Layout, _last_contiguous, _strides, dims, launch
+from .attention import INTERPRET, Layout, _last_contiguous, _strides, dims, launch, mask_keys
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -174,14 +174,7 @@ def _softmax_pv_fp8(acc, l_i, m_i, qk, q_row_scale, Vtd, vt_row0, vt_ptrs, ks_pt
                     K_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     s = q_row_scale * tl.load(ks_ptr + start_n // K_BLOCK)
-    if HAS_MASK:
-        if TAIL:
-            keep = tl.load(mask_ptr + cols, mask=cols < LK, other=0) != 0
-        else:
-            keep = tl.load(mask_ptr + cols) != 0
-        qk = tl.where(keep[None, :], qk, float("-inf"))
-    elif TAIL:
-        qk = tl.where((cols < LK)[None, :], qk, float("-inf"))
+    qk = mask_keys(qk, mask_ptr, start_n, LK, TAIL, HAS_MASK, BLOCK_N)
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * s)
     p = tl.math.exp2(qk * s[:, None] - (m_ij - 8.0)[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
