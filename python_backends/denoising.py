@@ -1,29 +1,106 @@
-"""What the denoiser stages of every pipeline share: batching rows by schedule, and the schedule.
+"""What the denoiser stages of every pipeline share: batching rows by schedule, the schedule, and
+the parallel worker group.
 
 Rows with the same (height, width, steps) share one timestep schedule and image token count, so
 a denoiser runs them as one batched transformer forward per step, in chunks of at most
 ``options.max_batch_images`` images (a row is never split: its latents come from one seeded draw).
+
+Parallelism (``ditserve.parallel.group``): with ``sp_degree`` > 1 or ``cfg_parallel`` the stage
+becomes rank 0 of a worker group; every chunk is sent to all ranks and denoised by all of them.
+A model takes part through three hooks: ``check_parallel`` (refuse a layout at load),
+``use_sequence_parallel`` (install its sequence-parallel attention on a mesh) and, in its loop,
+``branches`` for the two CFG predictions and its own sequence-parallel forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # Qwen-Image's is a copy
 
-from ditserve.stage import Outputs, RequestError, Row, Stage
+from ditserve.parallel.group import ParallelConfig, ParallelContext, ParallelOptions, WorkerGroup
+from ditserve.parallel.usp import SPMesh
+from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserOptions(ParallelOptions):
+    # Images per transformer forward. A group of rows larger than this runs in chunks of
+    # whole rows; a single row is never split (its latents come from one seeded draw).
+    max_batch_images: int = 8
+
+    def __post_init__(self):
+        if self.max_batch_images < 1:
+            raise ValueError(f"parameter max_batch_images: must be >= 1, got {self.max_batch_images}")
 
 
 class GroupedDenoiser(Stage):
     """Subclasses parse a row into a request with ``.params`` (``GenerationParams``) and denoise
-    a list of requests of one (height, width, steps) into packed latents, one tensor each."""
+    a list of requests of one (height, width, steps) into packed latents, one tensor each.
 
+    ``rank`` is this process's rank in the parallel group: 0 in the Triton model (which starts the
+    workers when the options ask for parallelism), the worker's rank in ``ditserve.parallel.worker``.
+    Subclasses call ``start_parallel()`` at the end of ``__init__``, once the model is loaded.
+    """
+
+    Options = DenoiserOptions
     outputs = ("LATENTS",)
+
+    def __init__(self, runtime: Runtime, options: Any = None, *, rank: int = 0):
+        super().__init__(runtime, options)
+        self.rank = rank
+        self.parallel_config = ParallelConfig.from_options(self.options, runtime.device)
+        if rank == 0 and self.parallel_config.enabled:
+            self.runtime = dataclasses.replace(runtime, device=self.parallel_config.devices[0])
+        self.parallel: Optional[ParallelContext] = None
+        self.workers: Optional[WorkerGroup] = None
+
+    # --- parallelism ---------------------------------------------------------------------
+
+    def check_parallel(self, config: ParallelConfig) -> None:
+        """Hook: raise ConfigError when this model cannot run ``config``."""
+        raise ConfigError(f"{type(self).__name__}: parameters sp_degree and cfg_parallel are not supported for this "
+                          f"model yet (sequence and CFG parallelism exist for FLUX)")
+
+    def use_sequence_parallel(self, mesh: SPMesh) -> None:
+        """Hook: install the model's sequence-parallel attention on ``mesh``."""
+
+    def start_parallel(self) -> None:
+        if not self.parallel_config.enabled:
+            return
+        self.check_parallel(self.parallel_config)
+        if self.rank == 0:
+            self.workers = WorkerGroup(self, self.parallel_config)
+            self.workers.start()
+
+    def attach(self, context: Optional[ParallelContext]) -> None:
+        """Called by the group with this rank's context when it (re)starts, with None when it stops."""
+        self.parallel = context
+        if context is not None and context.mesh is not None:
+            self.use_sequence_parallel(context.mesh)
+
+    def branches(self, positive: Callable[[], torch.Tensor], negative: Optional[Callable[[], torch.Tensor]],
+                 like: torch.Tensor, negative_like: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The conditional and (when ``negative`` is given) unconditional predictions of one step:
+        computed here, or each on its CFG branch of the group (``ParallelContext.branches``)."""
+        if self.parallel is not None:
+            return self.parallel.branches(positive, negative, like, negative_like)
+        return positive(), (negative() if negative is not None else None)
+
+    def dispatch(self, requests: list) -> list[torch.Tensor]:
+        """denoise(requests), on every rank of the group when there is one."""
+        return self.workers.run(requests) if self.workers is not None else self.denoise(requests)
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
 
     @abstractmethod
     def parse(self, row: Row) -> Any: ...
@@ -43,7 +120,7 @@ class GroupedDenoiser(Stage):
             groups[(request.params.height, request.params.width, request.params.steps)].append((i, request))
         for members in groups.values():
             for chunk in self._chunks(members):
-                for (i, _), latents in zip(chunk, self.denoise([request for _, request in chunk])):
+                for (i, _), latents in zip(chunk, self.dispatch([request for _, request in chunk])):
                     results[i] = {"LATENTS": latents}
         return results
 

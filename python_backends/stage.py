@@ -128,6 +128,9 @@ class Stage(ABC):
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
         """Run every row; return outputs or a ``RequestError`` for each, in order."""
 
+    def close(self) -> None:
+        """Release what outlives the object's memory (worker processes); the model is unloading."""
+
 
 # --- reading fields of a row ------------------------------------------------------------
 

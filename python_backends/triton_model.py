@@ -121,5 +121,8 @@ def triton_model(stage_cls: type[Stage]) -> type:
                     responses.append(pb.InferenceResponse(error=pb.TritonError(str(error))))
             return responses
 
+        def finalize(self) -> None:
+            self.stage.close()
+
     TritonPythonModel.__name__ = f"TritonPythonModel[{stage_cls.__name__}]"
     return TritonPythonModel

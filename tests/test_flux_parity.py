@@ -67,12 +67,12 @@ def test_batched_rows_equal_their_unbatched_results(pipelines):
 
 def test_triton_attention_backend_gives_the_sdpa_image():
     """Issue 5: the denoiser with our Triton attention (interpreter, fp32) equals SDPA's image."""
-    from ditserve.flux.denoiser import DenoiserOptions
+    from ditserve.flux.denoiser import FluxDenoiserOptions
 
     runtime = Runtime(model_path="tiny", **CPU_FP32)
     row = make_row("a red fox in the snow", "fog", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=1, SEED=5, TRUE_CFG_SCALE=2.0)
     images = {
-        backend: LocalPipeline(FLUX_T2I, runtime, {"flux_denoiser": DenoiserOptions(attention_backend=backend)})([row])[0]
+        backend: LocalPipeline(FLUX_T2I, runtime, {"flux_denoiser": FluxDenoiserOptions(attention_backend=backend)})([row])[0]
         for backend in ("sdpa", "triton")
     }
     diff = np.abs(images["sdpa"]["IMAGE"].astype(int) - images["triton"]["IMAGE"].astype(int)).max()

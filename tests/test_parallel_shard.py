@@ -99,7 +99,7 @@ def test_usp_layout():
 
 def test_block_attention_needs_an_lse_backend():
     x = torch.zeros(1, 2, 1, 16)
-    with pytest.raises(ValueError, match="backend must be 'triton' or 'sdpa', got 'triton_fp8'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \('triton', 'sdpa'\), got 'triton_fp8'"):
         block_attention(x, x, x, None, backend="triton_fp8")
 
 

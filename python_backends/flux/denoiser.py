@@ -16,28 +16,25 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ditserve.denoising import GroupedDenoiser, flow_match_scheduler
+from ditserve.denoising import DenoiserOptions, GroupedDenoiser, flow_match_scheduler
 from ditserve.flux.request import GenerationParams, latent_geometry
 from ditserve.loading import Checkpoint
+from ditserve.parallel import SPMesh, check_heads
+from ditserve.parallel.flux import set_sequence_parallel, sp_forward
+from ditserve.parallel.group import ParallelConfig
+from ditserve.parallel.ring import RING_BACKENDS
 from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
-class DenoiserOptions:
+class FluxDenoiserOptions(DenoiserOptions):
     # "auto": triton on CUDA (compute capability >= 8.0), sdpa elsewhere; or "sdpa", "cudnn",
     # or a ditserve.kernels backend ("triton", "triton_fp8").
     attention_backend: str = "auto"
-    # Images per transformer forward. A group of rows larger than this runs in chunks of
-    # whole rows; a single row is never split (its latents come from one seeded draw).
-    max_batch_images: int = 8
     # One denoising step at FluxPipeline's default size (and 512 text tokens) while the model
     # loads, on CUDA only: Triton autotunes the attention kernel per sequence length, and the
     # first 1024x1024 request after start-up took 19.2 s instead of 4.6 s (H100, 2026-11-26).
     warmup: bool = True
-
-    def __post_init__(self):
-        if self.max_batch_images < 1:
-            raise ValueError(f"parameter max_batch_images: must be >= 1, got {self.max_batch_images}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +71,7 @@ def image_token_ids(grid_h: int, grid_w: int, device, dtype) -> torch.Tensor:
 
 
 class FluxDenoiser(GroupedDenoiser):
-    Options = DenoiserOptions
+    Options = FluxDenoiserOptions
     inputs = (
         "PROMPT_EMBEDS",
         "POOLED_PROMPT_EMBEDS",
@@ -89,8 +86,9 @@ class FluxDenoiser(GroupedDenoiser):
         "NUM_IMAGES",
     )
 
-    def __init__(self, runtime: Runtime, options: DenoiserOptions | None = None):
-        super().__init__(runtime, options)
+    def __init__(self, runtime: Runtime, options: FluxDenoiserOptions | None = None, *, rank: int = 0):
+        super().__init__(runtime, options, rank=rank)
+        runtime = self.runtime  # the parallel group may have moved rank 0 to its first GPU
         checkpoint = Checkpoint(runtime.model_path)
         self.transformer = checkpoint.load("transformer", runtime)
         self.scheduler_class = checkpoint.component_class("scheduler")
@@ -98,7 +96,8 @@ class FluxDenoiser(GroupedDenoiser):
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
         self.attention_context = self._install_attention(self.options.attention_backend)
-        if self.options.warmup and runtime.device.type == "cuda":
+        self.start_parallel()
+        if self.options.warmup and runtime.device.type == "cuda" and rank == 0:  # workers warm up with rank 0
             self.warm_up()
 
     def warm_up(self, text_tokens: int = 512) -> None:
@@ -107,7 +106,7 @@ class FluxDenoiser(GroupedDenoiser):
         pooled = torch.randn(config.pooled_projection_dim, device=self.runtime.device)
         size = self.default_size
         params = GenerationParams(height=size, width=size, steps=1, guidance=3.5, true_cfg=1.0, seed=0, num_images=1)
-        (latents,) = self.denoise([FluxRequest(embeds.to(self.runtime.dtype), pooled.to(self.runtime.dtype), None, None, params)])
+        (latents,) = self.dispatch([FluxRequest(embeds.to(self.runtime.dtype), pooled.to(self.runtime.dtype), None, None, params)])
         latents.cpu()  # wait for the GPU: the model is ready only once this step has run
 
     def _install_attention(self, name: str):
@@ -118,6 +117,7 @@ class FluxDenoiser(GroupedDenoiser):
             # perf/ATTENTION_NOTES.md). Elsewhere torch's SDPA, the reference.
             cuda = self.runtime.device.type == "cuda"
             name = "triton" if cuda and torch.cuda.get_device_capability(self.runtime.device) >= (8, 0) else "sdpa"
+        self.attention_name = name
         if name == "sdpa":  # torch's own SDPA dispatch, as diffusers runs it
             return contextlib.nullcontext
         if name == "cudnn":
@@ -134,6 +134,26 @@ class FluxDenoiser(GroupedDenoiser):
         except ValueError as exc:
             raise ConfigError(f"parameter attention_backend: {exc}") from None
         return contextlib.nullcontext
+
+    # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
+
+    supports_cfg_parallel = True
+
+    def check_parallel(self, config: ParallelConfig) -> None:
+        try:
+            check_heads(self.transformer.config.num_attention_heads, config.ulysses_degree)
+        except ValueError as exc:
+            raise ConfigError(f"parameter ulysses_degree: {exc}") from None
+        if config.ring_degree > 1 and self._sp_backend() not in RING_BACKENDS:
+            raise ConfigError(f"parameter ring_degree: ring attention merges partial results by their log-sum-exp, which "
+                              f"attention_backend {self.attention_name!r} does not return; use one of {RING_BACKENDS}")
+
+    def _sp_backend(self) -> str:
+        # cudnn is torch's SDPA restricted by a context, which also holds around the Ulysses attention.
+        return "sdpa" if self.attention_name == "cudnn" else self.attention_name
+
+    def use_sequence_parallel(self, mesh: SPMesh) -> None:
+        set_sequence_parallel(self.transformer, mesh, self._sp_backend())
 
     # --- requests -------------------------------------------------------------------
 
@@ -206,27 +226,31 @@ class FluxDenoiser(GroupedDenoiser):
             self.scheduler_class, self.scheduler_config, first.params.steps, latents.shape[1], self.runtime.device
         )
 
+        mesh = self.parallel.mesh if self.parallel is not None else None
+
         def transformer(hidden, timestep, guidance, pooled, text):
-            return self.transformer(
-                hidden_states=hidden,
-                timestep=timestep,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=text,
-                txt_ids=text_ids,
-                img_ids=image_ids,
-                return_dict=False,
-            )[0]
+            inputs = dict(hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled,
+                          encoder_hidden_states=text, txt_ids=text_ids, img_ids=image_ids)
+            if mesh is not None:
+                return sp_forward(self.transformer, mesh, **inputs)
+            return self.transformer(**inputs, return_dict=False)[0]
 
         with self.attention_context():
             for t in scheduler.timesteps:
                 timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-                prediction = transformer(latents, timestep, guidance, pooled, prompt)
+                negative_branch = None
                 if len(cfg_index):
                     negative_guidance = None if guidance is None else guidance[cfg_index]
-                    negative_prediction = transformer(
+                    negative_branch = lambda: transformer(  # noqa: E731
                         latents[cfg_index], timestep[cfg_index], negative_guidance, negative_pooled, negative
                     )
+                prediction, negative_prediction = self.branches(
+                    lambda: transformer(latents, timestep, guidance, pooled, prompt),
+                    negative_branch,
+                    like=latents,
+                    negative_like=latents[cfg_index] if len(cfg_index) else None,
+                )
+                if len(cfg_index):
                     positive = prediction[cfg_index]
                     for scale, rows in by_scale:
                         negative_rows = negative_prediction[rows]

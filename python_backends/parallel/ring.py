@@ -35,6 +35,10 @@ def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: 
     return out_a.float() * w_a + out_b.float() * w_b, lse
 
 
+# Backends whose block attention returns the log-sum-exp that merging needs.
+RING_BACKENDS = ("triton", "sdpa")
+
+
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                     backend: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over one key block with its LSE: (out (B, Lq, H, D), lse (B, H, Lq) fp32).
@@ -46,9 +50,9 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Opt
     if backend == "triton":
         get_backend("triton").check(q, k, v, mask)
         return _attn.attention(q, k, v, mask=mask, layout="BLHD", return_lse=True)
-    if backend != "sdpa":
-        raise ValueError(f"ring attention needs the log-sum-exp of each block: backend must be 'triton' or "
-                         f"'sdpa', got {backend!r}")
+    if backend not in RING_BACKENDS:
+        raise ValueError(f"ring attention needs the log-sum-exp of each block: backend must be one of "
+                         f"{RING_BACKENDS}, got {backend!r}")
     scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))

@@ -61,14 +61,26 @@ class SPMesh:
         return dist.get_rank(self.ring_group) * self.layout.ulysses_degree + dist.get_rank(self.ulysses_group)
 
 
-def build_mesh(ulysses_degree: int, ring_degree: int) -> SPMesh:
-    """Create the USP groups over the default process group; every rank must call it (new_group is collective)."""
-    layout = usp_layout(dist.get_world_size(), ulysses_degree, ring_degree)
-    me = dist.get_rank()
+def build_mesh(ulysses_degree: int, ring_degree: int, first_rank: int = 0) -> Optional[SPMesh]:
+    """Create the USP groups over global ranks [first_rank, first_rank + ulysses_degree * ring_degree).
+
+    Every rank of the default group must call it with the same arguments, also ranks outside the
+    mesh (new_group is collective over the default group); those get None. With CFG parallelism
+    each CFG branch has its own mesh, so the ranks of both call it twice (`first_rank` 0 and P).
+    """
+    degree = ulysses_degree * ring_degree
+    layout = usp_layout(degree, ulysses_degree, ring_degree)
+    if first_rank == 0 and degree == dist.get_world_size():
+        whole = dist.group.WORLD
+    else:
+        whole = dist.new_group(list(range(first_rank, first_rank + degree)))
     # new_group must be called by every rank for every group, in the same order.
-    ulysses = [dist.new_group(list(ranks)) for ranks in layout.ulysses_groups]
-    ring = [dist.new_group(list(ranks)) for ranks in layout.ring_groups]
-    return SPMesh(layout, dist.group.WORLD, ulysses[me // ulysses_degree], ring[me % ulysses_degree])
+    ulysses = [dist.new_group([first_rank + r for r in ranks]) for ranks in layout.ulysses_groups]
+    ring = [dist.new_group([first_rank + r for r in ranks]) for ranks in layout.ring_groups]
+    me = dist.get_rank() - first_rank
+    if not 0 <= me < degree:
+        return None
+    return SPMesh(layout, whole, ulysses[me // ulysses_degree], ring[me % ulysses_degree])
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: SPMesh, *,

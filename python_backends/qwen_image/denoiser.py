@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ditserve.denoising import GroupedDenoiser, flow_match_scheduler
+from ditserve.denoising import DenoiserOptions, GroupedDenoiser, flow_match_scheduler
 from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.request import GenerationParams
 from ditserve.loading import Checkpoint
@@ -26,17 +26,15 @@ from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
-class DenoiserOptions:
+class QwenDenoiserOptions(DenoiserOptions):
     # Only torch's SDPA for now (diffusers' QwenDoubleStreamAttnProcessor2_0); our Triton kernel
     # is FLUX's processor and does not take the text mask yet.
     attention_backend: str = "auto"
-    max_batch_images: int = 8  # images per transformer forward; a row is never split
 
     def __post_init__(self):
+        super().__post_init__()
         if self.attention_backend not in ("auto", "sdpa"):
             raise ValueError(f"parameter attention_backend: must be auto or sdpa, got {self.attention_backend!r}")
-        if self.max_batch_images < 1:
-            raise ValueError(f"parameter max_batch_images: must be >= 1, got {self.max_batch_images}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +74,7 @@ def pad_texts(texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | N
 
 
 class QwenImageDenoiser(GroupedDenoiser):
-    Options = DenoiserOptions
+    Options = QwenDenoiserOptions
     inputs = (
         "PROMPT_EMBEDS",
         "PROMPT_EMBEDS_MASK",
@@ -91,8 +89,8 @@ class QwenImageDenoiser(GroupedDenoiser):
         "NUM_IMAGES",
     )
 
-    def __init__(self, runtime: Runtime, options: DenoiserOptions | None = None):
-        super().__init__(runtime, options)
+    def __init__(self, runtime: Runtime, options: QwenDenoiserOptions | None = None, *, rank: int = 0):
+        super().__init__(runtime, options, rank=rank)
         checkpoint = Checkpoint(runtime.model_path)
         self.transformer = checkpoint.load("transformer", runtime)
         if self.transformer.config.guidance_embeds:
@@ -102,6 +100,7 @@ class QwenImageDenoiser(GroupedDenoiser):
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.min_steps = min_steps(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
+        self.start_parallel()  # refuses sp_degree/cfg_parallel at load until Qwen-Image has the hooks
 
     def parse(self, row: Row) -> QwenRequest:
         device, dtype = self.runtime.device, self.runtime.dtype
