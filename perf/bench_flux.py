@@ -470,7 +470,7 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
            "--device", args.device, "--dtype", args.dtype,
            "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
            "--host", "127.0.0.1", "--log-file", str(server_log),
-           "--startup-timeout", str(args.server_timeout)]
+           "--startup-timeout", str(args.server_timeout), *(f"--set={s}" for s in args.set)]
     cli_log = open(workdir / "ditserve_serve.out", "wb")
     log("ours: " + " ".join(cmd))
     mem_before = gpu_memory_used_mib()
@@ -704,6 +704,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", type=int, default=3, help="timed runs per side")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--text-tokens", type=int, default=512, help="T5 sequence length (FluxPipeline default 512)")
+    p.add_argument("--set", action="append", default=[], metavar="MODEL.PARAM=VALUE",
+                   help="model parameter for our server (ditserve serve --set), e.g. flux_denoiser.sp_degree=2")
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--skip-build", action="store_true", help="fail instead of building a missing checkpoint")

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import types
+from pathlib import Path
 from typing import Callable, Sequence
 
 __all__ = ["main", "build_parser", "register_serve", "SUBCOMMANDS", "OPTIONAL_SUBCOMMAND_MODULES"]
@@ -57,6 +58,17 @@ def _serve(args: argparse.Namespace) -> int:
         from ditserve.paths import model_repository
 
         args.model_repository = str(model_repository())
+    if args.set:
+        import tempfile
+
+        from ditserve.repository import overlay
+
+        try:
+            args.model_repository = str(overlay(Path(args.model_repository), args.set,
+                                                Path(tempfile.mkdtemp(prefix="ditserve-repo-")) / "model_repository"))
+        except ValueError as exc:
+            print(f"ditserve: {exc}", file=sys.stderr, flush=True)
+            return 2
 
     def _on_signal(signum, _frame):
         # Later signals are ignored: stopping has its own timeouts and ends in SIGKILL.
@@ -127,6 +139,9 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model-repository", default=None,
                    help="Triton model repository (default: <repo>/model_repository)")
+    p.add_argument("--set", action="append", default=[], metavar="MODEL.PARAM=VALUE",
+                   help="set a model parameter in a copy of the repository, e.g. flux_denoiser.sp_degree=2 "
+                        "(repeatable)")
     p.add_argument("--http-port", type=int, default=8000, help="HTTP port (0: pick a free one)")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: pick a free one)")
     p.add_argument("--metrics-port", type=int, default=8002, help="metrics port (0: pick a free one)")

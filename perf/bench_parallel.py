@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""FLUX denoising step with sequence and CFG parallelism: ``FluxDenoiser`` as rank 0 of its worker group.
+
+On a 2-GPU host (after ``source perf/gpu_env.sh``)::
+
+    python perf/bench_parallel.py            # flux.1-dev architecture, bf16, 1024x1024, 512 text tokens
+
+Each layout builds the denoiser exactly as the Triton model does (rank 0 here on cuda:0, workers
+spawned on the next GPUs, warm-up step at load), then times ``dispatch`` (the path of a request:
+commands to the workers, the whole denoising loop on every rank). Per-step time is
+``(t(N2 steps) - t(N1 steps)) / (N2 - N1)``, best of ``--repeats``, so fixed costs (latent noise,
+schedule, commands) cancel. Layouts: one GPU (our Triton attention; also torch SDPA, whose
+difference from ours is the yardstick of bf16 noise), Ulysses 2, Ring 2; with true CFG (scale 4,
+a negative prompt): one GPU against CFG parallel 2.
+
+Error: the latents after N2 steps against the one-GPU latents of the same requests (relative L2
+and max abs), next to the same measure between our one-GPU attention and SDPA.
+
+FLOP per step: bench_flux.flux_step_flops (ENVIRONMENT.md's convention), split over the GPUs.
+Writes bench_parallel.json / .md to ``--out`` (default $OUT, else out/bench) after every layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_flux  # noqa: E402  (checkpoint building, FLOP formula, GPU info)
+
+LAYOUTS = {  # name -> (denoiser options, true CFG)
+    "1 GPU": ({}, False),
+    "Ulysses 2": ({"sp_degree": 2}, False),
+    "Ring 2": ({"sp_degree": 2, "ring_degree": 2}, False),
+    "1 GPU, true CFG": ({}, True),
+    "CFG parallel 2": ({"cfg_parallel": True}, True),
+    "1 GPU, SDPA": ({"attention_backend": "sdpa"}, False),
+}
+BASELINE = {False: "1 GPU", True: "1 GPU, true CFG"}
+
+
+def requests(args, steps: int, cfg: bool, device) -> list:
+    from ditserve.flux.denoiser import FluxRequest
+    from ditserve.flux.request import GenerationParams
+
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    embeds = [torch.randn(args.text_tokens, args.text_dim, generator=g).to(device, dtype) for _ in range(2)]
+    pooled = [torch.randn(args.pooled_dim, generator=g).to(device, dtype) for _ in range(2)]
+    params = GenerationParams(height=args.size, width=args.size, steps=steps, guidance=3.5,
+                              true_cfg=4.0 if cfg else 1.0, seed=0, num_images=1)
+    return [FluxRequest(embeds[0], pooled[0], embeds[1] if cfg else None, pooled[1] if cfg else None, params)]
+
+
+def time_layout(args, model_dir: Path, options: dict, cfg_runs: list[bool]) -> dict:
+    from ditserve.flux.denoiser import FluxDenoiser, FluxDenoiserOptions
+    from ditserve.stage import Runtime
+
+    t0 = time.perf_counter()
+    device = torch.device(args.device)
+    runtime = Runtime(model_path=str(model_dir), device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    denoiser = FluxDenoiser(runtime, FluxDenoiserOptions(**options))  # starts the workers, warms up
+    out = {"load_s": time.perf_counter() - t0, "runs": {}}
+    try:
+        for cfg in cfg_runs:
+            times, latents = {}, None
+            for steps in (args.n1, args.n2):
+                best = float("inf")
+                for _ in range(args.repeats):
+                    batch = requests(args, steps, cfg, runtime.device)
+                    sync()
+                    t = time.perf_counter()
+                    (latents,) = denoiser.dispatch(batch)
+                    sync()
+                    best = min(best, time.perf_counter() - t)
+                times[steps] = best * 1e3
+            out["runs"][cfg] = {"ms": times, "step_ms": (times[args.n2] - times[args.n1]) / (args.n2 - args.n1),
+                                "latents": latents.float().cpu()}
+    finally:
+        denoiser.close()
+        del denoiser
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def error(a: torch.Tensor, b: torch.Tensor) -> dict:
+    return {"rel_l2": float((a - b).norm() / b.norm()), "max_abs": float((a - b).abs().max())}
+
+
+def report(res: dict) -> str:
+    flops = res.get("flops", {}).get("total_flop")
+    lines = ["| layout | GPUs | per step (ms) | speed-up | TFLOP/s per GPU | latents vs 1 GPU (rel L2, max abs) | load (s) |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for name, row in res["layouts"].items():
+        if "error" in row:
+            lines.append(f"| {name} | | failed: {row['error'][:120]} | | | | |")
+            continue
+        cfg = row["cfg"]
+        base = res["layouts"].get(BASELINE[cfg], {})
+        step = row["step_ms"]
+        speed = base.get("step_ms", float("nan")) / step
+        flop = (flops or float("nan")) * (2 if cfg else 1)
+        err = row.get("error_vs_1gpu")
+        err_text = f"{err['rel_l2']:.2e}, {err['max_abs']:.3f}" if err else "-"
+        lines.append(f"| {name} | {row['gpus']} | {step:.1f} | {speed:.2f}x | {flop / step / 1e9 / row['gpus']:.0f} | "
+                     f"{err_text} | {row['load_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="flux.1-dev")
+    p.add_argument("--model-dir", default=None, help="default /tmp/ditserve_ckpt/<preset>-bfloat16 (built if missing)")
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--n1", type=int, default=2)
+    p.add_argument("--n2", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--layouts", default=";".join(LAYOUTS), help="semicolon-separated subset of: " + "; ".join(LAYOUTS))
+    p.add_argument("--device", default="cuda", help="cuda (rank 0 on cuda:0), or cpu for a smoke test with --preset tiny")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    for var, val in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(var, val)
+    out_dir = Path(args.out or os.environ.get("OUT") or "out/bench")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir, _ = bench_flux.ensure_checkpoint(types.SimpleNamespace(
+        model_dir=args.model_dir or f"/tmp/ditserve_ckpt/{args.preset}-bfloat16", skip_build=False,
+        preset=args.preset, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device))
+    config = json.loads((model_dir / "transformer" / "config.json").read_text())
+    args.text_dim, args.pooled_dim = config["joint_attention_dim"], config["pooled_projection_dim"]
+    res = {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "gpu": bench_flux.gpu_info(),
+           "gpus_visible": torch.cuda.device_count(), "args": dict(vars(args)),
+           "flops": bench_flux.flux_step_flops(config, bench_flux.image_tokens_for(model_dir, args.size, args.size),
+                                               args.text_tokens),
+           "layouts": {}}
+    latents = {}
+    wanted = [name.strip() for name in args.layouts.split(";")]
+    # Layouts sharing options run in one load ("1 GPU" and "1 GPU, true CFG").
+    groups: dict[str, list[str]] = {}
+    for name in wanted:
+        options, _ = LAYOUTS[name]
+        groups.setdefault(json.dumps(options, sort_keys=True), []).append(name)
+    for key, names in groups.items():
+        options = json.loads(key)
+        world = max(1, options.get("sp_degree", 1)) * (2 if options.get("cfg_parallel") else 1)
+        bench_flux.log(f"layouts {names}: options {options}")
+        try:
+            if args.device == "cuda" and world > torch.cuda.device_count():
+                raise RuntimeError(f"needs {world} GPUs, {torch.cuda.device_count()} visible")
+            timed = time_layout(args, model_dir, options, [LAYOUTS[n][1] for n in names])
+            for name in names:
+                cfg = LAYOUTS[name][1]
+                run = timed["runs"][cfg]
+                latents[name] = run.pop("latents")
+                res["layouts"][name] = {"gpus": world, "cfg": cfg, "load_s": timed["load_s"], **run}
+                base = BASELINE[cfg]
+                if name != base and base in latents:
+                    res["layouts"][name]["error_vs_1gpu"] = error(latents[name], latents[base])
+                bench_flux.log(f"{name}: {run['step_ms']:.1f} ms/step")
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next layout
+            for name in names:
+                res["layouts"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            bench_flux.log(f"{names} FAILED: {exc}")
+        (out_dir / "bench_parallel.json").write_text(json.dumps(res, indent=1, default=str))
+        (out_dir / "bench_parallel.md").write_text(report(res) + "\n")
+    print(report(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
