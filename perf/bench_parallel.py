@@ -27,6 +27,7 @@ import datetime as _dt
 import gc
 import json
 import os
+import re
 import sys
 import time
 import types
@@ -66,7 +67,7 @@ def time_layout(args, model_dir: Path, options: dict, cfg_runs: list[bool]) -> d
     from ditserve.stage import Runtime
 
     t0 = time.perf_counter()
-    device = torch.device(args.device)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device(args.device)
     runtime = Runtime(model_path=str(model_dir), device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     denoiser = FluxDenoiser(runtime, FluxDenoiserOptions(**options))  # starts the workers, warms up
@@ -86,6 +87,14 @@ def time_layout(args, model_dir: Path, options: dict, cfg_runs: list[bool]) -> d
                 times[steps] = best * 1e3
             out["runs"][cfg] = {"ms": times, "step_ms": (times[args.n2] - times[args.n1]) / (args.n2 - args.n1),
                                 "latents": latents.float().cpu()}
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            batch = requests(args, args.n1, cfg_runs[0], runtime.device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                denoiser.dispatch(batch)
+                sync()
+            out["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     finally:
         denoiser.close()
         del denoiser
@@ -129,6 +138,7 @@ def main() -> int:
     p.add_argument("--n2", type=int, default=6)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--layouts", default=";".join(LAYOUTS), help="semicolon-separated subset of: " + "; ".join(LAYOUTS))
+    p.add_argument("--profile", action="store_true", help="rank 0's top kernels over one N1-step run, per layout")
     p.add_argument("--device", default="cuda", help="cuda (rank 0 on cuda:0), or cpu for a smoke test with --preset tiny")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -161,6 +171,8 @@ def main() -> int:
             if args.device == "cuda" and world > torch.cuda.device_count():
                 raise RuntimeError(f"needs {world} GPUs, {torch.cuda.device_count()} visible")
             timed = time_layout(args, model_dir, options, [LAYOUTS[n][1] for n in names])
+            if "profile" in timed:
+                (out_dir / f"profile_{re.sub(r'\W+', '_', names[0])}.txt").write_text(timed.pop("profile"))
             for name in names:
                 cfg = LAYOUTS[name][1]
                 run = timed["runs"][cfg]

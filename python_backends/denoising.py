@@ -55,7 +55,8 @@ class GroupedDenoiser(Stage):
     def __init__(self, runtime: Runtime, options: Any = None, *, rank: int = 0):
         super().__init__(runtime, options)
         self.rank = rank
-        self.parallel_config = ParallelConfig.from_options(self.options, runtime.device)
+        # Rank 0 resolves the layout (devices included); workers get it from rank 0 with their context.
+        self.parallel_config = ParallelConfig.from_options(self.options, runtime.device) if rank == 0 else None
         if rank == 0 and self.parallel_config.enabled:
             self.runtime = dataclasses.replace(runtime, device=self.parallel_config.devices[0])
         self.parallel: Optional[ParallelContext] = None
@@ -72,12 +73,14 @@ class GroupedDenoiser(Stage):
         """Hook: install the model's sequence-parallel attention on ``mesh``."""
 
     def start_parallel(self) -> None:
-        if not self.parallel_config.enabled:
+        """On rank 0, start the worker group when the options ask for one (workers join it from
+        ditserve.parallel.worker)."""
+        config = self.parallel_config
+        if config is None or not config.enabled:
             return
-        self.check_parallel(self.parallel_config)
-        if self.rank == 0:
-            self.workers = WorkerGroup(self, self.parallel_config)
-            self.workers.start()
+        self.check_parallel(config)
+        self.workers = WorkerGroup(self, config)
+        self.workers.start()
 
     def attach(self, context: Optional[ParallelContext]) -> None:
         """Called by the group with this rank's context when it (re)starts, with None when it stops."""
