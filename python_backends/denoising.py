@@ -21,7 +21,8 @@ from ditserve.stage import Outputs, RequestError, Row, Stage
 
 class GroupedDenoiser(Stage):
     """Subclasses parse a row into a request with ``.params`` (``GenerationParams``) and denoise
-    a list of requests of one (height, width, steps) into packed latents, one tensor each."""
+    a list of requests of one ``group_key`` (by default (height, width, steps)) into latents, one
+    tensor each."""
 
     outputs = ("LATENTS",)
 
@@ -31,16 +32,21 @@ class GroupedDenoiser(Stage):
     @abstractmethod
     def denoise(self, requests: list) -> list[torch.Tensor]: ...
 
+    def group_key(self, request) -> tuple:
+        """Requests with equal keys run batched; pipelines whose shapes depend on more (video
+        frames, text length) extend it."""
+        return (request.params.height, request.params.width, request.params.steps)
+
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
         results: list[Outputs | RequestError | None] = [None] * len(rows)
-        groups: dict[tuple[int, int, int], list[tuple[int, Any]]] = defaultdict(list)
+        groups: dict[tuple, list[tuple[int, Any]]] = defaultdict(list)
         for i, row in enumerate(rows):
             try:
                 request = self.parse(row)
             except RequestError as error:
                 results[i] = error
                 continue
-            groups[(request.params.height, request.params.width, request.params.steps)].append((i, request))
+            groups[self.group_key(request)].append((i, request))
         for members in groups.values():
             for chunk in self._chunks(members):
                 for (i, _), latents in zip(chunk, self.denoise([request for _, request in chunk])):
