@@ -573,7 +573,13 @@ def ensure_builtin(name: str) -> Path:
 
 # Built-ins of other model families, each built by its own module's ``ensure_builtin(name)``
 # (imported only when the name is asked for). Not in BUILTIN_MODELS, which lists the FLUX presets.
-OTHER_BUILTINS: Mapping[str, str] = MappingProxyType({"tiny-qwen-image": "ditserve.qwen_image.checkpoint"})
+OTHER_BUILTINS: Mapping[str, str] = MappingProxyType(
+    {
+        "tiny-qwen-image": "ditserve.qwen_image.checkpoint",
+        "tiny-wan-t2v": "ditserve.wan.checkpoint",
+        "tiny-wan2.2-t2v": "ditserve.wan.checkpoint",
+    }
+)
 
 
 def _other_builtin(name: str) -> Path:

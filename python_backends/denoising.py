@@ -42,7 +42,8 @@ class DenoiserOptions(ParallelOptions):
 
 class GroupedDenoiser(Stage):
     """Subclasses parse a row into a request with ``.params`` (``GenerationParams``) and denoise
-    a list of requests of one (height, width, steps) into packed latents, one tensor each.
+    a list of requests of one ``group_key`` (by default (height, width, steps)) into latents, one
+    tensor each.
 
     ``rank`` is this process's rank in the parallel group: 0 in the Triton model (which starts the
     workers when the options ask for parallelism), the worker's rank in ``ditserve.parallel.worker``.
@@ -111,16 +112,21 @@ class GroupedDenoiser(Stage):
     @abstractmethod
     def denoise(self, requests: list) -> list[torch.Tensor]: ...
 
+    def group_key(self, request) -> tuple:
+        """Requests with equal keys run batched; pipelines whose shapes depend on more (video
+        frames, text length) extend it."""
+        return (request.params.height, request.params.width, request.params.steps)
+
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
         results: list[Outputs | RequestError | None] = [None] * len(rows)
-        groups: dict[tuple[int, int, int], list[tuple[int, Any]]] = defaultdict(list)
+        groups: dict[tuple, list[tuple[int, Any]]] = defaultdict(list)
         for i, row in enumerate(rows):
             try:
                 request = self.parse(row)
             except RequestError as error:
                 results[i] = error
                 continue
-            groups[(request.params.height, request.params.width, request.params.steps)].append((i, request))
+            groups[self.group_key(request)].append((i, request))
         for members in groups.values():
             for chunk in self._chunks(members):
                 for (i, _), latents in zip(chunk, self.dispatch([request for _, request in chunk])):

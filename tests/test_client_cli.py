@@ -126,8 +126,6 @@ def test_cli_errors_are_one_line_with_exit_code_1(triton_server, capsys, tmp_pat
     Image.new("RGB", (64, 64)).save(image)
     assert _fails(["edit", "--prompt", "a", "--image", str(image), *url], capsys) == (
         f"ditserve edit: not available: ensemble qwen_image_edit is not loaded on the server at {triton_server.grpc_url}")
-    assert "not available: ensemble wan_t2v is not loaded" in _fails(
-        ["video", "--prompt", "a", "--num-frames", "9", "--url", urls(triton_server)["http"], "--protocol", "http"], capsys)
 
 
 @pytest.mark.server

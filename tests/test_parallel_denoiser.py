@@ -149,8 +149,13 @@ def test_parallel_config_layout():
     assert not ParallelConfig.from_options(ParallelOptions(), torch.device("cpu")).enabled
 
 
-def test_qwen_image_refuses_parallel_parameters():
-    from ditserve.qwen_image.denoiser import QwenImageDenoiser, QwenDenoiserOptions
+@pytest.mark.parametrize("module, cls, model_path", [
+    ("ditserve.qwen_image.denoiser", "QwenImageDenoiser", "tiny-qwen-image"),
+    ("ditserve.wan.denoiser", "WanDenoiser", "tiny-wan-t2v"),
+])
+def test_models_without_parallel_hooks_refuse_parallel_parameters(module, cls, model_path):
+    import importlib
 
+    stage = getattr(importlib.import_module(module), cls)
     with pytest.raises(ConfigError, match="not supported for this model yet"):
-        QwenImageDenoiser(Runtime(model_path="tiny-qwen-image", **CPU_FP32), QwenDenoiserOptions(cfg_parallel=True))
+        stage(Runtime(model_path=model_path, **CPU_FP32), stage.Options(cfg_parallel=True))

@@ -1,0 +1,126 @@
+"""Wan denoising: video latents, the checkpoint's scheduler, classifier-free guidance, one or two experts.
+
+As ``WanPipeline.__call__``: fp32 latents of (frames - 1) / t + 1 latent frames drawn from each
+request's own CPU generator, the checkpoint's scheduler (UniPC with ``flow_shift`` in the Wan
+checkpoints, or FlowMatch Euler with its ``shift``) set to the step count alone, the transformer fed
+the latents in its dtype, and ``uncond + s * (cond - uncond)`` with the negative prompt's
+embeddings when s = GUIDANCE_SCALE > 1. A Wan 2.2 A14B checkpoint (``boundary_ratio`` and
+``transformer_2`` in model_index.json) runs ``transformer`` on the steps with timestep >=
+boundary_ratio x num_train_timesteps and ``transformer_2`` on the rest, at the same scale
+(WanPipeline's default ``guidance_scale_2``).
+
+Requests of one (height, width, steps, frames, text length) run as one batch: conditional and
+unconditional rows together in one transformer forward per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ditserve.denoising import GroupedDenoiser
+from ditserve.loading import Checkpoint
+from ditserve.parallel.group import ParallelOptions
+from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
+from ditserve.wan.request import VideoGeometry, VideoParams
+
+
+@dataclasses.dataclass(frozen=True)
+class WanDenoiserOptions(ParallelOptions):
+    max_batch_videos: int = 4  # videos per transformer forward (twice the rows with guidance); a video is never split
+
+    def __post_init__(self):
+        if self.max_batch_videos < 1:
+            raise ValueError(f"parameter max_batch_videos: must be >= 1, got {self.max_batch_videos}")
+
+    @property
+    def max_batch_images(self) -> int:  # the batch limit under GroupedDenoiser's name
+        return self.max_batch_videos
+
+
+@dataclasses.dataclass(frozen=True)
+class WanRequest:
+    prompt_embeds: torch.Tensor  # (L, D), padding zeroed, as the transformer takes it
+    negative_embeds: torch.Tensor  # (L, D)
+    params: VideoParams
+
+
+class WanDenoiser(GroupedDenoiser):
+    Options = WanDenoiserOptions
+    inputs = (
+        "PROMPT_EMBEDS",
+        "NEGATIVE_PROMPT_EMBEDS",
+        "HEIGHT",
+        "WIDTH",
+        "NUM_FRAMES",
+        "NUM_INFERENCE_STEPS",
+        "GUIDANCE_SCALE",
+        "SEED",
+    )
+
+    def __init__(self, runtime: Runtime, options: WanDenoiserOptions | None = None, *, rank: int = 0):
+        super().__init__(runtime, options, rank=rank)
+        checkpoint = Checkpoint(runtime.model_path)
+        if checkpoint.index.get("expand_timesteps"):
+            raise ConfigError("model_path: Wan 2.2 TI2V checkpoints (expand_timesteps) are not supported")
+        self.transformer = checkpoint.load("transformer", runtime)
+        self.scheduler_class = checkpoint.component_class("scheduler")
+        self.scheduler_config = checkpoint.load("scheduler").config
+        self.boundary_ratio = checkpoint.index.get("boundary_ratio")
+        # The low-noise expert: loaded only where the pipeline would use it.
+        self.transformer_2 = checkpoint.load("transformer_2", runtime) if self.boundary_ratio is not None else None
+        self.geometry = VideoGeometry.read(checkpoint)
+        self.latent_channels = self.transformer.config.in_channels
+        self.start_parallel()  # refuses sp_degree/cfg_parallel at load until Wan has the hooks
+
+    def parse(self, row: Row) -> WanRequest:
+        device, dtype = self.runtime.device, self.runtime.dtype
+        prompt = tensor_field(row, "PROMPT_EMBEDS", 2, device, dtype)
+        negative = tensor_field(row, "NEGATIVE_PROMPT_EMBEDS", 2, device, dtype)
+        if negative.shape != prompt.shape:
+            raise RequestError("NEGATIVE_PROMPT_EMBEDS", f"shape {tuple(negative.shape)} != PROMPT_EMBEDS {tuple(prompt.shape)}")
+        return WanRequest(prompt, negative, VideoParams.parse(row, self.geometry))
+
+    def group_key(self, request: WanRequest) -> tuple:
+        return (*super().group_key(request), request.params.num_frames, request.prompt_embeds.shape[0])
+
+    def expert(self, t: torch.Tensor) -> torch.nn.Module:
+        if self.transformer_2 is None or t >= self.boundary_ratio * self.scheduler_config.num_train_timesteps:
+            return self.transformer  # Wan 2.1, or Wan 2.2's high-noise steps
+        return self.transformer_2
+
+    @torch.inference_mode()
+    def denoise(self, requests: list[WanRequest]) -> list[torch.Tensor]:
+        """Denoise requests of one group key: per request (C, latent frames, H/8, W/8) fp32."""
+        device, dtype = self.runtime.device, self.runtime.dtype
+        first = requests[0].params
+        spatial, temporal = self.geometry.spatial_factor, self.geometry.temporal_factor
+        shape = (1, self.latent_channels, (first.num_frames - 1) // temporal + 1, first.height // spatial, first.width // spatial)
+        # As WanPipeline with generator=torch.Generator("cpu").manual_seed(seed): fp32, whatever the dtype.
+        latents = torch.cat(
+            [
+                randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(r.params.seed), device=device, dtype=torch.float32)
+                for r in requests
+            ]
+        )
+        guided = [i for i, r in enumerate(requests) if r.params.guidance > 1]
+        text = torch.stack([r.prompt_embeds for r in requests] + [requests[i].negative_embeds for i in guided])
+        scales = torch.tensor([requests[i].params.guidance for i in guided], device=device, dtype=dtype).view(-1, 1, 1, 1, 1)
+
+        scheduler = self.scheduler_class.from_config(self.scheduler_config)
+        scheduler.set_timesteps(first.steps, device=device)
+        scheduler.set_begin_index(0)
+        n = len(requests)
+        for t in scheduler.timesteps:
+            hidden = latents.to(dtype)
+            hidden = torch.cat([hidden, hidden[guided]])
+            prediction = self.expert(t)(
+                hidden_states=hidden, timestep=t.expand(hidden.shape[0]), encoder_hidden_states=text, return_dict=False
+            )[0]
+            prediction, unconditional = prediction[:n], prediction[n:]
+            if guided:
+                prediction[guided] = unconditional + scales * (prediction[guided] - unconditional)
+            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+        return list(latents.float())

@@ -1,0 +1,72 @@
+"""Wan post-processing: uint8 frames (FLUX's quantisation) and one MP4 per video, encoded with PyAV.
+
+The frames are quantised where they are (GPU or CPU); only the uint8 frames cross to the host,
+for the encoder. H.264 in yuv420p, the format every player decodes; sizes are multiples of 16,
+so the halved chroma planes need no padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Sequence
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+
+from ditserve.postprocess import to_uint8
+from ditserve.stage import Outputs, RequestError, Row, Stage, int_field, tensor_field
+from ditserve.wan.limits import DEFAULT_FPS, MAX_FPS
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoOptions:
+    # libx264's constant rate factor: 0 is lossless, 23 its default; 17-18 look lossless.
+    crf: int = 18
+    preset: str = "medium"  # libx264's speed/size trade-off; frames look the same
+
+    def __post_init__(self):
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"parameter crf: must be in [0, 51], got {self.crf}")
+        presets = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+        if self.preset not in presets:
+            raise ValueError(f"parameter preset: must be one of {', '.join(presets)}, got {self.preset!r}")
+
+
+def encode_mp4(frames: np.ndarray, fps: int, options: VideoOptions) -> bytes:
+    """(F, H, W, 3) uint8 RGB -> H.264 MP4 bytes at ``fps`` frames per second."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(options.crf), "preset": options.preset}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
+    return buffer.getvalue()
+
+
+class VideoPostprocess(Stage):
+    """PIXELS (F, 3, H, W) in [0, 1] and FPS -> FRAMES (F, H, W, 3) uint8 and VIDEO (1,) MP4 bytes."""
+
+    Options = VideoOptions
+    inputs = ("PIXELS", "FPS")
+    outputs = ("FRAMES", "VIDEO")
+
+    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
+        results: list[Outputs | RequestError] = []
+        for row in rows:
+            try:
+                pixels = tensor_field(row, "PIXELS", 4, row["PIXELS"].device, torch.float32)
+                if pixels.shape[1] != 3:
+                    raise RequestError("PIXELS", f"expected 3 channels, got shape {tuple(pixels.shape)}")
+                fps = int_field(row, "FPS", DEFAULT_FPS, 1, MAX_FPS)
+            except RequestError as error:
+                results.append(error)
+                continue
+            frames = to_uint8(pixels).cpu().numpy()
+            results.append({"FRAMES": frames, "VIDEO": np.array([encode_mp4(frames, fps, self.options)], dtype=object)})
+        return results

@@ -1,0 +1,105 @@
+"""wan_request: validate a text-to-video request and fill in WanPipeline's defaults.
+
+FLUX's request check (``FluxRequestCheck``) with the video parameters: its checks and messages for
+the fields the pipelines share (sizes, steps, guidance, seed, prompts), plus NUM_FRAMES, which must
+be ``k * t + 1`` for the VAE's temporal factor t (4: the first frame, then t frames per latent frame),
+and FPS for the MP4. The size multiple is the VAE's spatial factor times the transformer's patch
+(8 x 2 = 16), as WanPipeline checks. GUIDANCE_SCALE is WanPipeline's classifier-free guidance scale
+(on above 1, with NEGATIVE_PROMPT or the empty prompt as the negative).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from ditserve.flux.request import FluxRequestCheck, GenerationParams
+from ditserve.loading import Checkpoint
+from ditserve.qwen_image.request import _config
+from ditserve.stage import Outputs, RequestError, Row, int_field
+from ditserve.wan.limits import (
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    DEFAULT_GUIDANCE,
+    DEFAULT_HEIGHT,
+    DEFAULT_STEPS,
+    DEFAULT_WIDTH,
+    MAX_FPS,
+    MAX_FRAMES,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoGeometry:
+    size_multiple: int  # pixels: VAE spatial factor x transformer patch
+    spatial_factor: int  # pixels per latent
+    temporal_factor: int  # frames per latent frame after the first
+
+    @classmethod
+    def read(cls, checkpoint: Checkpoint) -> VideoGeometry:
+        """From the VAE and transformer configs alone (plain JSON: the request stage never imports diffusers)."""
+        vae = _config(checkpoint, "vae", "config.json")
+        patch = _config(checkpoint, "transformer", "config.json")["patch_size"]
+        # AutoencoderKLWan's defaults where a config predates these keys, as WanPipeline reads them.
+        spatial, temporal = vae.get("scale_factor_spatial", 8), vae.get("scale_factor_temporal", 4)
+        return cls(size_multiple=spatial * max(patch[1], patch[2]), spatial_factor=spatial, temporal_factor=temporal)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoParams:
+    height: int
+    width: int
+    num_frames: int
+    steps: int
+    guidance: float
+    seed: int
+    fps: int
+    num_images: ClassVar[int] = 1  # one video per request: GroupedDenoiser's unit of batching
+
+    @classmethod
+    def parse(cls, row: Row, geometry: VideoGeometry) -> VideoParams:
+        # FLUX's parser for the shared fields; WanPipeline's defaults where the request has none.
+        shared = GenerationParams.parse(row, geometry.size_multiple, DEFAULT_HEIGHT)
+        frames = int_field(row, "NUM_FRAMES", DEFAULT_FRAMES, 1, MAX_FRAMES)
+        if (frames - 1) % geometry.temporal_factor:
+            t = geometry.temporal_factor
+            raise RequestError("NUM_FRAMES", f"must be {t}k+1 (1, {t + 1}, {2 * t + 1}, ...) in [1, {MAX_FRAMES}], got {frames}")
+        return cls(
+            height=shared.height,
+            width=shared.width if "WIDTH" in row else DEFAULT_WIDTH,
+            num_frames=frames,
+            steps=shared.steps if "NUM_INFERENCE_STEPS" in row else DEFAULT_STEPS,
+            guidance=shared.guidance if "GUIDANCE_SCALE" in row else DEFAULT_GUIDANCE,
+            seed=shared.seed,
+            fps=int_field(row, "FPS", DEFAULT_FPS, 1, MAX_FPS),
+        )
+
+    def as_row(self) -> Outputs:
+        def value(x, dtype):
+            return torch.tensor([x], dtype=dtype)
+
+        return {
+            "HEIGHT": value(self.height, torch.int32),
+            "WIDTH": value(self.width, torch.int32),
+            "NUM_FRAMES": value(self.num_frames, torch.int32),
+            "NUM_INFERENCE_STEPS": value(self.steps, torch.int32),
+            "GUIDANCE_SCALE": value(self.guidance, torch.float32),
+            "SEED": value(self.seed, torch.int64),
+            "FPS": value(self.fps, torch.int32),
+        }
+
+
+class WanRequestCheck(FluxRequestCheck):
+    """FLUX's request check with Wan's video parameters, geometry and defaults."""
+
+    inputs = ("PROMPT", "NEGATIVE_PROMPT", "HEIGHT", "WIDTH", "NUM_FRAMES", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE",
+              "SEED", "FPS")
+    outputs = ("PROMPT", "HEIGHT", "WIDTH", "NUM_FRAMES", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "SEED", "FPS")
+
+    def configure(self, checkpoint: Checkpoint) -> None:
+        self.geometry = VideoGeometry.read(checkpoint)
+
+    def parse_params(self, row: Row) -> VideoParams:
+        return VideoParams.parse(row, self.geometry)

@@ -1,0 +1,201 @@
+"""Parity: our Wan stages equal diffusers' WanPipeline frame by frame (fp32, CPU, tiny random weights),
+and the request check, MP4 and batching behave."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+
+import av
+import numpy as np
+import pytest
+import torch
+from flux_reference import CPU_FP32, make_row
+
+from ditserve.checkpoints import resolve_model_path
+from ditserve.pipeline import LocalPipeline
+from ditserve.stage import RequestError, Runtime
+from ditserve.wan import WAN_T2V
+from ditserve.wan.denoiser import WanDenoiser
+from ditserve.wan.request import WanRequestCheck
+
+
+def reference_frames(pipe, prompt, negative=None, **kw) -> np.ndarray:
+    """WanPipeline's frames for the same request fields, as uint8 (F, H, W, 3)."""
+    frames = pipe(
+        prompt=prompt,
+        negative_prompt=negative,
+        height=kw["HEIGHT"],
+        width=kw["WIDTH"],
+        num_frames=kw["NUM_FRAMES"],
+        num_inference_steps=kw["NUM_INFERENCE_STEPS"],
+        generator=torch.Generator("cpu").manual_seed(kw["SEED"]),
+        output_type="np",
+        **({"guidance_scale": kw["GUIDANCE_SCALE"]} if "GUIDANCE_SCALE" in kw else {}),
+    ).frames
+    return (frames[0] * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
+
+
+class Models:
+    """Our pipeline and WanPipeline on one checkpoint directory (built once per module)."""
+
+    def __init__(self, path):
+        from diffusers import WanPipeline
+
+        self.ours = LocalPipeline(WAN_T2V, Runtime(model_path=str(path), **CPU_FP32))
+        self.reference = WanPipeline.from_pretrained(path, dtype=torch.float32)
+        self.reference.set_progress_bar_config(disable=True)
+
+    def stage(self, cls):
+        return next(stage for _, stage in self.ours.stages if isinstance(stage, cls))
+
+
+@pytest.fixture(scope="module")
+def wan21():
+    return Models(resolve_model_path("tiny-wan-t2v"))
+
+
+@pytest.fixture(scope="module")
+def wan22():
+    return Models(resolve_model_path("tiny-wan2.2-t2v"))
+
+
+@pytest.fixture(scope="module")
+def wan21_euler(tmp_path_factory):
+    """tiny-wan-t2v with FlowMatch Euler and a fixed shift instead of UniPC: the other Wan scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    path = tmp_path_factory.mktemp("wan-euler") / "ckpt"
+    shutil.copytree(resolve_model_path("tiny-wan-t2v"), path)
+    shutil.rmtree(path / "scheduler")
+    FlowMatchEulerDiscreteScheduler(shift=5.0).save_pretrained(path / "scheduler")
+    index = json.loads((path / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    (path / "model_index.json").write_text(json.dumps(index))
+    return Models(path)
+
+
+def assert_parity(models: Models, texts, scalars) -> None:
+    (result,) = models.ours([make_row(*texts, **scalars)])
+    assert not isinstance(result, RequestError), result
+    expected = reference_frames(models.reference, *texts, **scalars)
+    frames = result["FRAMES"]
+    assert frames.shape == expected.shape == (scalars["NUM_FRAMES"], scalars["HEIGHT"], scalars["WIDTH"], 3)
+    assert frames.std() > 5, "video is flat: the test could not tell pipelines apart"
+    diff = np.abs(frames.astype(int) - expected.astype(int)).max()
+    assert diff <= 1, f"max pixel difference {diff}/255"
+
+
+CASES = [
+    pytest.param(("a red fox in the snow", None), dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=2, SEED=7), id="64x64x5-cfg-empty-negative"),
+    pytest.param(
+        ("a tall lighthouse at night", "blurry, low quality"),
+        dict(HEIGHT=64, WIDTH=96, NUM_FRAMES=9, NUM_INFERENCE_STEPS=3, SEED=1, GUIDANCE_SCALE=4.0),
+        id="64x96x9-cfg-negative",
+    ),
+    pytest.param(("a castle on a hill", None), dict(HEIGHT=80, WIDTH=64, NUM_FRAMES=1, NUM_INFERENCE_STEPS=2, SEED=5, GUIDANCE_SCALE=1.0), id="80x64x1-no-cfg"),
+]
+
+
+@pytest.mark.parametrize("texts,scalars", CASES)
+def test_matches_wan_pipeline(wan21, texts, scalars):
+    assert_parity(wan21, texts, scalars)
+
+
+def test_two_experts_match_wan22_pipeline_and_both_run(wan22):
+    denoiser = wan22.stage(WanDenoiser)
+    calls = {"transformer": 0, "transformer_2": 0}
+    hooks = [
+        getattr(denoiser, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name in calls
+    ]
+    try:
+        # 3 UniPC steps with flow_shift 3: timesteps 1000, 857, 600 against the boundary 875.
+        assert_parity(wan22, ("a bowl of ramen", "dark"), dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=3, SEED=3))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"transformer": 1, "transformer_2": 2}
+
+
+def test_flow_match_euler_checkpoint_matches(wan21_euler):
+    assert_parity(wan21_euler, ("a paper boat", "ugly"), dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=3, SEED=2))
+
+
+def test_batched_rows_equal_their_unbatched_results(wan21):
+    """Prompts, seeds and guidance scales (CFG on and off) in one call equal each row run alone."""
+    common = dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=2)
+    rows = [
+        make_row("a cat", SEED=1, GUIDANCE_SCALE=1.0, **common),
+        make_row("a small dog sitting in a green field", "ugly", SEED=2, GUIDANCE_SCALE=3.0, **common),
+        make_row("a cow", SEED=1, **common),
+        make_row("a hen", SEED=4, **{**common, "NUM_FRAMES": 9}),  # another group
+        make_row("a cat", **{**common, "NUM_FRAMES": 6}),  # a bad row fails alone
+    ]
+    batched = wan21.ours(rows)
+    assert isinstance(batched[-1], RequestError) and batched[-1].field == "NUM_FRAMES"
+    for row, together in zip(rows[:-1], batched):
+        (alone,) = wan21.ours([row])
+        diff = np.abs(alone["FRAMES"].astype(int) - together["FRAMES"].astype(int)).max()
+        assert diff <= 1, f"batched differs from unbatched by {diff}/255"
+    # Same seed, other prompt and guidance: the prompt reaches the video.
+    assert np.abs(batched[0]["FRAMES"].astype(int) - batched[2]["FRAMES"].astype(int)).max() > 10
+
+
+def test_mp4_decodes_to_the_frames_at_the_fps(wan21):
+    (result,) = wan21.ours([make_row("a red fox", HEIGHT=64, WIDTH=96, NUM_FRAMES=9, NUM_INFERENCE_STEPS=2, SEED=3, FPS=12)])
+    frames = result["FRAMES"]
+    assert result["VIDEO"].shape == (1,)
+    with av.open(io.BytesIO(result["VIDEO"][0])) as container:  # FFmpeg's demuxer and H.264 decoder
+        stream = container.streams.video[0]
+        decoded = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
+        assert stream.codec_context.name == "h264" and stream.average_rate == 12
+        assert container.duration / av.time_base == pytest.approx(9 / 12)
+    assert decoded.shape == frames.shape == (9, 64, 96, 3)
+    # Lossy, and random-weight frames are noise: each decoded frame is nearest to its own frame.
+    distance = np.abs(decoded[:, None].astype(int) - frames[None].astype(int)).mean(axis=(2, 3, 4))
+    assert (distance.argmin(axis=1) == np.arange(9)).all()
+
+
+@pytest.mark.parametrize(
+    "fields,field,message",
+    [
+        (dict(NUM_FRAMES=6), "NUM_FRAMES", r"must be 4k\+1 \(1, 5, 9, ...\) in \[1, 241\], got 6"),
+        (dict(NUM_FRAMES=245), "NUM_FRAMES", r"must be an integer in \[1, 241\], got 245"),
+        (dict(NUM_FRAMES=0), "NUM_FRAMES", r"must be an integer in \[1, 241\], got 0"),
+        (dict(HEIGHT=72), "HEIGHT", r"must be a multiple of 16 in \[64, 4096\], got 72"),
+        (dict(WIDTH=120), "WIDTH", r"must be a multiple of 16 in \[64, 4096\], got 120"),
+        (dict(FPS=0), "FPS", r"must be an integer in \[1, 120\], got 0"),
+        (dict(NUM_INFERENCE_STEPS=0), "NUM_INFERENCE_STEPS", r"must be an integer in \[1, 200\]"),
+        (dict(GUIDANCE_SCALE=-1.0), "GUIDANCE_SCALE", r"must be a finite number in \[0.0, 100.0\]"),
+    ],
+)
+def test_request_check_names_the_field_and_limit(wan21, fields, field, message):
+    (error,) = wan21.stage(WanRequestCheck).execute([make_row("a cat", **fields)])
+    assert isinstance(error, RequestError) and error.field == field
+    assert re.search(message, str(error)), str(error)
+
+
+def test_request_defaults_are_wan_pipelines(wan21):
+    stage = wan21.stage(WanRequestCheck)
+    (out,) = stage.execute([make_row("a cat", SEED=3)])
+    assert (int(out["HEIGHT"]), int(out["WIDTH"]), int(out["NUM_FRAMES"])) == (480, 832, 81)
+    assert int(out["NUM_INFERENCE_STEPS"]) == 50 and float(out["GUIDANCE_SCALE"]) == 5.0 and int(out["FPS"]) == 16
+    (missing,) = stage.execute([{}])
+    assert isinstance(missing, RequestError) and str(missing) == "PROMPT: is required"
+
+
+def test_text_encoder_zero_pads_and_encodes_the_empty_negative(wan21):
+    from ditserve.wan.text_encoder import WanTextEncoder
+
+    stage = wan21.stage(WanTextEncoder)
+    (out,) = stage.execute([make_row("a cat")])
+    prompt, negative = out["PROMPT_EMBEDS"], out["NEGATIVE_PROMPT_EMBEDS"]
+    assert prompt.shape == negative.shape == (512, 32)
+    real = int(prompt.abs().sum(-1).gt(0).sum())
+    assert 0 < real < 10 and not prompt[real:].any()
+    expected = wan21.reference.encode_prompt("a cat", None, max_sequence_length=512, device="cpu")
+    torch.testing.assert_close(prompt, expected[0][0])
+    torch.testing.assert_close(negative, expected[1][0])
