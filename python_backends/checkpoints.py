@@ -573,7 +573,9 @@ def ensure_builtin(name: str) -> Path:
 
 # Built-ins of other model families, each built by its own module's ``ensure_builtin(name)``
 # (imported only when the name is asked for). Not in BUILTIN_MODELS, which lists the FLUX presets.
-OTHER_BUILTINS: Mapping[str, str] = MappingProxyType({"tiny-qwen-image": "ditserve.qwen_image.checkpoint"})
+OTHER_BUILTINS: Mapping[str, str] = MappingProxyType(
+    {"tiny-qwen-image": "ditserve.qwen_image.checkpoint", "tiny-qwen-image-edit": "ditserve.qwen_image.checkpoint"}
+)
 
 
 def _other_builtin(name: str) -> Path:

@@ -33,19 +33,23 @@ class GroupedDenoiser(Stage):
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
         results: list[Outputs | RequestError | None] = [None] * len(rows)
-        groups: dict[tuple[int, int, int], list[tuple[int, Any]]] = defaultdict(list)
+        groups: dict[tuple, list[tuple[int, Any]]] = defaultdict(list)
         for i, row in enumerate(rows):
             try:
                 request = self.parse(row)
             except RequestError as error:
                 results[i] = error
                 continue
-            groups[(request.params.height, request.params.width, request.params.steps)].append((i, request))
+            groups[self.group_key(request)].append((i, request))
         for members in groups.values():
             for chunk in self._chunks(members):
                 for (i, _), latents in zip(chunk, self.denoise([request for _, request in chunk])):
                     results[i] = {"LATENTS": latents}
         return results
+
+    def group_key(self, request: Any) -> tuple:
+        """Requests with equal keys run together; subclasses add what else must match (e.g. condition shapes)."""
+        return (request.params.height, request.params.width, request.params.steps)
 
     def _chunks(self, members: list[tuple[int, Any]]) -> Iterator[list[tuple[int, Any]]]:
         chunk, images = [], 0
