@@ -55,7 +55,7 @@ def decode_image(data: bytes, field: str, limits: ImageLimits = ImageLimits()) -
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RequestError(field, f"declares more than {limits.max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise RequestError(field, "is not a PNG, JPEG or WebP image") from None
+        raise RequestError(field, "is not a readable PNG, JPEG or WebP image") from None
     width, height = image.size
     if width * height > limits.max_pixels:
         raise RequestError(field, f"must have at most {limits.max_pixels} pixels, got {width}x{height}")

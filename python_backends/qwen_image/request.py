@@ -6,6 +6,9 @@ still needs a negative prompt), 1024x1024 (128 latents x the VAE factor), and th
 comes from the Qwen-Image VAE (``2 ** len(temperal_downsample)``, times 2 for the 2x2 packing).
 With Qwen-Image's scheduler (``shift_terminal``) at least 2 steps: one step is a NaN image in
 QwenImagePipeline too.
+
+``QwenImageEditRequestCheck`` adds IMAGE (``ditserve.images``): decoded and validated once, resized
+to the condition size, and passed on as pixels.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditserve.flux.limits import MAX_SIZE, MAX_STEPS, MIN_SIZE
+from ditserve.flux.limits import MAX_PROMPT_CHARS, MAX_SIZE, MAX_STEPS, MIN_SIZE
 from ditserve.flux.request import FluxRequestCheck, GenerationParams
 from ditserve.images import ImageLimits, images_field
 from ditserve.loading import Checkpoint
-from ditserve.stage import Outputs, RequestError, Row, Runtime
+from ditserve.qwen_image.checkpoint import IMAGE_PAD
+from ditserve.stage import Outputs, RequestError, Row, Runtime, text_field
 
 DEFAULT_STEPS = 50
 DEFAULT_TRUE_CFG = 4.0
@@ -75,6 +79,7 @@ class QwenImageRequestCheck(FluxRequestCheck):
 
 #: QwenImageEditPipeline conditions on one image (a list there is a batch of edits, one per prompt).
 MAX_INPUT_IMAGES = 1
+VISION_PLACEHOLDERS = (IMAGE_PAD, "<|video_pad|>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +135,12 @@ class QwenImageEditRequestCheck(QwenImageRequestCheck):
         results: list[Outputs | RequestError] = []
         for row in rows:
             try:
+                for name in ("PROMPT", "NEGATIVE_PROMPT"):
+                    # The processor expands these placeholders into the image's tokens: one in a
+                    # prompt would make Qwen2.5-VL fail the whole batch (token and feature counts differ).
+                    text = text_field(row, name, required=False, max_chars=MAX_PROMPT_CHARS) or ""
+                    if any(token in text for token in VISION_PLACEHOLDERS):
+                        raise RequestError(name, f"must not contain {' or '.join(VISION_PLACEHOLDERS)}")
                 image = self.condition_image(row)
             except RequestError as error:
                 results.append(error)
