@@ -40,7 +40,7 @@ def encoded(width: int, height: int, seed: int, format: str = "PNG") -> tuple[by
 
 
 def edit_row(prompt, negative=None, *, image: bytes, **scalars) -> dict:
-    return {**make_row(prompt, negative, **scalars), "IMAGE": np.array([image], dtype=object)}
+    return {**make_row(prompt, negative, **scalars), "INPUT_IMAGE": np.array([image], dtype=object)}
 
 
 def ours_at(area: int) -> LocalPipeline:
@@ -161,7 +161,7 @@ def test_batched_rows_equal_their_unbatched_results(ours):
         edit_row("a cat", image=b"not an image", HEIGHT=64, WIDTH=64),  # a bad row fails alone
     ]
     batched = ours(rows)
-    assert isinstance(batched[-1], RequestError) and batched[-1].field == "IMAGE"
+    assert isinstance(batched[-1], RequestError) and batched[-1].field == "INPUT_IMAGE"
     for row, together in zip(rows[:-1], batched):
         (alone,) = ours([row])
         diff = np.abs(alone["IMAGE"].astype(int) - together["IMAGE"].astype(int)).max()

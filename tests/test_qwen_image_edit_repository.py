@@ -19,7 +19,7 @@ def test_ensemble_steps_follow_the_stage_list():
 
 def test_ensemble_has_qwen_image_t2i_inputs_plus_an_optional_image():
     ours, t2i = load_config(PIPELINE.name), load_config("qwen_image_t2i")
-    image = {"name": "IMAGE", "data_type": "TYPE_STRING", "dims": ["-1"], "optional": True}
+    image = {"name": "INPUT_IMAGE", "data_type": "TYPE_STRING", "dims": ["-1"], "optional": True}
     assert ours["input"] == [*t2i["input"], image]
     assert ours["output"] == t2i["output"] and ours["max_batch_size"] == t2i["max_batch_size"]
     # Triton's ensemble scheduler deadlocks on a missing required input: the request stage checks them.

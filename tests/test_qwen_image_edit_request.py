@@ -115,7 +115,7 @@ def stage():
 
 
 def edit_row(*images: bytes, prompt="make it red", **scalars) -> dict:
-    return {**make_row(prompt, **scalars), "IMAGE": np.array(list(images), dtype=object)}
+    return {**make_row(prompt, **scalars), "INPUT_IMAGE": np.array(list(images), dtype=object)}
 
 
 def test_condition_size_is_the_pipelines():
@@ -135,14 +135,14 @@ def test_defaults_come_from_the_image(stage):
 
 
 REQUEST_ERRORS = {
-    "no-image": (lambda: make_row("make it red"), "IMAGE", "is required"),
-    "zero-images": (lambda: edit_row(), "IMAGE", "expected 1 image, got 0"),
-    "two-images": (lambda: edit_row(encode(gradient(16, 16)), encode(gradient(16, 16))), "IMAGE", "expected 1 image, got 2"),
-    "not-an-image": (lambda: edit_row(b"GIF89a nonsense"), "IMAGE", "not a readable PNG, JPEG or WebP"),
-    "bomb": (lambda: edit_row(png_declaring(5000, 5000)), "IMAGE", "at most 16777216 pixels, got 5000x5000"),
+    "no-image": (lambda: make_row("make it red"), "INPUT_IMAGE", "is required"),
+    "zero-images": (lambda: edit_row(), "INPUT_IMAGE", "expected 1 image, got 0"),
+    "two-images": (lambda: edit_row(encode(gradient(16, 16)), encode(gradient(16, 16))), "INPUT_IMAGE", "expected 1 image, got 2"),
+    "not-an-image": (lambda: edit_row(b"GIF89a nonsense"), "INPUT_IMAGE", "not a readable PNG, JPEG or WebP"),
+    "bomb": (lambda: edit_row(png_declaring(5000, 5000)), "INPUT_IMAGE", "at most 16777216 pixels, got 5000x5000"),
     # 1024 x 20: 1:51.2, resized to about 1 MP it would be 7328 pixels wide.
-    "extreme-aspect": (lambda: edit_row(encode(gradient(1024, 20))), "IMAGE", r"aspect ratio of 1024x20 is too extreme"),
-    "no-prompt": (lambda: {"IMAGE": np.array([encode(gradient(16, 16))], dtype=object)}, "PROMPT", "is required"),
+    "extreme-aspect": (lambda: edit_row(encode(gradient(1024, 20))), "INPUT_IMAGE", r"aspect ratio of 1024x20 is too extreme"),
+    "no-prompt": (lambda: {"INPUT_IMAGE": np.array([encode(gradient(16, 16))], dtype=object)}, "PROMPT", "is required"),
     "image-token-in-prompt": (lambda: edit_row(encode(gradient(16, 16)), prompt="a <|image_pad|>"), "PROMPT", "must not contain"),
     "bad-height": (lambda: edit_row(encode(gradient(16, 16)), HEIGHT=72), "HEIGHT", "multiple of 16"),
 }

@@ -1,7 +1,7 @@
 """qwen_image_edit: the Qwen-Image-Edit stage list (model_repository/qwen_image_edit is its ensemble).
 
 Qwen-Image's stages where the logic is the same (VAE decoding, post-processing) and their Edit
-subclasses where it is not: the request check also decodes and resizes IMAGE, the text encoder
+subclasses where it is not: the request check also decodes and resizes INPUT_IMAGE, the text encoder
 sees the image, the denoiser takes the image latents that the VAE encoder makes.
 """
 

@@ -7,7 +7,8 @@ comes from the Qwen-Image VAE (``2 ** len(temperal_downsample)``, times 2 for th
 With Qwen-Image's scheduler (``shift_terminal``) at least 2 steps: one step is a NaN image in
 QwenImagePipeline too.
 
-``QwenImageEditRequestCheck`` adds IMAGE (``ditserve.images``): decoded and validated once, resized
+``QwenImageEditRequestCheck`` adds INPUT_IMAGE (not IMAGE: an ensemble's tensors share one
+namespace, and IMAGE is the output) (``ditserve.images``): decoded and validated once, resized
 to the condition size, and passed on as pixels.
 """
 
@@ -107,12 +108,12 @@ def condition_size(area: int, width: int, height: int) -> tuple[int, int]:
 
 
 class QwenImageEditRequestCheck(QwenImageRequestCheck):
-    """Qwen-Image's request check plus IMAGE: decoded, validated and resized once, here, to the
+    """Qwen-Image's request check plus INPUT_IMAGE: decoded, validated and resized once, here, to the
     condition size; CONDITION_IMAGE (H, W, 3) uint8 goes to the text encoder and the VAE encoder.
     HEIGHT and WIDTH default to the condition size (floored to the size multiple), as in the pipeline."""
 
     Options = EditRequestOptions
-    inputs = (*QwenImageRequestCheck.inputs, "IMAGE")
+    inputs = (*QwenImageRequestCheck.inputs, "INPUT_IMAGE")
     outputs = (*QwenImageRequestCheck.outputs, "CONDITION_IMAGE")
 
     def __init__(self, runtime: Runtime, options: EditRequestOptions | None = None):
@@ -120,11 +121,11 @@ class QwenImageEditRequestCheck(QwenImageRequestCheck):
         self.limits = ImageLimits(max_bytes=self.options.max_image_bytes, max_pixels=self.options.max_image_pixels)
 
     def condition_image(self, row: Row) -> Image.Image:
-        (image,) = images_field(row, "IMAGE", max_images=MAX_INPUT_IMAGES, limits=self.limits)
+        (image,) = images_field(row, "INPUT_IMAGE", max_images=MAX_INPUT_IMAGES, limits=self.limits)
         width, height = condition_size(self.options.condition_area, *image.size)
         if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
             raise RequestError(
-                "IMAGE",
+                "INPUT_IMAGE",
                 f"aspect ratio of {image.width}x{image.height} is too extreme: resized to about "
                 f"{self.options.condition_area} pixels it would be {width}x{height}, outside [{MIN_SIZE}, {MAX_SIZE}]",
             )
