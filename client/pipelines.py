@@ -188,7 +188,7 @@ PIPELINES: dict[str, Pipeline] = {
     "generate": Pipeline("flux_t2i", _IMAGE_FIELDS, outputs=("PNG", "IMAGE")),
     "edit": Pipeline(
         "qwen_image_edit",
-        _IMAGE_FIELDS | {"image": Images("IMAGE", help="input image file, one or more times")},
+        _IMAGE_FIELDS | {"image": Images("INPUT_IMAGE", help="input image file")},
         outputs=("PNG", "IMAGE"),
     ),
     "video": Pipeline(

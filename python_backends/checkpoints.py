@@ -576,6 +576,7 @@ def ensure_builtin(name: str) -> Path:
 OTHER_BUILTINS: Mapping[str, str] = MappingProxyType(
     {
         "tiny-qwen-image": "ditserve.qwen_image.checkpoint",
+        "tiny-qwen-image-edit": "ditserve.qwen_image.checkpoint",
         "tiny-wan-t2v": "ditserve.wan.checkpoint",
         "tiny-wan2.2-t2v": "ditserve.wan.checkpoint",
     }

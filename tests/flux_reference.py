@@ -25,16 +25,23 @@ def make_row(prompt, negative=None, **scalars) -> dict:
 
 # Request field -> reference pipeline argument, passed only when the request sets it, so that
 # each diffusers pipeline (FluxPipeline, QwenImagePipeline) applies its own defaults.
-_OPTIONAL_ARGS = {"TRUE_CFG_SCALE": "true_cfg_scale", "GUIDANCE_SCALE": "guidance_scale", "NUM_IMAGES": "num_images_per_prompt"}
+# HEIGHT and WIDTH too: QwenImageEditPipeline's defaults come from the input image.
+_OPTIONAL_ARGS = {
+    "TRUE_CFG_SCALE": "true_cfg_scale",
+    "GUIDANCE_SCALE": "guidance_scale",
+    "NUM_IMAGES": "num_images_per_prompt",
+    "HEIGHT": "height",
+    "WIDTH": "width",
+}
 
 
-def reference_uint8(pipe, prompt, negative=None, **kw) -> np.ndarray:
-    """The diffusers pipeline's image for the same request fields, as uint8 (N, H, W, 3)."""
+def reference_uint8(pipe, prompt, negative=None, *, image=None, **kw) -> np.ndarray:
+    """The diffusers pipeline's image for the same request fields, as uint8 (N, H, W, 3);
+    ``image`` (a PIL image) goes to the Edit pipelines."""
     images = pipe(
         prompt=prompt,
         negative_prompt=negative,
-        height=kw["HEIGHT"],
-        width=kw["WIDTH"],
+        **({} if image is None else {"image": image}),
         num_inference_steps=kw["NUM_INFERENCE_STEPS"],
         generator=torch.Generator("cpu").manual_seed(kw["SEED"]),
         output_type="np",

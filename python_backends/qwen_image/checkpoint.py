@@ -1,4 +1,5 @@
-"""The built-in ``tiny-qwen-image`` checkpoint: Qwen-Image at toy size, random weights, diffusers format.
+"""The built-in ``tiny-qwen-image`` and ``tiny-qwen-image-edit`` checkpoints: Qwen-Image and
+Qwen-Image-Edit at toy size, random weights, diffusers format.
 
 Built like the FLUX built-ins (``ditserve.checkpoints``): deterministically, on first use, under
 ``$DITSERVE_CACHE/checkpoints/<name>-<tag>``, atomically under a lock, and then loaded with
@@ -16,10 +17,21 @@ The tokenizer's word list includes the words of ``QwenImagePipeline``'s prompt t
 template prefix that the pipeline drops (``prompt_template_encode_start_idx`` = 34 tokens in the
 real Qwen tokenizer) is exactly 34 tokens here too: the kept hidden states are those of the
 user's prompt, as with the real model (checked at build time).
+
+``tiny-qwen-image-edit`` has the same components (same weights: same seeds and configs) saved as a
+``QwenImageEditPipeline``, a tokenizer that also knows the Edit template's words (its system prefix
+is 64 tokens, ``prompt_template_encode_start_idx``, as with the real tokenizer, so the kept hidden
+states start at the image tokens), and the processor's image handling under ``processor/``: a
+``Qwen2VLImageProcessor`` with the vision tower's patch geometry and at most 64 merged image tokens
+(the real one allows 16384), plus the tokenizer files, as in Qwen/Qwen-Image-Edit's ``processor/``.
+``Qwen2VLProcessor`` itself cannot be constructed without torchvision in transformers 5.24 (its
+class check of the video processor fails), so the folder is written from its parts and
+``model_index.json`` names ``Qwen2VLProcessor`` as the real checkpoint does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,7 +41,7 @@ import time
 import zlib
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Mapping
 
 from ditserve.checkpoints import (
     _WORDS,
@@ -44,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 #: Bump when the build recipe changes the files.
 FORMAT_VERSION = 1
-BUILTIN_NAMES = ("tiny-qwen-image",)
 
 #: QwenImagePipeline's text template and the number of its leading tokens it drops.
 PROMPT_TEMPLATE = (
@@ -52,6 +63,17 @@ PROMPT_TEMPLATE = (
     "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )
 PROMPT_TEMPLATE_DROP = 34
+
+#: QwenImageEditPipeline's: the image placeholder is expanded by the processor and kept.
+EDIT_PROMPT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+EDIT_PROMPT_TEMPLATE_DROP = 64
+IMAGE_PAD = "<|image_pad|>"
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -66,6 +88,12 @@ SPECIAL_TOKENS = (
 _TEMPLATE_WORDS = tuple(
     """system user assistant Describe describe image by detailing color shape size texture quantity text
     spatial relationships objects background the of and""".split()
+)
+# The Edit template's other words and its punctuation pieces (" (", "),", "'s" are one token each
+# in Qwen's tokenizer: with them the system prefix is the real tokenizer's 64 tokens).
+_EDIT_TEMPLATE_WORDS = tuple(
+    """key features input then explain how user text instruction should alter or modify Generate a new
+    that meets requirements while maintaining consistency with original where appropriate ( ), 's""".split()
 )
 
 _TEXT = MappingProxyType(
@@ -138,9 +166,47 @@ TINY = MappingProxyType(
 )
 
 
-def version_tag(seed: int = 0) -> str:
+@dataclasses.dataclass(frozen=True)
+class Builtin:
+    """What a built-in adds to the shared components: the pipeline class that saves (and loads) it,
+    its template, and for the Edit pipelines the processor's image-processor config."""
+
+    pipeline: str
+    template: str
+    template_drop: int
+    template_words: tuple[str, ...]
+    image_processor: Mapping[str, Any] | None = None
+
+
+# Qwen2VLImageProcessor kwargs: the vision tower's patch geometry; 56x56 to 224x224 pixels (4 to 64
+# merged tokens) instead of the real 3136 to 12845056, so the tiny text encoder stays cheap.
+_IMAGE_PROCESSOR = MappingProxyType(
+    dict(
+        size={"shortest_edge": 56 * 56, "longest_edge": 224 * 224},
+        patch_size=_VISION["patch_size"],
+        temporal_patch_size=_VISION["temporal_patch_size"],
+        merge_size=_VISION["spatial_merge_size"],
+    )
+)
+
+BUILTINS: Mapping[str, Builtin] = MappingProxyType(
+    {
+        "tiny-qwen-image": Builtin("QwenImagePipeline", PROMPT_TEMPLATE, PROMPT_TEMPLATE_DROP, _TEMPLATE_WORDS),
+        "tiny-qwen-image-edit": Builtin(
+            "QwenImageEditPipeline",
+            EDIT_PROMPT_TEMPLATE,
+            EDIT_PROMPT_TEMPLATE_DROP,
+            _TEMPLATE_WORDS + _EDIT_TEMPLATE_WORDS,
+            _IMAGE_PROCESSOR,
+        ),
+    }
+)
+BUILTIN_NAMES = tuple(BUILTINS)
+
+
+def version_tag(seed: int = 0, name: str = "tiny-qwen-image") -> str:
     payload = json.dumps(
-        {"configs": TINY, "seed": seed, "words": _WORDS, "template_words": _TEMPLATE_WORDS, "special": SPECIAL_TOKENS},
+        {"configs": TINY, "seed": seed, "words": _WORDS, "special": SPECIAL_TOKENS, "builtin": vars(BUILTINS[name])},
         sort_keys=True,
         default=dict,
     )
@@ -150,15 +216,15 @@ def version_tag(seed: int = 0) -> str:
 # --- tokenizer ---------------------------------------------------------------------------------
 
 
-def build_tokenizer():
-    """A Qwen2 byte-level BPE tokenizer: the 256 byte symbols, merges for prompt words with and
-    without the leading-space marker ``Ġ``, then the chat and vision special tokens."""
+def build_tokenizer(template_words: tuple[str, ...] = _TEMPLATE_WORDS):
+    """A Qwen2 byte-level BPE tokenizer: the 256 byte symbols, merges for prompt and template words
+    with and without the leading-space marker ``Ġ``, then the chat and vision special tokens."""
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
     alphabet = _bytes_to_unicode()
     vocab: dict[str, int] = {c: i for i, c in enumerate(alphabet)}
-    words = [*dict.fromkeys((*_WORDS, *_TEMPLATE_WORDS))]
+    words = [*dict.fromkeys((*_WORDS, *template_words))]
     merges = _learn_bpe_merges([w for word in words for w in (word, "Ġ" + word)])  # byte-level: no end-of-word marker
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
@@ -201,16 +267,23 @@ def _reinit_parameters(module, seed: int, component: str) -> None:
                     p.normal_(0.0, 0.02, generator=gen)
 
 
-def build_components(seed: int = 0) -> dict[str, Any]:
+def template_prefix(builtin: Builtin) -> str:
+    """The part of the template that the pipeline drops: up to the user turn (the image placeholder,
+    expanded to many tokens by the processor, comes after it)."""
+    head = builtin.template.split("{}")[0]
+    return head[: head.index("<|im_start|>user\n") + len("<|im_start|>user\n")]
+
+
+def build_components(seed: int = 0, name: str = "tiny-qwen-image") -> dict[str, Any]:
     import torch
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = build_tokenizer()
-    prefix = PROMPT_TEMPLATE.split("{}")[0]
-    prefix_tokens = len(tokenizer(prefix).input_ids)
-    if prefix_tokens != PROMPT_TEMPLATE_DROP:
-        raise AssertionError(f"template prefix is {prefix_tokens} tokens, QwenImagePipeline drops {PROMPT_TEMPLATE_DROP}")
+    builtin = BUILTINS[name]
+    tokenizer = build_tokenizer(builtin.template_words)
+    prefix_tokens = len(tokenizer(template_prefix(builtin)).input_ids)
+    if prefix_tokens != builtin.template_drop:
+        raise AssertionError(f"template prefix is {prefix_tokens} tokens, {builtin.pipeline} drops {builtin.template_drop}")
     if len(tokenizer) > _TEXT["vocab_size"]:
         raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {_TEXT['vocab_size']}")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -249,22 +322,41 @@ def build_components(seed: int = 0) -> dict[str, Any]:
 def builtin_dir(name: str) -> Path:
     if name not in BUILTIN_NAMES:
         raise ValueError(f"{name!r} is not a Qwen-Image built-in ({', '.join(BUILTIN_NAMES)})")
-    return cache_root() / "checkpoints" / f"{name}-{version_tag()}"
+    return cache_root() / "checkpoints" / f"{name}-{version_tag(name=name)}"
 
 
-def build_checkpoint(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build the tiny pipeline into ``out_dir`` (atomically; a complete one there is returned)."""
+def _write_processor(folder: Path, builtin: Builtin, tokenizer) -> None:
+    """``processor/`` as ``Qwen2VLProcessor.save_pretrained`` lays it out: the image processor's
+    preprocessor_config.json (the video processor falls back to it) and the tokenizer files."""
+    from transformers import Qwen2VLImageProcessor
+
+    Qwen2VLImageProcessor(**builtin.image_processor).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def build_checkpoint(out_dir: str | os.PathLike, seed: int = 0, name: str = "tiny-qwen-image") -> Path:
+    """Build the tiny pipeline ``name`` into ``out_dir`` (atomically; a complete one there is returned)."""
+    builtin = BUILTINS[name]
 
     def write(tmp: Path) -> None:
-        from diffusers import QwenImagePipeline
+        import diffusers
 
         t0 = time.perf_counter()
-        QwenImagePipeline(**build_components(seed)).save_pretrained(tmp, safe_serialization=True)
-        logger.info("built tiny-qwen-image in %.1fs", time.perf_counter() - t0)
+        components = build_components(seed, name)
+        pipeline = getattr(diffusers, builtin.pipeline)
+        extra = {"processor": None} if builtin.image_processor is not None else {}
+        pipeline(**components, **extra).save_pretrained(tmp, safe_serialization=True)
+        if extra:
+            _write_processor(tmp / "processor", builtin, components["tokenizer"])
+            index_file = tmp / "model_index.json"
+            index = json.loads(index_file.read_text())
+            index["processor"] = ["transformers", "Qwen2VLProcessor"]
+            index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        logger.info("built %s in %.1fs", name, time.perf_counter() - t0)
 
     return _build_atomically(Path(out_dir).expanduser().absolute(), write)
 
 
 def ensure_builtin(name: str) -> Path:
     """Hook for ``ditserve.checkpoints.resolve_model_path``: the built directory of ``name``."""
-    return build_checkpoint(builtin_dir(name))
+    return build_checkpoint(builtin_dir(name), name=name)

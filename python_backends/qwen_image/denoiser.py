@@ -7,6 +7,11 @@ token of a batch is real the mask is dropped, as ``QwenImagePipeline.encode_prom
 row alone runs exactly the reference's computation. True CFG is QwenImagePipeline's
 norm-preserving combination: ``comb = neg + s * (pos - neg)``, rescaled per token to the norm of
 ``pos``.
+
+Qwen-Image-Edit (``QwenImageEditDenoiser``) adds the input image's latents: its tokens follow the
+noise tokens in every transformer forward (``img_shapes`` lists both grids), and only the noise
+tokens' prediction is kept, as ``QwenImageEditPipeline``. Rows are then also grouped by the image's
+latent grid.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class QwenRequest:
     prompt_embeds: torch.Tensor  # (L, D), only real tokens
     negative_embeds: torch.Tensor | None
     params: GenerationParams
+    image_latents: torch.Tensor | None = None  # Edit: (h/2, w/2, 4C) condition tokens on their grid
 
     @property
     def do_true_cfg(self) -> bool:  # QwenImagePipeline: true_cfg_scale > 1 and a negative prompt
@@ -136,7 +142,13 @@ class QwenImageDenoiser(GroupedDenoiser):
         ]
         latents = pack_latents(torch.cat(noise))
         prompt, prompt_mask = pad_texts([r.prompt_embeds for r, n in zip(requests, counts) for _ in range(n)])
-        img_shapes = [[(1, latent_h // 2, latent_w // 2)]] * latents.shape[0]
+        shapes = [(1, latent_h // 2, latent_w // 2)]
+        image_tokens = None
+        if first.image_latents is not None:  # one grid per group (group_key)
+            grids = torch.cat([r.image_latents.expand(n, -1, -1, -1) for r, n in zip(requests, counts)])
+            shapes.append((1, *grids.shape[1:3]))
+            image_tokens = grids.flatten(1, 2)
+        img_shapes = [shapes] * latents.shape[0]
 
         cfg_requests = [(r, n) for r, n in zip(requests, counts) if r.do_true_cfg]
         cfg_index = torch.tensor(
@@ -150,7 +162,10 @@ class QwenImageDenoiser(GroupedDenoiser):
                 [r.params.true_cfg for r, n in cfg_requests for _ in range(n)], device=device, dtype=dtype
             ).view(-1, 1, 1)
 
-        def transformer(hidden, timestep, text, mask):
+        def transformer(hidden, timestep, text, mask, images):
+            noise_tokens = hidden.shape[1]
+            if images is not None:
+                hidden = torch.cat([hidden, images], dim=1)
             return self.transformer(
                 hidden_states=hidden,
                 timestep=timestep,
@@ -159,17 +174,20 @@ class QwenImageDenoiser(GroupedDenoiser):
                 encoder_hidden_states=text,
                 img_shapes=img_shapes[: hidden.shape[0]],
                 return_dict=False,
-            )[0]
+            )[0][:, :noise_tokens]
 
         scheduler = flow_match_scheduler(
             self.scheduler_class, self.scheduler_config, first.params.steps, latents.shape[1], self.runtime.device
         )
         for t in scheduler.timesteps:
             timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-            prediction = transformer(latents, timestep, prompt, prompt_mask)
+            prediction = transformer(latents, timestep, prompt, prompt_mask, image_tokens)
             if cfg_requests:
                 positive = prediction[cfg_index]
-                negative_prediction = transformer(latents[cfg_index], timestep[cfg_index], negative, negative_mask)
+                negative_images = None if image_tokens is None else image_tokens[cfg_index]
+                negative_prediction = transformer(
+                    latents[cfg_index], timestep[cfg_index], negative, negative_mask, negative_images
+                )
                 combined = negative_prediction + scales * (positive - negative_prediction)
                 positive_norm = torch.norm(positive, dim=-1, keepdim=True)
                 combined_norm = torch.norm(combined, dim=-1, keepdim=True)
@@ -178,3 +196,19 @@ class QwenImageDenoiser(GroupedDenoiser):
 
         grid = latents.float().view(latents.shape[0], latent_h // 2, latent_w // 2, latents.shape[-1])
         return list(grid.split(counts))
+
+
+class QwenImageEditDenoiser(QwenImageDenoiser):
+    """``QwenImageDenoiser`` with the input image's latents (IMAGE_LATENTS, from qwen_image_edit_vae_encoder)."""
+
+    inputs = (*QwenImageDenoiser.inputs, "IMAGE_LATENTS")
+
+    def parse(self, row: Row) -> QwenRequest:
+        request = super().parse(row)
+        latents = tensor_field(row, "IMAGE_LATENTS", 3, self.runtime.device, self.runtime.dtype)
+        if latents.shape[-1] != 4 * self.latent_channels:
+            raise RequestError("IMAGE_LATENTS", f"last dimension must be {4 * self.latent_channels}, got {latents.shape[-1]}")
+        return dataclasses.replace(request, image_latents=latents)
+
+    def group_key(self, request: QwenRequest) -> tuple:
+        return (*super().group_key(request), tuple(request.image_latents.shape))

@@ -6,17 +6,29 @@ still needs a negative prompt), 1024x1024 (128 latents x the VAE factor), and th
 comes from the Qwen-Image VAE (``2 ** len(temperal_downsample)``, times 2 for the 2x2 packing).
 With Qwen-Image's scheduler (``shift_terminal``) at least 2 steps: one step is a NaN image in
 QwenImagePipeline too.
+
+``QwenImageEditRequestCheck`` adds INPUT_IMAGE (not IMAGE: an ensemble's tensors share one
+namespace, and IMAGE is the output) (``ditserve.images``): decoded and validated once, resized
+to the condition size, and passed on as pixels.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Sequence
 
-from ditserve.flux.limits import MAX_STEPS
+import numpy as np
+import torch
+from PIL import Image
+
+from ditserve.flux.limits import MAX_PROMPT_CHARS, MAX_SIZE, MAX_STEPS, MIN_SIZE
 from ditserve.flux.request import FluxRequestCheck, GenerationParams
+from ditserve.images import ImageLimits, images_field
 from ditserve.loading import Checkpoint
-from ditserve.stage import RequestError, Row
+from ditserve.qwen_image.checkpoint import IMAGE_PAD
+from ditserve.stage import Outputs, RequestError, Row, Runtime, text_field
 
 DEFAULT_STEPS = 50
 DEFAULT_TRUE_CFG = 4.0
@@ -62,3 +74,85 @@ class QwenImageRequestCheck(FluxRequestCheck):
 
     def parse_params(self, row: Row) -> GenerationParams:
         return parse_params(row, self.size_multiple, self.default_size, self.min_steps)
+
+
+# --- Qwen-Image-Edit -----------------------------------------------------------------------------
+
+#: QwenImageEditPipeline conditions on one image (a list there is a batch of edits, one per prompt).
+MAX_INPUT_IMAGES = 1
+VISION_PLACEHOLDERS = (IMAGE_PAD, "<|video_pad|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class EditRequestOptions:
+    # QwenImageEditPipeline resizes the input image to about this many pixels, keeping its aspect
+    # ratio (fixed 1024 * 1024 there): the VAE and Qwen2.5-VL see it at that size, and it is the
+    # default output size. Smaller is faster and departs from the reference pipeline.
+    condition_area: int = 1024 * 1024
+    max_image_bytes: int = ImageLimits.max_bytes
+    max_image_pixels: int = ImageLimits.max_pixels
+
+    def __post_init__(self):
+        if not MIN_SIZE**2 <= self.condition_area <= MAX_SIZE**2:
+            raise ValueError(f"parameter condition_area: must be in [{MIN_SIZE**2}, {MAX_SIZE**2}], got {self.condition_area}")
+        if self.max_image_bytes < 1 or self.max_image_pixels < 1:
+            raise ValueError("parameters max_image_bytes and max_image_pixels must be positive")
+
+
+def condition_size(area: int, width: int, height: int) -> tuple[int, int]:
+    """(width, height) of about ``area`` pixels with the image's aspect ratio, each a multiple of 32:
+    QwenImageEditPipeline's ``calculate_dimensions``."""
+    ratio = width / height
+    target_width = math.sqrt(area * ratio)
+    return round(target_width / 32) * 32, round(target_width / ratio / 32) * 32
+
+
+class QwenImageEditRequestCheck(QwenImageRequestCheck):
+    """Qwen-Image's request check plus INPUT_IMAGE: decoded, validated and resized once, here, to the
+    condition size; CONDITION_IMAGE (H, W, 3) uint8 goes to the text encoder and the VAE encoder.
+    HEIGHT and WIDTH default to the condition size (floored to the size multiple), as in the pipeline."""
+
+    Options = EditRequestOptions
+    inputs = (*QwenImageRequestCheck.inputs, "INPUT_IMAGE")
+    outputs = (*QwenImageRequestCheck.outputs, "CONDITION_IMAGE")
+
+    def __init__(self, runtime: Runtime, options: EditRequestOptions | None = None):
+        super().__init__(runtime, options)
+        self.limits = ImageLimits(max_bytes=self.options.max_image_bytes, max_pixels=self.options.max_image_pixels)
+
+    def condition_image(self, row: Row) -> Image.Image:
+        (image,) = images_field(row, "INPUT_IMAGE", max_images=MAX_INPUT_IMAGES, limits=self.limits)
+        width, height = condition_size(self.options.condition_area, *image.size)
+        if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
+            raise RequestError(
+                "INPUT_IMAGE",
+                f"aspect ratio of {image.width}x{image.height} is too extreme: resized to about "
+                f"{self.options.condition_area} pixels it would be {width}x{height}, outside [{MIN_SIZE}, {MAX_SIZE}]",
+            )
+        # VaeImageProcessor.resize with its default resample (Lanczos).
+        return image.resize((width, height), Image.Resampling.LANCZOS)
+
+    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
+        results: list[Outputs | RequestError] = []
+        for row in rows:
+            try:
+                for name in ("PROMPT", "NEGATIVE_PROMPT"):
+                    # The processor expands these placeholders into the image's tokens: one in a
+                    # prompt would make Qwen2.5-VL fail the whole batch (token and feature counts differ).
+                    text = text_field(row, name, required=False, max_chars=MAX_PROMPT_CHARS) or ""
+                    if any(token in text for token in VISION_PLACEHOLDERS):
+                        raise RequestError(name, f"must not contain {' or '.join(VISION_PLACEHOLDERS)}")
+                image = self.condition_image(row)
+            except RequestError as error:
+                results.append(error)
+                continue
+            multiple = self.size_multiple
+            defaults = {
+                "HEIGHT": torch.tensor([image.height // multiple * multiple], dtype=torch.int32),
+                "WIDTH": torch.tensor([image.width // multiple * multiple], dtype=torch.int32),
+            }
+            (checked,) = super().execute([{**defaults, **row}])
+            if not isinstance(checked, RequestError):
+                checked["CONDITION_IMAGE"] = torch.from_numpy(np.asarray(image).copy())
+            results.append(checked)
+        return results

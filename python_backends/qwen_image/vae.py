@@ -1,12 +1,17 @@
-"""Qwen-Image VAE decoding: unpack the transformer's tokens, undo the latent mean/std, decode."""
+"""Qwen-Image VAE decoding (unpack the transformer's tokens, undo the latent mean/std, decode) and,
+for Qwen-Image-Edit, encoding of the input image into the same packed, normalised latents."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
+
 import torch
 
+from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.vae import FluxVaeDecoder, VaeOptions, unpack_latents
 from ditserve.loading import Checkpoint
-from ditserve.stage import Runtime, Stage
+from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, tensor_field
 
 
 class QwenImageVaeDecoder(FluxVaeDecoder):
@@ -37,3 +42,56 @@ class QwenImageVaeDecoder(FluxVaeDecoder):
             for chunk in latents.split(self.options.max_batch_images)
         ]
         return (torch.cat(images) / 2 + 0.5).clamp(0, 1).float()
+
+
+class QwenImageVaeEncoder(Stage):
+    """CONDITION_IMAGE (H, W, 3) uint8 -> IMAGE_LATENTS (H/16, W/16, 4C) fp32: packed tokens on their grid.
+
+    As ``QwenImageEditPipeline._encode_vae_image``: pixels to [-1, 1], one frame, the mode of the
+    latent distribution, normalised with the VAE's latent mean and std. Images of one shape are
+    encoded together, at most ``max_batch_images`` at a time.
+    """
+
+    Options = VaeOptions
+    inputs = ("CONDITION_IMAGE",)
+    outputs = ("IMAGE_LATENTS",)
+
+    def __init__(self, runtime: Runtime, options: VaeOptions | None = None):
+        super().__init__(runtime, options)
+        self.vae = Checkpoint(runtime.model_path).load("vae", runtime)
+        config = self.vae.config
+        shape = (1, config.z_dim, 1, 1, 1)
+        self.latents_mean = torch.tensor(config.latents_mean).view(shape).to(runtime.device, runtime.dtype)
+        self.latents_std = torch.tensor(config.latents_std).view(shape).to(runtime.device, runtime.dtype)
+
+    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
+        results: list[Outputs | RequestError | None] = [None] * len(rows)
+        by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            try:
+                pixels = tensor_field(row, "CONDITION_IMAGE", 3, self.runtime.device, torch.uint8)
+                if pixels.shape[-1] != 3:
+                    raise RequestError("CONDITION_IMAGE", f"expected (H, W, 3), got shape {tuple(pixels.shape)}")
+            except RequestError as error:
+                results[i] = error
+                continue
+            by_shape[tuple(pixels.shape)].append((i, pixels))
+        for members in by_shape.values():
+            latents = self.encode(torch.stack([pixels for _, pixels in members]))
+            for (i, _), value in zip(members, latents):
+                results[i] = {"IMAGE_LATENTS": value}
+        return results
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        # VaeImageProcessor's arithmetic in fp32 (uint8 / 255, then 2x - 1), then the compute dtype.
+        images = (2.0 * (pixels.permute(0, 3, 1, 2).float() / 255.0) - 1.0).to(self.runtime.dtype)[:, :, None]
+        latents = torch.cat(
+            [
+                self.vae.encode(chunk).latent_dist.mode()
+                for chunk in images.split(self.options.max_batch_images)
+            ]
+        )
+        latents = ((latents - self.latents_mean) / self.latents_std)[:, :, 0]
+        b, channels, h, w = latents.shape
+        return pack_latents(latents).view(b, h // 2, w // 2, 4 * channels).float()

@@ -1,0 +1,80 @@
+"""Decoding and validating encoded input images (PNG, JPEG, WebP) of a request field.
+
+Shared by the pipelines that take images (Qwen-Image-Edit; Wan I2V). Every failure is a ``RequestError`` naming the field, so a bad image fails its own request only:
+
+* the size is read from the header (``Image.open`` is lazy) and checked against ``max_pixels``
+  before any pixel is decoded, so a small file that declares a huge image (a decompression bomb)
+  costs no memory. PIL's own bomb check (``Image.MAX_IMAGE_PIXELS``, far above our limits) is
+  mapped to the same error;
+* the whole image is then decoded, so a truncated or corrupt file is refused here and not in a
+  later stage;
+* the EXIF orientation is applied and the image is converted to RGB, as ``diffusers.utils.load_image``
+  does; alpha is dropped. Of an animated image only the first frame is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ditserve.stage import RequestError
+
+FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 32 * 1024 * 1024
+    # 16.8 MP: a 4096x4096 image, 50 MB decoded as RGB.
+    max_pixels: int = 4096 * 4096
+    # Each side at least this many pixels (the pipelines resize anyway; 1-pixel sides make degenerate shapes).
+    min_side: int = 8
+
+    def __post_init__(self):
+        if self.max_bytes < 1 or self.max_pixels < 1 or self.min_side < 1:
+            raise ValueError(f"image limits must be positive: {self}")
+
+
+def decode_image(data: bytes, field: str, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Encoded bytes -> a fully decoded RGB image, or a ``RequestError`` naming ``field``."""
+    if not data:
+        raise RequestError(field, "is empty; expected PNG, JPEG or WebP bytes")
+    if len(data) > limits.max_bytes:
+        raise RequestError(field, f"must be at most {limits.max_bytes} bytes, got {len(data)}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RequestError(field, f"declares more than {limits.max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise RequestError(field, "is not a readable PNG, JPEG or WebP image") from None
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise RequestError(field, f"must have at most {limits.max_pixels} pixels, got {width}x{height}")
+    if min(width, height) < limits.min_side:
+        raise RequestError(field, f"sides must be at least {limits.min_side} pixels, got {width}x{height}")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise RequestError(field, f"is a truncated or corrupt {image.format} image") from None
+
+
+def images_field(row: Mapping[str, Any], name: str, *, max_images: int, limits: ImageLimits = ImageLimits()) -> list[Image.Image]:
+    """A TYPE_STRING input of dims [-1]: 1 to ``max_images`` encoded images, each decoded and checked."""
+    if name not in row:
+        raise RequestError(name, "is required")
+    values = np.asarray(row[name], dtype=object).reshape(-1)
+    if not 1 <= values.size <= max_images:
+        expected = "1 image" if max_images == 1 else f"1 to {max_images} images"
+        raise RequestError(name, f"expected {expected}, got {values.size}")
+    return [decode_image(bytes(value), name, limits) for value in values]
