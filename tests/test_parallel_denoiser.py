@@ -150,7 +150,6 @@ def test_parallel_config_layout():
 
 
 @pytest.mark.parametrize("module, cls, model_path", [
-    ("ditserve.qwen_image.denoiser", "QwenImageDenoiser", "tiny-qwen-image"),
     ("ditserve.wan.denoiser", "WanDenoiser", "tiny-wan-t2v"),
 ])
 def test_models_without_parallel_hooks_refuse_parallel_parameters(module, cls, model_path):
@@ -159,3 +158,27 @@ def test_models_without_parallel_hooks_refuse_parallel_parameters(module, cls, m
     stage = getattr(importlib.import_module(module), cls)
     with pytest.raises(ConfigError, match="not supported for this model yet"):
         stage(Runtime(model_path=model_path, **CPU_FP32), stage.Options(cfg_parallel=True))
+
+
+def test_qwen_image_cfg_parallel_equals_the_single_process_result():
+    """Qwen-Image's true CFG (norm-preserving combination) with its two branches on two ranks."""
+    from ditserve.qwen_image import QWEN_IMAGE_T2I
+    from ditserve.qwen_image.denoiser import QwenDenoiserOptions
+
+    runtime = Runtime(model_path="tiny-qwen-image", **CPU_FP32)
+    rows = [make_row("a red kite", "blurry", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=2, SEED=3, TRUE_CFG_SCALE=4.0),
+            make_row("a green field", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=2, SEED=4)]
+    reference = LocalPipeline(QWEN_IMAGE_T2I, runtime)(rows)
+    pipeline = LocalPipeline(QWEN_IMAGE_T2I, runtime, {"qwen_image_denoiser": QwenDenoiserOptions(cfg_parallel=True)})
+    denoiser = dict(pipeline.stages)["qwen_image_denoiser"]
+    try:
+        assert_same(pipeline(rows), reference, "qwen-image cfg_parallel")
+    finally:
+        denoiser.close()
+
+
+def test_qwen_image_refuses_sequence_parallelism():
+    from ditserve.qwen_image.denoiser import QwenDenoiserOptions, QwenImageDenoiser
+
+    with pytest.raises(ConfigError, match="parameter sp_degree: sequence parallelism is not implemented for Qwen-Image"):
+        QwenImageDenoiser(Runtime(model_path="tiny-qwen-image", **CPU_FP32), QwenDenoiserOptions(sp_degree=2))
