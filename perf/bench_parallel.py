@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
-"""FLUX denoising step with sequence and CFG parallelism: ``FluxDenoiser`` as rank 0 of its worker group.
+"""Denoising step with sequence and CFG parallelism: the denoiser stage as rank 0 of its worker group.
 
 On a 2-GPU host (after ``source perf/gpu_env.sh``)::
 
-    python perf/bench_parallel.py            # flux.1-dev architecture, bf16, 1024x1024, 512 text tokens
+    python perf/bench_parallel.py                       # FLUX.1-dev architecture, bf16, 1024x1024, 512 text tokens
+    python perf/bench_parallel.py --model qwen-image    # Qwen-Image architecture (20B), true CFG: 1 GPU vs CFG parallel 2
+
+Qwen-Image's checkpoint for this is the built-in tiny-qwen-image (scheduler, VAE config) with a
+full-size random transformer (60 layers, 24 heads of 128, text width 3584; weights drawn from
+N(0, 0.02) so that no output is trivially zero), built into ``--model-dir`` on first use.
 
 Each layout builds the denoiser exactly as the Triton model does (rank 0 here on cuda:0, workers
 spawned on the next GPUs, warm-up step at load), then times ``dispatch`` (the path of a request:
@@ -47,30 +52,87 @@ LAYOUTS = {  # name -> (denoiser options, true CFG)
     "1 GPU, SDPA": ({"attention_backend": "sdpa"}, False),
 }
 BASELINE = {False: "1 GPU", True: "1 GPU, true CFG"}
+# Qwen-Image has CFG parallelism only (its denoiser refuses sp_degree > 1).
+DEFAULT_LAYOUTS = {"flux": list(LAYOUTS), "qwen-image": ["1 GPU, true CFG", "CFG parallel 2"]}
+QWEN_IMAGE_TRANSFORMER = dict(num_layers=60, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
+                              axes_dims_rope=(16, 56, 56), in_channels=64, out_channels=16, patch_size=2)
 
 
 def requests(args, steps: int, cfg: bool, device) -> list:
-    from ditserve.flux.denoiser import FluxRequest
     from ditserve.flux.request import GenerationParams
 
     g = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     embeds = [torch.randn(args.text_tokens, args.text_dim, generator=g).to(device, dtype) for _ in range(2)]
-    pooled = [torch.randn(args.pooled_dim, generator=g).to(device, dtype) for _ in range(2)]
     params = GenerationParams(height=args.size, width=args.size, steps=steps, guidance=3.5,
                               true_cfg=4.0 if cfg else 1.0, seed=0, num_images=1)
+    if args.model == "qwen-image":
+        from ditserve.qwen_image.denoiser import QwenRequest
+
+        return [QwenRequest(embeds[0], embeds[1] if cfg else None, params)]
+    from ditserve.flux.denoiser import FluxRequest
+
+    pooled = [torch.randn(args.pooled_dim, generator=g).to(device, dtype) for _ in range(2)]
     return [FluxRequest(embeds[0], pooled[0], embeds[1] if cfg else None, pooled[1] if cfg else None, params)]
 
 
-def time_layout(args, model_dir: Path, options: dict, cfg_runs: list[bool]) -> dict:
+def stage_classes(model: str) -> tuple[type, type]:
+    if model == "qwen-image":
+        from ditserve.qwen_image.denoiser import QwenDenoiserOptions, QwenImageDenoiser
+
+        return QwenImageDenoiser, QwenDenoiserOptions
     from ditserve.flux.denoiser import FluxDenoiser, FluxDenoiserOptions
+
+    return FluxDenoiser, FluxDenoiserOptions
+
+
+def ensure_qwen_image_checkpoint(model_dir: Path, device: str) -> Path:
+    if (model_dir / "transformer" / "config.json").is_file():
+        return model_dir
+    import shutil
+
+    from diffusers import QwenImageTransformer2DModel
+
+    from ditserve.checkpoints import resolve_model_path
+
+    bench_flux.log(f"building {model_dir}: tiny-qwen-image with a full-size random transformer")
+    shutil.copytree(resolve_model_path("tiny-qwen-image"), model_dir, ignore=shutil.ignore_patterns("transformer"))
+    # Built in bf16 directly: 20B fp32 parameters would not fit an 80 GB card.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            transformer = QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    with torch.no_grad():
+        for param in transformer.parameters():
+            param.normal_(0.0, 0.02)
+    transformer.save_pretrained(model_dir / "transformer")
+    return model_dir
+
+
+def dual_stream_step_flops(config: dict, image_tokens: int, text_tokens: int) -> dict:
+    """Qwen-Image: every block is a dual-stream (MMDiT) block, each stream's weights over its own tokens:
+    q,k,v,out (4 d^2) + MLP d->4d->d (8 d^2) per stream; joint attention 4 L^2 d per block."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    length = image_tokens + text_tokens
+    linear = config["num_layers"] * 2 * 12 * d * d * length
+    attention = config["num_layers"] * 4 * length * length * d
+    return {"hidden": d, "image_tokens": image_tokens, "text_tokens": text_tokens, "linear_flop": float(linear),
+            "attention_flop": float(attention), "total_flop": float(linear + attention)}
+
+
+def time_layout(args, model_dir: Path, options: dict, cfg_runs: list[bool]) -> dict:
     from ditserve.stage import Runtime
+
+    denoiser_class, options_class = stage_classes(args.model)
 
     t0 = time.perf_counter()
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device(args.device)
     runtime = Runtime(model_path=str(model_dir), device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    denoiser = FluxDenoiser(runtime, FluxDenoiserOptions(**options))  # starts the workers, warms up
+    denoiser = denoiser_class(runtime, options_class(**options))  # starts the workers (FLUX: and warms up)
     out = {"load_s": time.perf_counter() - t0, "runs": {}}
     try:
         for cfg in cfg_runs:
@@ -130,14 +192,16 @@ def report(res: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="flux.1-dev")
-    p.add_argument("--model-dir", default=None, help="default /tmp/ditserve_ckpt/<preset>-bfloat16 (built if missing)")
+    p.add_argument("--model", choices=("flux", "qwen-image"), default="flux")
+    p.add_argument("--preset", default="flux.1-dev", help="FLUX checkpoint preset")
+    p.add_argument("--model-dir", default=None, help="default /tmp/ditserve_ckpt/<preset or qwen-image>-bfloat16 (built if missing)")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--n1", type=int, default=2)
     p.add_argument("--n2", type=int, default=6)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--layouts", default=";".join(LAYOUTS), help="semicolon-separated subset of: " + "; ".join(LAYOUTS))
+    p.add_argument("--layouts", default=None, help="semicolon-separated subset of: " + "; ".join(LAYOUTS)
+                   + " (default: all that the model supports)")
     p.add_argument("--profile", action="store_true", help="rank 0's top kernels over one N1-step run, per layout")
     p.add_argument("--device", default="cuda", help="cuda (rank 0 on cuda:0), or cpu for a smoke test with --preset tiny")
     p.add_argument("--out", default=None)
@@ -146,18 +210,23 @@ def main() -> int:
         os.environ.setdefault(var, val)
     out_dir = Path(args.out or os.environ.get("OUT") or "out/bench")
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_dir, _ = bench_flux.ensure_checkpoint(types.SimpleNamespace(
-        model_dir=args.model_dir or f"/tmp/ditserve_ckpt/{args.preset}-bfloat16", skip_build=False,
-        preset=args.preset, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device))
+    if args.model == "qwen-image":
+        model_dir = ensure_qwen_image_checkpoint(Path(args.model_dir or "/tmp/ditserve_ckpt/qwen-image-bfloat16"), args.device)
+    else:
+        model_dir, _ = bench_flux.ensure_checkpoint(types.SimpleNamespace(
+            model_dir=args.model_dir or f"/tmp/ditserve_ckpt/{args.preset}-bfloat16", skip_build=False,
+            preset=args.preset, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device))
     config = json.loads((model_dir / "transformer" / "config.json").read_text())
-    args.text_dim, args.pooled_dim = config["joint_attention_dim"], config["pooled_projection_dim"]
+    args.text_dim, args.pooled_dim = config["joint_attention_dim"], config.get("pooled_projection_dim")
+    image_tokens = bench_flux.image_tokens_for(model_dir, args.size, args.size)
+    flops = (dual_stream_step_flops(config, image_tokens, args.text_tokens) if args.model == "qwen-image"
+             else bench_flux.flux_step_flops(config, image_tokens, args.text_tokens))
     res = {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "gpu": bench_flux.gpu_info(),
            "gpus_visible": torch.cuda.device_count(), "args": dict(vars(args)),
-           "flops": bench_flux.flux_step_flops(config, bench_flux.image_tokens_for(model_dir, args.size, args.size),
-                                               args.text_tokens),
+           "flops": flops,
            "layouts": {}}
     latents = {}
-    wanted = [name.strip() for name in args.layouts.split(";")]
+    wanted = [name.strip() for name in args.layouts.split(";")] if args.layouts else DEFAULT_LAYOUTS[args.model]
     # Layouts sharing options run in one load ("1 GPU" and "1 GPU, true CFG").
     groups: dict[str, list[str]] = {}
     for name in wanted:
@@ -172,7 +241,8 @@ def main() -> int:
                 raise RuntimeError(f"needs {world} GPUs, {torch.cuda.device_count()} visible")
             timed = time_layout(args, model_dir, options, [LAYOUTS[n][1] for n in names])
             if "profile" in timed:
-                (out_dir / f"profile_{re.sub(r'\W+', '_', names[0])}.txt").write_text(timed.pop("profile"))
+                slug = re.sub(r"\W+", "_", names[0])
+                (out_dir / f"profile_{slug}.txt").write_text(timed.pop("profile"))
             for name in names:
                 cfg = LAYOUTS[name][1]
                 run = timed["runs"][cfg]
