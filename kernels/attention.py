@@ -552,7 +552,15 @@ def _attention_impl(
                 INTERLEAVED=p.interleaved if p is not None else True, K_PROLOGUE=k_inline and (norm or rope),
                 # fp32 inputs (interpreter tests, parity runs) get exact fp32 dots, not tf32.
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    launch(_attn_fwd_kernel, _attn_fwd_tuned, INTERPRET_CONFIG, args, meta, Lq, B * H)
+    try:
+        launch(_attn_fwd_kernel, _attn_fwd_tuned, INTERPRET_CONFIG, args, meta, Lq, B * H)
+    except triton.runtime.errors.OutOfResources as exc:
+        if not meta["K_PROLOGUE"]:
+            raise
+        # Measured on an H100 (2026-11-26): at head_dim 128 every tuned config of the inline K
+        # prologue needed 256 KB of shared memory, over the 227 KB a block may use.
+        raise ValueError(f"prologue k_mode='inline' does not fit this GPU's shared memory at head_dim={D} ({exc}); "
+                         f"use k_mode='prepass' (the default)") from None
     return out, lse
 
 

@@ -353,10 +353,10 @@ def test_gpu_bf16_matches_fp64(B, H, Lq, Lk, D, masked):
 
 
 @gpu
-@pytest.mark.parametrize("k_mode", ["inline", "prepass"])
+@pytest.mark.parametrize("k_mode,D", [("inline", 64), ("prepass", 64), ("prepass", 128)])
 @pytest.mark.parametrize("interleaved", [True, False])
-def test_gpu_bf16_prologue_matches_fp64(k_mode, interleaved):
-    B, H, L, D = 1, 4, 1000, 128
+def test_gpu_bf16_prologue_matches_fp64(k_mode, D, interleaved):
+    B, H, L = 1, 4, 1000
     q, k, v = make_qkv(B, H, L, L, D, torch.bfloat16, "BLHD", "cuda")
     p = make_prologue(L, D, norm=True, rope=True, interleaved=interleaved, k_mode=k_mode, split=300, device="cuda")
     out = attention(q, k, v, prologue=p)
@@ -364,6 +364,17 @@ def test_gpu_bf16_prologue_matches_fp64(k_mode, interleaved):
     ref, _ = ref_attention(reference_prologue(q.double(), p, which="q"),
                            reference_prologue(k.double(), p, which="k"), v)
     assert rel_err(out, ref) <= 1e-2
+
+
+@gpu
+def test_gpu_inline_prologue_at_head_dim_128_fails_clearly_on_hopper():
+    if torch.cuda.get_device_properties(0).major != 9:
+        pytest.skip("the shared-memory limit measured is Hopper's (227 KB a block)")
+    # From 1024 queries on, Hopper's long-sequence configs are tuned (1000 still fits the short ones).
+    q, k, v = make_qkv(1, 4, 4608, 4608, 128, torch.bfloat16, "BLHD", "cuda")
+    p = make_prologue(4608, 128, norm=True, rope=True, interleaved=True, k_mode="inline", split=512, device="cuda")
+    with pytest.raises(ValueError, match="k_mode='inline' does not fit this GPU's shared memory at head_dim=128"):
+        attention(q, k, v, prologue=p)
 
 
 @gpu
