@@ -151,7 +151,6 @@ def test_parallel_config_layout():
 
 @pytest.mark.parametrize("module, cls, model_path", [
     ("ditserve.qwen_image.denoiser", "QwenImageDenoiser", "tiny-qwen-image"),
-    ("ditserve.wan.denoiser", "WanDenoiser", "tiny-wan-t2v"),
 ])
 def test_models_without_parallel_hooks_refuse_parallel_parameters(module, cls, model_path):
     import importlib
