@@ -117,11 +117,16 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         results = {"config": config, "latents": LATENTS[args.tiny], "text_tokens": TEXT_TOKENS[args.tiny],
                    "device": torch.cuda.get_device_name(device) if cuda else "cpu", "build_s": build_s, "layouts": {}}
         reference = None
+        if rank == 0:
+            print(f"Wan transformer forward, {results['device']}, latents {results['latents']}, "
+                  f"{results['text_tokens']} text tokens, model built in {build_s:.1f} s\n"
+                  "| layout | ms per forward | speed-up | rel L2 vs sp 1 | max abs vs sp 1 |\n"
+                  "| --- | ---: | ---: | ---: | ---: |", flush=True)
         with torch.inference_mode():
             if rank == 0:
                 ms, reference = timed(lambda: model(**x, return_dict=False)[0], args.warmup, args.repeats, sync)
-                results["layouts"]["sp 1"] = {"ms": ms}
                 reference = reference.float()
+                record(results, "sp 1", {"ms": ms}, args)
             dist.barrier()
             for name in args.layouts.split(";"):
                 u, r, ring_backend = LAYOUTS[name]
@@ -132,35 +137,31 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                                         device=device, dtype=dtype)
                     get_backend(backend).check(probe, probe, probe)
                 except ValueError as exc:  # every rank skips alike
-                    results["layouts"][name] = {"skipped": str(exc)}
+                    if rank == 0:
+                        record(results, name, {"skipped": str(exc)}, args)
                     continue
                 set_sequence_parallel(model, mesh, backend)
                 ms, out = timed(lambda: sp_forward(model, mesh, **x), args.warmup, args.repeats, sync)
                 if rank == 0:
                     diff = out.float() - reference
-                    results["layouts"][name] = {
+                    record(results, name, {
                         "ms": ms, "backend": backend, "speedup": results["layouts"]["sp 1"]["ms"] / ms,
                         "rel_l2": float(diff.norm() / reference.norm()), "max_abs": float(diff.abs().max()),
-                    }
-        if rank == 0:
-            report(results, args)
+                    }, args)
     finally:
         dist.destroy_process_group()
 
 
-def report(results: dict, args: argparse.Namespace) -> None:
-    print(f"Wan transformer forward, {results['device']}, latents {results['latents']}, "
-          f"{results['text_tokens']} text tokens, model built in {results['build_s']:.1f} s")
-    print("| layout | ms per forward | speed-up | rel L2 vs sp 1 | max abs vs sp 1 |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, row in results["layouts"].items():
-        if "skipped" in row:
-            print(f"| {name} | skipped: {row['skipped'][:100]} | | | |")
-        elif name == "sp 1":
-            print(f"| sp 1 | {row['ms']:.1f} | 1.00x | - | - |")
-        else:
-            print(f"| {name} ({row['backend']}) | {row['ms']:.1f} | {row['speedup']:.2f}x | {row['rel_l2']:.2e} | "
-                  f"{row['max_abs']:.3e} |")
+def record(results: dict, name: str, row: dict, args: argparse.Namespace) -> None:
+    """Print the layout's row now (a run cut short still shows the layouts done) and rewrite the JSON."""
+    results["layouts"][name] = row
+    if "skipped" in row:
+        print(f"| {name} | skipped: {row['skipped'][:100]} | | | |", flush=True)
+    elif name == "sp 1":
+        print(f"| sp 1 | {row['ms']:.1f} | 1.00x | - | - |", flush=True)
+    else:
+        print(f"| {name} ({row['backend']}) | {row['ms']:.1f} | {row['speedup']:.2f}x | {row['rel_l2']:.2e} | "
+              f"{row['max_abs']:.3e} |", flush=True)
     out_dir = Path(args.out or os.environ.get("OUT") or "out/bench")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench_parallel_wan.json").write_text(json.dumps(results, indent=2))
