@@ -149,15 +149,18 @@ def test_parallel_config_layout():
     assert not ParallelConfig.from_options(ParallelOptions(), torch.device("cpu")).enabled
 
 
-@pytest.mark.parametrize("module, cls, model_path", [
-    ("ditserve.wan.denoiser", "WanDenoiser", "tiny-wan-t2v"),
-])
-def test_models_without_parallel_hooks_refuse_parallel_parameters(module, cls, model_path):
-    import importlib
+def test_a_denoiser_without_parallel_hooks_refuses_parallel_parameters():
+    from ditserve.denoising import DenoiserOptions, GroupedDenoiser
 
-    stage = getattr(importlib.import_module(module), cls)
-    with pytest.raises(ConfigError, match="not supported for this model yet"):
-        stage(Runtime(model_path=model_path, **CPU_FP32), stage.Options(cfg_parallel=True))
+    class NoHooks(GroupedDenoiser):
+        def __init__(self, runtime, options):
+            super().__init__(runtime, options)
+            self.start_parallel()
+
+        parse = denoise = None
+
+    with pytest.raises(ConfigError, match="NoHooks: parameters sp_degree and cfg_parallel are not supported"):
+        NoHooks(RUNTIME, DenoiserOptions(cfg_parallel=True))
 
 
 def test_qwen_image_cfg_parallel_equals_the_single_process_result():

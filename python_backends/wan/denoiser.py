@@ -10,7 +10,10 @@ boundary_ratio x num_train_timesteps and ``transformer_2`` on the rest, at the s
 (WanPipeline's default ``guidance_scale_2``).
 
 Requests of one (height, width, steps, frames, text length) run as one batch: conditional and
-unconditional rows together in one transformer forward per step.
+unconditional rows together in one transformer forward per step. With ``cfg_parallel`` the two halves
+of that batch are computed each on its CFG branch of the worker group (``GroupedDenoiser.branches``);
+with ``sp_degree`` > 1 every forward runs sequence-parallel over the video tokens
+(``ditserve.parallel.wan``), both experts included.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ditserve.denoising import GroupedDenoiser
 from ditserve.loading import Checkpoint
-from ditserve.parallel.group import ParallelOptions
+from ditserve.parallel import SPMesh, check_heads
+from ditserve.parallel.group import ParallelConfig, ParallelOptions
+from ditserve.parallel.wan import set_sequence_parallel, sp_forward
 from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
 from ditserve.wan.request import VideoGeometry, VideoParams
 
@@ -62,6 +67,7 @@ class WanDenoiser(GroupedDenoiser):
 
     def __init__(self, runtime: Runtime, options: WanDenoiserOptions | None = None, *, rank: int = 0):
         super().__init__(runtime, options, rank=rank)
+        runtime = self.runtime  # the parallel group may have moved rank 0 to its first GPU
         checkpoint = Checkpoint(runtime.model_path)
         if checkpoint.index.get("expand_timesteps"):
             raise ConfigError("model_path: Wan 2.2 TI2V checkpoints (expand_timesteps) are not supported")
@@ -73,7 +79,44 @@ class WanDenoiser(GroupedDenoiser):
         self.transformer_2 = checkpoint.load("transformer_2", runtime) if self.boundary_ratio is not None else None
         self.geometry = VideoGeometry.read(checkpoint)
         self.latent_channels = self.transformer.config.in_channels
-        self.start_parallel()  # refuses sp_degree/cfg_parallel at load until Wan has the hooks
+        self.start_parallel()
+
+    # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
+
+    def experts(self) -> list[torch.nn.Module]:
+        return [self.transformer] + ([self.transformer_2] if self.transformer_2 is not None else [])
+
+    def check_parallel(self, config: ParallelConfig) -> None:
+        for transformer in self.experts():
+            try:
+                check_heads(transformer.config.num_attention_heads, config.ulysses_degree)
+            except ValueError as exc:
+                raise ConfigError(f"parameter ulysses_degree: {exc}") from None
+        if config.ring_degree > 1 and config.devices[0].type == "cuda":
+            # Ring blocks must return their log-sum-exp: on CUDA that is our Triton kernel, since the
+            # "sdpa" ring block materialises fp32 scores ((L/P)^2 per head: ~43 GB for one Wan 14B
+            # 480p block on 2 ranks).
+            from ditserve.kernels.registry import get_backend
+
+            triton = get_backend("triton")
+            head_dim = self.transformer.config.attention_head_dim
+            capability = torch.cuda.get_device_capability(config.devices[0])
+            dtype = self.runtime.dtype
+            if head_dim not in triton.head_dims or capability < triton.min_capability or dtype not in triton.dtypes["cuda"]:
+                raise ConfigError(f"parameter ring_degree: ring attention on CUDA runs on the Triton kernel, which needs "
+                                  f"head dim in {sorted(triton.head_dims)} (model: {head_dim}), compute capability >= "
+                                  f"{triton.min_capability} (device: {capability}) and a 16-bit dtype (model: {dtype}); "
+                                  f"use ulysses_degree instead")
+
+    def _sp_backend(self, mesh: SPMesh) -> str:
+        # Wan's own attention is torch SDPA; ring blocks on CUDA need the Triton kernel (check_parallel).
+        return "triton" if mesh.layout.ring_degree > 1 and self.runtime.device.type == "cuda" else "sdpa"
+
+    def use_sequence_parallel(self, mesh: SPMesh) -> None:
+        for transformer in self.experts():
+            set_sequence_parallel(transformer, mesh, self._sp_backend(mesh))
+
+    # --- requests -------------------------------------------------------------------
 
     def parse(self, row: Row) -> WanRequest:
         device, dtype = self.runtime.device, self.runtime.dtype
@@ -113,13 +156,29 @@ class WanDenoiser(GroupedDenoiser):
         scheduler.set_timesteps(first.steps, device=device)
         scheduler.set_begin_index(0)
         n = len(requests)
+        mesh = self.parallel.mesh if self.parallel is not None else None
+        cfg_parallel = self.parallel is not None and self.parallel.config.cfg_parallel
+
+        def forward(transformer: torch.nn.Module, hidden: torch.Tensor, text: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            inputs = dict(hidden_states=hidden, timestep=t.expand(hidden.shape[0]), encoder_hidden_states=text)
+            if mesh is not None:
+                return sp_forward(transformer, mesh, **inputs)
+            return transformer(**inputs, return_dict=False)[0]
+
         for t in scheduler.timesteps:
             hidden = latents.to(dtype)
-            hidden = torch.cat([hidden, hidden[guided]])
-            prediction = self.expert(t)(
-                hidden_states=hidden, timestep=t.expand(hidden.shape[0]), encoder_hidden_states=text, return_dict=False
-            )[0]
-            prediction, unconditional = prediction[:n], prediction[n:]
+            transformer = self.expert(t)
+            if cfg_parallel:  # each CFG branch computes its half of the batch below
+                prediction, unconditional = self.branches(
+                    lambda: forward(transformer, hidden, text[:n], t),
+                    (lambda: forward(transformer, hidden[guided], text[n:], t)) if guided else None,
+                    like=hidden,
+                    negative_like=hidden[guided] if guided else None,
+                )
+            else:
+                hidden = torch.cat([hidden, hidden[guided]])
+                prediction = forward(transformer, hidden, text, t)
+                prediction, unconditional = prediction[:n], prediction[n:]
             if guided:
                 prediction[guided] = unconditional + scales * (prediction[guided] - unconditional)
             latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
