@@ -47,6 +47,7 @@ LAYOUTS = {  # name -> (denoiser options, true CFG)
     "1 GPU": ({}, False),
     "Ulysses 2": ({"sp_degree": 2}, False),
     "Ring 2": ({"sp_degree": 2, "ring_degree": 2}, False),
+    "Ulysses 2, cuDNN": ({"sp_degree": 2, "attention_backend": "cudnn"}, False),
     "1 GPU, true CFG": ({}, True),
     "CFG parallel 2": ({"cfg_parallel": True}, True),
     "1 GPU, SDPA": ({"attention_backend": "sdpa"}, False),

@@ -33,8 +33,8 @@ from .usp import SPMesh, usp_attention
 class SequenceParallelBackend:
     """Has a registry Backend's call signature; attends this rank's shard over the whole sequence.
 
-    The prologue (QK RMSNorm + RoPE) runs before any communication (our Triton kernel with a Triton
-    backend on CUDA, else torch): ring blocks from other ranks arrive already normalised and rotated,
+    The prologue (QK RMSNorm + RoPE) runs before any communication (our Triton kernel on CUDA, torch
+    on CPU): ring blocks from other ranks arrive already normalised and rotated,
     and each rank knows only its own rows' tables.
     """
 
@@ -45,7 +45,7 @@ class SequenceParallelBackend:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
                  prologue: Optional[Prologue] = None) -> torch.Tensor:
         if prologue is not None:
-            if self.backend.startswith("triton") and q.is_cuda:
+            if q.is_cuda:
                 # One Triton kernel per tensor instead of ~15 fp32 torch ops: those took ~25 ms of
                 # a 118 ms Ulysses-2 step (FLUX.1-dev 1024x1024, H200, 2026-11-26 profile).
                 q, k = norm_rope(q, prologue, which="q"), norm_rope(k, prologue, which="k")
