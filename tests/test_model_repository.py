@@ -1,4 +1,4 @@
-"""model_repository/ agrees with the Python stage lists (no server needed)."""
+"""model_repository/ agrees with the Python stage lists of every pipeline (no server needed)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from ditserve.flux import FLUX_T2I
+from ditserve.qwen_image import QWEN_IMAGE_EDIT, QWEN_IMAGE_T2I
 from ditserve.triton_model import check_io
+from ditserve.wan import WAN_T2V
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
-PIPELINES = [FLUX_T2I]
+PIPELINES = [FLUX_T2I, QWEN_IMAGE_T2I, QWEN_IMAGE_EDIT, WAN_T2V]
+STAGES = list({s.model: s for p in PIPELINES for s in p.stages}.values())  # flux_postprocess is shared
+# Models of the pipelines other than FLUX name their own checkpoint: DITSERVE_MODEL_PATH
+# (`ditserve serve --model-path`) is FLUX's.
+MODEL_PATHS = {"qwen_image_edit_": "tiny-qwen-image-edit", "qwen_image_": "tiny-qwen-image", "wan_": "tiny-wan-t2v"}
 
 
 def load_config(name: str) -> dict:
@@ -24,18 +30,11 @@ def load_config(name: str) -> dict:
 def test_ensemble_steps_follow_the_stage_list(pipeline):
     ensemble = load_config(pipeline.name)
     assert ensemble["platform"] == "ensemble"
-    steps = [step["model_name"] for step in ensemble["ensemble_scheduling"]["step"]]
-    assert steps == [stage.model for stage in pipeline.stages]
-
-
-@pytest.mark.parametrize("spec", [s for p in PIPELINES for s in p.stages], ids=lambda s: s.model)
-def test_stage_configs_declare_the_stage_io_and_batch(spec):
-    config = load_config(spec.model)
-    assert config["name"] == spec.model
-    check_io(spec.stage, config)  # raises on any mismatch
-    assert config["backend"] == "python" and int(config["max_batch_size"]) >= 8
-    assert "dynamic_batching" in config
-    assert (REPOSITORY / spec.model / "1" / "model.py").read_text().count(spec.stage.__name__) == 2
+    steps = ensemble["ensemble_scheduling"]["step"]
+    assert [step["model_name"] for step in steps] == [stage.model for stage in pipeline.stages]
+    for step, spec in zip(steps, pipeline.stages):
+        assert set(step["input_map"]) <= set(spec.stage.inputs), spec.model
+        assert set(step["output_map"]) <= set(spec.stage.outputs), spec.model
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
@@ -47,3 +46,45 @@ def test_every_ensemble_tensor_is_produced_before_it_is_consumed(pipeline):
         assert not missing, f"{step['model_name']} reads {missing} before any step writes them"
         available |= set(step["output_map"].values())
     assert {tensor["name"] for tensor in ensemble["output"]} <= available
+
+
+@pytest.mark.parametrize("pipeline", [p for p in PIPELINES if p is not FLUX_T2I], ids=lambda p: p.name)
+def test_ensemble_inputs_are_all_optional(pipeline):
+    # Triton's ensemble scheduler deadlocks on a missing required input: the request stage checks them.
+    assert all(tensor.get("optional") for tensor in load_config(pipeline.name)["input"])
+
+
+@pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.model)
+def test_stage_configs_declare_the_stage_io_and_batch(spec):
+    config = load_config(spec.model)
+    assert config["name"] == spec.model
+    check_io(spec.stage, config)  # raises on any mismatch
+    assert config["backend"] == "python" and int(config["max_batch_size"]) >= 8
+    assert "dynamic_batching" in config
+    assert (REPOSITORY / spec.model / "1" / "model.py").read_text().count(spec.stage.__name__) == 2
+    prefix = next((p for p in MODEL_PATHS if spec.model.startswith(p)), None)
+    if prefix and "model_path" in config.get("parameters", {}):
+        assert config["parameters"]["model_path"]["string_value"] == MODEL_PATHS[prefix]
+
+
+def test_qwen_image_ensembles_have_flux_t2i_inputs_and_outputs_plus_the_edit_image():
+    flux, t2i, edit = load_config("flux_t2i"), load_config("qwen_image_t2i"), load_config("qwen_image_edit")
+    assert t2i["input"] == flux["input"] and t2i["output"] == flux["output"]
+    image = {"name": "INPUT_IMAGE", "data_type": "TYPE_STRING", "dims": ["-1"], "optional": True}
+    assert edit["input"] == [*t2i["input"], image] and edit["output"] == t2i["output"]
+    assert flux["max_batch_size"] == t2i["max_batch_size"] == edit["max_batch_size"]
+
+
+def test_wan_ensemble_takes_the_request_stage_inputs_and_gives_video_and_frames():
+    ensemble = load_config(WAN_T2V.name)
+    assert [t["name"] for t in ensemble["input"]] == list(WAN_T2V.stages[0].stage.inputs)
+    assert {t["name"]: t["data_type"] for t in ensemble["output"]} == {"VIDEO": "TYPE_STRING", "FRAMES": "TYPE_UINT8"}
+
+
+def test_edit_request_stage_defaults_are_the_pipelines():
+    from ditserve.qwen_image.request import EditRequestOptions
+    from ditserve.stage import parse_options
+    from ditserve.triton_model import config_parameters
+
+    params = config_parameters(load_config("qwen_image_edit_request"))
+    assert parse_options(EditRequestOptions, params) == EditRequestOptions()
