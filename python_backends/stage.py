@@ -22,7 +22,8 @@ import math
 import os
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -130,6 +131,27 @@ class Stage(ABC):
 
     def close(self) -> None:
         """Release what outlives the object's memory (worker processes); the model is unloading."""
+
+
+def run_by_shape(rows: Sequence[Row], parse: Callable[[Row], torch.Tensor],
+                 run: Callable[[list[torch.Tensor]], Sequence[Outputs]],
+                 key: Callable[[torch.Tensor], Hashable] = lambda t: tuple(t.shape)) -> list[Outputs | RequestError]:
+    """``execute`` for stages that batch rows of one shape: each row is parsed to one tensor (a
+    RequestError fails that row alone), the tensors sharing ``key`` go through ``run`` together,
+    which returns one output dict per tensor, in order."""
+    results: list[Outputs | RequestError | None] = [None] * len(rows)
+    groups: dict[Hashable, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        try:
+            value = parse(row)
+        except RequestError as error:
+            results[i] = error
+            continue
+        groups[key(value)].append((i, value))
+    for members in groups.values():
+        for (i, _), outputs in zip(members, run([value for _, value in members])):
+            results[i] = outputs
+    return results
 
 
 # --- reading fields of a row ------------------------------------------------------------

@@ -151,3 +151,12 @@ def test_denoiser_layouts_equal_the_single_process_result(model_path, options):
     tokens = 38 if denoiser.parallel_config.sp_degree == 2 else 75
     expected = [[tokens], [tokens] * 2] if denoiser.transformer_2 is not None else [[tokens] * 3]
     assert list(calls.values()) == expected
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(sp_degree=3), "parameter ulysses_degree: ulysses_degree=3 does not divide the 2 attention heads"),
+    (dict(sp_degree=2, gpus="0,1"), "parameter gpus: set to '0,1' but the model runs on cpu"),
+])
+def test_bad_layouts_fail_at_load(options, message):
+    with pytest.raises(ConfigError, match=message):
+        WanDenoiser(Runtime(model_path="tiny-wan-t2v", **CPU_FP32), WanDenoiserOptions(**options))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 
 from ditserve.loading import Checkpoint
-from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, tensor_field
+from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, run_by_shape, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,22 +42,18 @@ class FluxVaeDecoder(Stage):
         self.token_channels = 4 * self.vae.config.latent_channels
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
-        results: list[Outputs | RequestError | None] = [None] * len(rows)
-        by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            try:
-                tokens = tensor_field(row, "LATENTS", 4, self.runtime.device, self.runtime.dtype)
-                if tokens.shape[-1] != self.token_channels:
-                    raise RequestError("LATENTS", f"last dimension must be {self.token_channels}, got {tokens.shape[-1]}")
-            except RequestError as error:
-                results[i] = error
-                continue
-            by_shape[tuple(tokens.shape[1:])].append((i, tokens))
-        for members in by_shape.values():
-            pixels = self.decode(torch.cat([tokens for _, tokens in members]))
-            for (i, _), value in zip(members, pixels.split([t.shape[0] for _, t in members])):
-                results[i] = {"PIXELS": value}
-        return results
+        def run(tokens: list[torch.Tensor]) -> list[Outputs]:
+            pixels = self.decode(torch.cat(tokens)).split([t.shape[0] for t in tokens])
+            return [{"PIXELS": value} for value in pixels]
+
+        # Requests of one size decode together whatever their image counts.
+        return run_by_shape(rows, self.parse, run, key=lambda tokens: tuple(tokens.shape[1:]))
+
+    def parse(self, row: Row) -> torch.Tensor:
+        tokens = tensor_field(row, "LATENTS", 4, self.runtime.device, self.runtime.dtype)
+        if tokens.shape[-1] != self.token_channels:
+            raise RequestError("LATENTS", f"last dimension must be {self.token_channels}, got {tokens.shape[-1]}")
+        return tokens
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@ for Qwen-Image-Edit, encoding of the input image into the same packed, normalise
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -11,7 +10,7 @@ import torch
 from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.vae import FluxVaeDecoder, VaeOptions, unpack_latents
 from ditserve.loading import Checkpoint
-from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, tensor_field
+from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, run_by_shape, tensor_field
 
 
 class QwenImageVaeDecoder(FluxVaeDecoder):
@@ -65,22 +64,13 @@ class QwenImageVaeEncoder(Stage):
         self.latents_std = torch.tensor(config.latents_std).view(shape).to(runtime.device, runtime.dtype)
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
-        results: list[Outputs | RequestError | None] = [None] * len(rows)
-        by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            try:
-                pixels = tensor_field(row, "CONDITION_IMAGE", 3, self.runtime.device, torch.uint8)
-                if pixels.shape[-1] != 3:
-                    raise RequestError("CONDITION_IMAGE", f"expected (H, W, 3), got shape {tuple(pixels.shape)}")
-            except RequestError as error:
-                results[i] = error
-                continue
-            by_shape[tuple(pixels.shape)].append((i, pixels))
-        for members in by_shape.values():
-            latents = self.encode(torch.stack([pixels for _, pixels in members]))
-            for (i, _), value in zip(members, latents):
-                results[i] = {"IMAGE_LATENTS": value}
-        return results
+        return run_by_shape(rows, self.parse, lambda pixels: [{"IMAGE_LATENTS": v} for v in self.encode(torch.stack(pixels))])
+
+    def parse(self, row: Row) -> torch.Tensor:
+        pixels = tensor_field(row, "CONDITION_IMAGE", 3, self.runtime.device, torch.uint8)
+        if pixels.shape[-1] != 3:
+            raise RequestError("CONDITION_IMAGE", f"expected (H, W, 3), got shape {tuple(pixels.shape)}")
+        return pixels
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

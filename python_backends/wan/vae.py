@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 
 from ditserve.loading import Checkpoint
-from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, tensor_field
+from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, run_by_shape, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,22 +41,13 @@ class WanVaeDecoder(Stage):
         self.latents_inverse_std = (1.0 / torch.tensor(config.latents_std)).view(shape).to(runtime.device, runtime.dtype)
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
-        results: list[Outputs | RequestError | None] = [None] * len(rows)
-        by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            try:
-                latents = tensor_field(row, "LATENTS", 4, self.runtime.device, self.runtime.dtype)
-                if latents.shape[0] != self.vae.config.z_dim:
-                    raise RequestError("LATENTS", f"first dimension must be {self.vae.config.z_dim}, got {latents.shape[0]}")
-            except RequestError as error:
-                results[i] = error
-                continue
-            by_shape[tuple(latents.shape)].append((i, latents))
-        for members in by_shape.values():
-            videos = self.decode(torch.stack([latents for _, latents in members]))
-            for (i, _), video in zip(members, videos):
-                results[i] = {"PIXELS": video}
-        return results
+        return run_by_shape(rows, self.parse, lambda latents: [{"PIXELS": v} for v in self.decode(torch.stack(latents))])
+
+    def parse(self, row: Row) -> torch.Tensor:
+        latents = tensor_field(row, "LATENTS", 4, self.runtime.device, self.runtime.dtype)
+        if latents.shape[0] != self.vae.config.z_dim:
+            raise RequestError("LATENTS", f"first dimension must be {self.vae.config.z_dim}, got {latents.shape[0]}")
+        return latents
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
