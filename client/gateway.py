@@ -310,8 +310,9 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
 
 
 async def _form(request: Request, limit: int, max_field_bytes: int) -> dict[str, list[str | UploadFile]]:
-    """A multipart/form-data body, read no further than ``limit`` bytes: field name -> its values."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    """A form body, read no further than ``limit`` bytes: field name -> its values. Multipart as
+    OpenAI's SDKs send it; urlencoded too, for requests without files (an image by URL)."""
+    if not request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise ApiError(400, "request body must be multipart/form-data, as OpenAI's SDKs send it")
     form = await _limited(request, limit).form(max_files=len(IMAGE_FIELDS) + 1, max_part_size=max_field_bytes)
     fields: dict[str, list[str | UploadFile]] = {}

@@ -267,7 +267,12 @@ def test_client_video_returns_the_mp4_and_its_frames(triton_server):
     result = client.video("a paper boat", size="64x64", num_frames=5, fps=8, seed=2, num_inference_steps=2)
     assert result.frames.shape == (5, 64, 64, 3) and result.frames.std() > 0
     frames, _, _ = decode_mp4(result.mp4)
-    # H.264 is lossy: the MP4's frames are close to the server's, not equal.
-    assert np.abs(np.stack(frames).astype(int) - result.frames.astype(int)).mean() < 10
+
+    def coarse(video: np.ndarray) -> np.ndarray:  # gray means of 8x8 blocks
+        return video.astype(float).mean(-1).reshape(len(video), 8, 8, 8, 8).mean(axis=(2, 4))
+
+    # H.264 (4:2:0, lossy) keeps the tiny model's noisy frames only roughly: compare them coarsely.
+    error = np.abs(coarse(np.stack(frames)) - coarse(result.frames)).mean()
+    assert error < 6, error
     mp4_only = client.video("a paper boat", size="64x64", num_frames=5, fps=8, seed=2, num_inference_steps=2, frames=False)
     assert mp4_only.frames is None and len(decode_mp4(mp4_only.mp4)[0]) == 5
