@@ -13,6 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+# Standard library only: `ditserve serve` builds this parser too.
+from ditserve.client.video_jobs import MAX_VIDEO_JOBS
+
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
 
@@ -73,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-image-urls", action="store_true",
                    help="let /v1/images/edits requests name the image by an http(s) URL, which the gateway then "
                         "downloads (any address it can reach: enable only for trusted callers)")
+    p.add_argument("--max-video-jobs", type=int, default=MAX_VIDEO_JOBS,
+                   help="video jobs kept in memory with their MP4; when full, a new job replaces the oldest "
+                        "finished one, or is refused (429) while all are queued or running")
     p.set_defaults(func=_openai)
 
 
@@ -125,4 +131,4 @@ def _openai(args: argparse.Namespace) -> int:
     from ditserve.client.gateway import serve
 
     return serve(args.triton_url or DEFAULT_URLS[args.protocol], args.protocol, args.host, args.port, args.api_key,
-                 args.allow_image_urls)
+                 args.allow_image_urls, args.max_video_jobs)

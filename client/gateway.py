@@ -218,7 +218,10 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
 
     async def list_videos(request: Request) -> JSONResponse:
         jobs = videos.newest_first()
-        if request.query_params.get("order", "desc") == "asc":
+        order = request.query_params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, f"order: must be asc or desc, got {order!r}", param="order")
+        if order == "asc":
             jobs.reverse()
         after = request.query_params.get("after")
         if after is not None:
@@ -365,10 +368,12 @@ def _encode(pngs: list[bytes], image_format: str, quality: int | None) -> list[b
     return encoded
 
 
-def serve(triton_url: str, protocol: str, host: str, port: int, api_key: str | None, allow_image_urls: bool = False) -> int:
+def serve(triton_url: str, protocol: str, host: str, port: int, api_key: str | None, allow_image_urls: bool = False,
+          max_video_jobs: int = MAX_VIDEO_JOBS) -> int:
     import uvicorn
 
     print(f"ditserve openai: forwarding to Triton at {triton_url} over {protocol}; "
           f"OpenAI base URL http://{host}:{port}/v1", flush=True)
-    uvicorn.run(create_app(triton_url, protocol, api_key, allow_image_urls=allow_image_urls), host=host, port=port, log_level="info")
+    app = create_app(triton_url, protocol, api_key, allow_image_urls=allow_image_urls, max_video_jobs=max_video_jobs)
+    uvicorn.run(app, host=host, port=port, log_level="info")
     return 0

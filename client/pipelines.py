@@ -2,9 +2,10 @@
 
 The client, the CLI (its options are generated from these rows) and the OpenAI gateway all
 read ``PIPELINES``; a new pipeline or field is one row here. Limits come from the serving
-code itself (``ditserve.flux.limits``, ``ditserve.wan.limits``, ``ditserve.images``) so that a request the client accepts is one the
-server accepts, except for checks that depend on the loaded checkpoint (the size multiple
-comes from its VAE, the frame count's from its temporal factor), which only the server can make.
+code itself (``ditserve.flux.limits``, ``ditserve.wan.limits``, ``ditserve.images``, the edit
+request stage's image count) so that a request the client accepts is one the server accepts,
+except for checks that depend on the loaded checkpoint (the size multiple comes from its VAE,
+the 4k+1 frame count from its temporal factor), which only the server can make.
 """
 
 from __future__ import annotations

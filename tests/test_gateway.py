@@ -121,6 +121,9 @@ def test_malformed_and_oversized_bodies_and_missing_pipelines(gateway):
     for method, path in (("GET", "/videos/video_1"), ("DELETE", "/videos/video_1"), ("GET", "/videos/video_1/content")):
         response = httpx.request(method, gateway + path)
         assert response.status_code == 404 and response.json()["error"]["param"] == "video_id", response.text
+    for query, param in (("order=up", "order"), ("limit=-1", "limit")):
+        response = httpx.get(f"{gateway}/videos?{query}")
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     with pytest.raises(openai.NotFoundError):
         openai.OpenAI(base_url=gateway, api_key="unused").images.generate(model="gpt-image-1", prompt="a")
     # After all of the above, both the gateway and Triton still answer.
