@@ -13,6 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+# Standard library only: `ditserve serve` builds this parser too.
+from ditserve.client.video_jobs import MAX_VIDEO_JOBS
+
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
 
@@ -32,16 +35,15 @@ class _PipelineParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def _add_options(self) -> None:
-        from ditserve.client.pipelines import PIPELINES, Float, Images, Int
+        from ditserve.client.pipelines import PIPELINES, VALUE_TYPES, Images
 
         pipeline = PIPELINES[self.kind]
         for name, converter in pipeline.fields.items():
             option = "--" + name.replace("_", "-")
             if isinstance(converter, Images):
-                self.add_argument(option, dest=name, action="append", metavar="PATH", help=converter.help)
+                self.add_argument(option, dest=name, action="append", metavar="PATH_OR_URL", help=converter.help)
             else:
-                value_type = {Int: int, Float: float}.get(type(converter), str)
-                self.add_argument(option, dest=name, type=value_type, help=converter.help)
+                self.add_argument(option, dest=name, type=VALUE_TYPES.get(type(converter), str), help=converter.help)
         self.add_argument("--model", default=pipeline.model, help="ensemble to call")
         self.add_argument("--url", default=None, help=f"Triton server host:port (default: {DEFAULT_URLS})")
         self.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
@@ -62,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "openai",
-        help="OpenAI-compatible HTTP gateway (/v1/images/generations, /v1/models) in front of Triton",
+        help="OpenAI-compatible HTTP gateway (/v1/images/generations, /v1/images/edits, /v1/videos, /v1/models) "
+             "in front of Triton",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--triton-url", default=None, help=f"Triton server host:port (default: {DEFAULT_URLS})")
@@ -70,6 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--allow-image-urls", action="store_true",
+                   help="let /v1/images/edits requests name the image by an http(s) URL, which the gateway then "
+                        "downloads (any address it can reach: enable only for trusted callers)")
+    p.add_argument("--max-video-jobs", type=int, default=MAX_VIDEO_JOBS,
+                   help="video jobs kept in memory with their MP4; when full, a new job replaces the oldest "
+                        "finished one, or is refused (429) while all are queued or running")
     p.set_defaults(func=_openai)
 
 
@@ -78,15 +87,17 @@ def _run(args: argparse.Namespace) -> int:
     from tritonclient.utils import InferenceServerException
 
     from ditserve.client import PIPELINES, Client, ModelNotLoaded, RequestError, TritonUnavailable
+    from ditserve.client.download import read_image
 
     pipeline = PIPELINES[args.kind]
     fields = {name: getattr(args, name) for name in pipeline.fields}
     url = args.url or DEFAULT_URLS[args.protocol]
     try:
         if fields.get("image"):
-            fields["image"] = [Path(path).read_bytes() for path in fields["image"]]
+            fields["image"] = [read_image(source, "image") for source in fields["image"]]
         client = Client(url, protocol=args.protocol, timeout_s=args.timeout)
-        result = client.run(args.kind, args.model, **fields)
+        # Of a video only the MP4 is written: its decoded frames would be most of the transfer.
+        result = client.run(args.kind, args.model, outputs=("VIDEO",) if args.kind == "video" else None, **fields)
     except ModelNotLoaded as error:
         return _fail(args.kind, f"not available: ensemble {error.model} is not loaded on the server at {url}")
     except InferenceServerException as error:  # the server refused the request
@@ -119,4 +130,5 @@ def _fail(kind: str, reason: str) -> int:
 def _openai(args: argparse.Namespace) -> int:
     from ditserve.client.gateway import serve
 
-    return serve(args.triton_url or DEFAULT_URLS[args.protocol], args.protocol, args.host, args.port, args.api_key)
+    return serve(args.triton_url or DEFAULT_URLS[args.protocol], args.protocol, args.host, args.port, args.api_key,
+                 args.allow_image_urls, args.max_video_jobs)

@@ -1,5 +1,10 @@
 """``ditserve openai``: an OpenAI-compatible HTTP gateway (Starlette + uvicorn) in front of Triton.
 
+Routes: ``POST /v1/images/generations`` (flux_t2i), ``POST /v1/images/edits`` (qwen_image_edit,
+multipart as the SDK sends it), ``POST|GET /v1/videos``, ``GET|DELETE /v1/videos/{id}`` and
+``GET /v1/videos/{id}/content`` (wan_t2v, as background jobs: ``ditserve.client.video_jobs``),
+``GET /v1/models``.
+
 Requests are mapped and checked by the same table as the Python client and CLI
 (``ditserve.client.pipelines``); errors use OpenAI's JSON shape
 ``{"error": {"message", "type", "param", "code"}}`` so that OpenAI SDKs raise their usual
@@ -21,21 +26,30 @@ from typing import Any
 
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tritonclient.utils import InferenceServerException
 
-from ditserve.client.pipelines import PIPELINES
+from ditserve.client.download import download, is_url
+from ditserve.client.pipelines import PIPELINES, Pipeline, from_text
 from ditserve.client.triton import AsyncClient, ModelNotLoaded, TritonUnavailable
+from ditserve.client.video_jobs import MAX_VIDEO_JOBS, JobError, JobsFull, VideoJob, VideoJobs
+from ditserve.images import ImageLimits
 from ditserve.stage import RequestError
+from ditserve.wan.limits import DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH
 
 # A generation request is a prompt (at most 20,000 characters) and a few numbers.
 MAX_BODY_BYTES = 256 * 1024
+# An edit request: one image at the server's byte limit, and the fields of a generation request.
+MAX_IMAGE_BYTES = ImageLimits().max_bytes
+MAX_UPLOAD_BYTES = MAX_IMAGE_BYTES + MAX_BODY_BYTES
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # OpenAI fields that change nothing here: accepted, so that SDK defaults do not fail.
-IGNORED_FIELDS = ("quality", "style", "user", "background", "moderation")
+IGNORED_FIELDS = ("quality", "style", "user", "background", "moderation", "input_fidelity", "safety_identifier")
+IMAGE_FIELDS = ("image", "image[]")  # the SDK names one file "image", a list "image[]"
 
 
 class ApiError(Exception):
@@ -49,25 +63,28 @@ class ApiError(Exception):
         return JSONResponse({"error": body}, status_code=self.status)
 
 
-Handler = Callable[[Request], Awaitable[JSONResponse]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+               max_body_bytes: int = MAX_BODY_BYTES, allow_image_urls: bool = False,
+               max_video_jobs: int = MAX_VIDEO_JOBS) -> Starlette:
     triton: dict[str, AsyncClient] = {}
+    videos = VideoJobs(max_video_jobs)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         # tritonclient's aio clients belong to the event loop that creates them.
         triton["client"] = AsyncClient(triton_url, protocol=protocol)
         yield
+        await videos.close()
         await triton["client"].close()
 
     def endpoint(handler: Handler) -> Handler:
         """API key check and the mapping of every failure to an OpenAI error response."""
 
         @functools.wraps(handler)
-        async def wrapped(request: Request) -> JSONResponse:
+        async def wrapped(request: Request) -> Response:
             try:
                 if api_key is not None:
                     given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -86,9 +103,22 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
 
         return wrapped
 
-    async def generations(request: Request) -> JSONResponse:
-        body = await _json_body(request, max_body_bytes)
-        pipeline = PIPELINES["generate"]
+    async def run(kind: str, model: str, fields: dict[str, Any], **options):
+        """One Triton request; the server's own checks (e.g. the checkpoint's size multiple) name a
+        tensor, answered as a 400 about the OpenAI field."""
+        pipeline = PIPELINES[kind]
+        _only_table_fields(pipeline, fields)
+        try:
+            return await triton["client"].run(kind, model, **options, **fields)
+        except InferenceServerException as error:
+            field = pipeline.field_of(error.message())
+            if field is None:
+                raise ApiError(500, f"Triton: {error.message()}", type="server_error") from error
+            raise ApiError(400, f"{field}: {error.message()}", param=field) from error
+
+    async def images(kind: str, body: dict[str, Any]) -> JSONResponse:
+        """generations and edits alike, once their bodies are read: OpenAI's options, then the table's fields."""
+        pipeline = PIPELINES[kind]
         response_format = body.pop("response_format", None) or "b64_json"
         if response_format != "b64_json":
             raise ApiError(400, f"response_format {response_format!r} is not supported; use b64_json "
@@ -98,6 +128,8 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
             raise ApiError(400, f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}",
                            param="output_format")
         quality = body.pop("output_compression", None)
+        if isinstance(quality, str) and quality.isdigit():  # a multipart form field
+            quality = int(quality)
         if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100):
             raise ApiError(400, f"output_compression must be an integer in [0, 100], got {quality!r}",
                            param="output_compression")
@@ -106,44 +138,125 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
             body.pop(name, None)
         if body.get("size") == "auto":  # OpenAI's default: the model's own size
             body.pop("size")
-        # Only OpenAI names here: ensemble tensor names would skip the client-side checks.
-        unknown = sorted(set(body) - set(pipeline.fields))
-        if unknown:
-            raise RequestError(unknown[0], f"unknown field; known: {', '.join(pipeline.fields)}")
-        try:
-            result = await triton["client"].run("generate", model, **body)
-        except InferenceServerException as error:
-            # The server's own checks (e.g. the checkpoint's size multiple) name a tensor.
-            field = pipeline.field_of(error.message())
-            if field is None:
-                raise ApiError(500, f"Triton: {error.message()}", type="server_error") from error
-            raise ApiError(400, f"{field}: {error.message()}", param=field) from error
-        images = await asyncio.to_thread(_encode, result.png, OUTPUT_FORMATS[output_format], quality)
+        result = await run(kind, model, body)
+        encoded = await asyncio.to_thread(_encode, result.png, OUTPUT_FORMATS[output_format], quality)
         width, height = result.pixels.shape[2], result.pixels.shape[1]
         return JSONResponse({
             "created": int(time.time()),
-            "data": [{"b64_json": base64.b64encode(data).decode()} for data in images],
+            "data": [{"b64_json": base64.b64encode(data).decode()} for data in encoded],
             "output_format": output_format,
             "size": f"{width}x{height}",
         })
+
+    async def generations(request: Request) -> JSONResponse:
+        return await images("generate", await _json_body(request, max_body_bytes))
+
+    async def edits(request: Request) -> JSONResponse:
+        pipeline = PIPELINES["edit"]
+        form = await _form(request, MAX_UPLOAD_BYTES, max_body_bytes)
+        if "mask" in form:
+            raise ApiError(400, "mask: Qwen-Image-Edit takes no mask; say in the prompt what to change", param="mask")
+        uploads = [(name, value) for name in IMAGE_FIELDS for value in form.pop(name, [])]
+        body = {name: _text_field(pipeline, name, values) for name, values in form.items()}
+        if uploads:
+            body["image"] = [await _image_bytes(name, value, allow_image_urls) for name, value in uploads]
+        return await images("edit", body)
+
+    async def create_video(request: Request) -> JSONResponse:
+        pipeline = PIPELINES["video"]
+        # The SDK sends multipart/form-data; raw HTTP callers may send JSON.
+        if request.headers.get("content-type", "").startswith("application/json"):
+            body = await _json_body(request, max_body_bytes)
+        else:
+            form = await _form(request, max_body_bytes, max_body_bytes)
+            body = {name: _text_field(pipeline, name, values) for name, values in form.items()}
+        body = {name: value for name, value in body.items() if value is not None}
+        if "input_reference" in body:
+            raise ApiError(400, "input_reference: wan_t2v is text-to-video; it takes no reference image",
+                           param="input_reference")
+        model = body.pop("model", None) or pipeline.model
+        seconds = body.pop("seconds", None)
+        _only_table_fields(pipeline, body, also=("model", "seconds"))
+        # Checked now, so that a bad field is a 400 here and not a failed job later.
+        pipeline.tensors(body)
+        if seconds is not None:
+            if "num_frames" in body:
+                raise ApiError(400, "seconds: give seconds or num_frames, not both", param="seconds")
+            fps = body.get("fps", DEFAULT_FPS)
+            body["num_frames"] = _seconds(seconds) * fps + 1
+            try:
+                pipeline.tensors(body)
+            except RequestError as error:
+                raise RequestError("seconds", f"{seconds} s at {fps} fps is {body['num_frames']} frames; {error}") from None
+        if not await triton["client"].is_model_ready(model):
+            raise ModelNotLoaded(model, triton_url)
+        frames, fps = body.get("num_frames", DEFAULT_FRAMES), body.get("fps", DEFAULT_FPS)
+        job = VideoJob(model=model, prompt=body["prompt"], size=body.get("size", f"{DEFAULT_WIDTH}x{DEFAULT_HEIGHT}"),
+                       seconds=f"{(frames - 1) / fps:g}")
+
+        async def render() -> bytes:
+            try:
+                return (await run("video", model, body, outputs=("VIDEO",))).mp4
+            except ApiError as error:
+                raise JobError(error.code or error.type, error.message) from error
+            except (TritonUnavailable, ModelNotLoaded) as error:
+                raise JobError("triton_unavailable", str(error)) from error
+
+        try:
+            videos.start(job, render)
+        except JobsFull as error:
+            raise ApiError(429, str(error), code="too_many_video_jobs") from error
+        return JSONResponse(job.json())
+
+    def video_job(request: Request) -> VideoJob:
+        video_id = request.path_params["video_id"]
+        job = videos.get(video_id)
+        if job is None:
+            raise ApiError(404, f"no video {video_id!r} (finished videos are kept until deleted or replaced; "
+                                f"at most {videos.limit})", param="video_id", code="not_found")
+        return job
+
+    async def list_videos(request: Request) -> JSONResponse:
+        jobs = videos.newest_first()
+        order = request.query_params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, f"order: must be asc or desc, got {order!r}", param="order")
+        if order == "asc":
+            jobs.reverse()
+        after = request.query_params.get("after")
+        if after is not None:
+            ids = [job.id for job in jobs]
+            jobs = jobs[ids.index(after) + 1:] if after in ids else []
+        limit = request.query_params.get("limit", "20")
+        if not limit.isdigit():
+            raise ApiError(400, f"limit: must be a non-negative integer, got {limit!r}", param="limit")
+        data = [job.json() for job in jobs[:int(limit)]]
+        return JSONResponse({"object": "list", "data": data, "has_more": len(jobs) > len(data),
+                             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
+
+    async def retrieve_video(request: Request) -> JSONResponse:
+        return JSONResponse(video_job(request).json())
+
+    async def delete_video(request: Request) -> JSONResponse:
+        job = video_job(request)
+        videos.delete(job.id)
+        return JSONResponse({"id": job.id, "object": "video.deleted", "deleted": True})
+
+    async def video_content(request: Request) -> Response:
+        job = video_job(request)
+        variant = request.query_params.get("variant", "video")
+        if variant != "video":
+            raise ApiError(400, f"variant {variant!r} is not available; only video (the MP4)", param="variant")
+        if job.mp4 is None:
+            raise ApiError(409, f"video {job.id} is {job.status}; its content exists once it is completed",
+                           param="video_id", code="video_not_ready")
+        return Response(job.mp4, media_type="video/mp4",
+                        headers={"Content-Disposition": f'attachment; filename="{job.id}.mp4"'})
 
     async def models(_request: Request) -> JSONResponse:
         names = await triton["client"].loaded_ensembles()
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "ditserve"} for name in names]
         return JSONResponse({"object": "list", "data": data})
-
-    def pending(kind: str) -> Handler:
-        """Routes of pipelines the repository does not have yet: 404 while their ensemble is
-        not loaded (it is nowhere yet), 501 if a server has one, until this gateway serves it."""
-
-        async def handler(_request: Request) -> JSONResponse:
-            model = PIPELINES[kind].model
-            if not await triton["client"].is_model_ready(model):
-                raise ModelNotLoaded(model, triton_url)
-            raise ApiError(501, f"{model} is loaded, but this gateway does not serve {kind} requests yet",
-                           code="not_implemented", type="server_error")
-
-        return handler
 
     async def http_error(_request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, HTTPException)
@@ -151,33 +264,97 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
 
     routes = [
         Route("/v1/images/generations", endpoint(generations), methods=["POST"]),
+        Route("/v1/images/edits", endpoint(edits), methods=["POST"]),
+        Route("/v1/videos", endpoint(create_video), methods=["POST"]),
+        Route("/v1/videos", endpoint(list_videos), methods=["GET"]),
+        Route("/v1/videos/{video_id}", endpoint(retrieve_video), methods=["GET"]),
+        Route("/v1/videos/{video_id}", endpoint(delete_video), methods=["DELETE"]),
+        Route("/v1/videos/{video_id}/content", endpoint(video_content), methods=["GET"]),
         Route("/v1/models", endpoint(models), methods=["GET"]),
-        Route("/v1/images/edits", endpoint(pending("edit")), methods=["POST"]),
-        Route("/v1/videos", endpoint(pending("video")), methods=["POST", "GET"]),
-        Route("/v1/videos/{video_id}", endpoint(pending("video")), methods=["GET", "DELETE"]),
-        Route("/v1/videos/{video_id}/content", endpoint(pending("video")), methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
 
-async def _json_body(request: Request, limit: int) -> dict[str, Any]:
-    """The request's JSON object, read no further than ``limit`` bytes."""
+def _only_table_fields(pipeline: Pipeline, fields: dict[str, Any], also: tuple[str, ...] = ()) -> None:
+    # Only OpenAI names here: ensemble tensor names would skip the client-side checks.
+    unknown = sorted(set(fields) - set(pipeline.fields))
+    if unknown:
+        raise RequestError(unknown[0], f"unknown field; known: {', '.join((*also, *pipeline.fields))}")
+
+
+def _limited(request: Request, limit: int) -> Request:
+    """The request, with a body that answers 413 past ``limit`` bytes: from Content-Length when
+    there is one, and counted as it streams in (chunked bodies have none)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body is {declared} bytes; the limit is {limit}", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():  # chunked bodies have no Content-Length
-        size += len(chunk)
-        if size > limit:
+    received = 0
+
+    async def receive():
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
             raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
-        chunks.append(chunk)
+        return message
+
+    return Request(request.scope, receive)
+
+
+async def _json_body(request: Request, limit: int) -> dict[str, Any]:
+    """The request's JSON object, read no further than ``limit`` bytes."""
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(await _limited(request, limit).body())
     except ValueError as error:
         raise ApiError(400, f"request body is not valid JSON: {error}") from error
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
+
+
+async def _form(request: Request, limit: int, max_field_bytes: int) -> dict[str, list[str | UploadFile]]:
+    """A form body, read no further than ``limit`` bytes: field name -> its values. Multipart as
+    OpenAI's SDKs send it; urlencoded too, for requests without files (an image by URL)."""
+    if not request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        raise ApiError(400, "request body must be multipart/form-data, as OpenAI's SDKs send it")
+    form = await _limited(request, limit).form(max_files=len(IMAGE_FIELDS) + 1, max_part_size=max_field_bytes)
+    fields: dict[str, list[str | UploadFile]] = {}
+    for name, value in form.multi_items():
+        fields.setdefault(name, []).append(value)
+    return fields
+
+
+def _text_field(pipeline: Pipeline, name: str, values: list[str | UploadFile]) -> Any:
+    """One form field's value: text, typed by the table's converter where the field is the table's."""
+    if len(values) != 1 or not isinstance(values[0], str):
+        raise ApiError(400, f"{name}: expected one text value", param=name)
+    converter = pipeline.fields.get(name)
+    return values[0] if converter is None else from_text(converter, name, values[0])
+
+
+async def _image_bytes(name: str, value: str | UploadFile, allow_urls: bool) -> bytes:
+    """An uploaded image file's bytes; an http(s) URL's only where the gateway allows URLs."""
+    if isinstance(value, str):
+        if not is_url(value):
+            raise ApiError(400, f"{name}: expected an image file upload", param=name)
+        if not allow_urls:
+            raise ApiError(400, f"{name}: this gateway does not download image URLs (it runs without "
+                                "--allow-image-urls); upload the file instead", param=name)
+        return await asyncio.to_thread(download, value, name)
+    data = await value.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ApiError(413, f"{name}: {value.filename or 'the file'} is larger than {MAX_IMAGE_BYTES} bytes, the limit",
+                       param=name, code="image_too_large")
+    return data
+
+
+def _seconds(value: Any) -> int:
+    # OpenAI's durations (4, 8, 12) are multiples of 4, so seconds x fps + 1 is always 4k+1 frames.
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ApiError(400, f"seconds: must be a positive whole number of seconds, got {value!r}", param="seconds")
+    return value
 
 
 def _encode(pngs: list[bytes], image_format: str, quality: int | None) -> list[bytes]:
@@ -191,10 +368,12 @@ def _encode(pngs: list[bytes], image_format: str, quality: int | None) -> list[b
     return encoded
 
 
-def serve(triton_url: str, protocol: str, host: str, port: int, api_key: str | None) -> int:
+def serve(triton_url: str, protocol: str, host: str, port: int, api_key: str | None, allow_image_urls: bool = False,
+          max_video_jobs: int = MAX_VIDEO_JOBS) -> int:
     import uvicorn
 
     print(f"ditserve openai: forwarding to Triton at {triton_url} over {protocol}; "
           f"OpenAI base URL http://{host}:{port}/v1", flush=True)
-    uvicorn.run(create_app(triton_url, protocol, api_key), host=host, port=port, log_level="info")
+    app = create_app(triton_url, protocol, api_key, allow_image_urls=allow_image_urls, max_video_jobs=max_video_jobs)
+    uvicorn.run(app, host=host, port=port, log_level="info")
     return 0

@@ -2,9 +2,10 @@
 
 The client, the CLI (its options are generated from these rows) and the OpenAI gateway all
 read ``PIPELINES``; a new pipeline or field is one row here. Limits come from the serving
-code itself (``ditserve.flux.limits``) so that a request the client accepts is one the
-server accepts, except for checks that depend on the loaded checkpoint (the size multiple
-comes from its VAE), which only the server can make.
+code itself (``ditserve.flux.limits``, ``ditserve.wan.limits``, ``ditserve.images``, the edit
+request stage's image count) so that a request the client accepts is one the server accepts,
+except for checks that depend on the loaded checkpoint (the size multiple comes from its VAE,
+the 4k+1 frame count from its temporal factor), which only the server can make.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 from ditserve.flux.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE
+from ditserve.images import ImageLimits, decode_image
+from ditserve.qwen_image.request import MAX_INPUT_IMAGES
 from ditserve.stage import RequestError
+from ditserve.wan.limits import MAX_FPS, MAX_FRAMES
 
 # One ensemble input: (Triton data type, values). Values are one row of the request; the
 # batch dimension is added by the client.
@@ -106,14 +110,28 @@ class Size:
 
 @dataclasses.dataclass(frozen=True)
 class Images:
-    """Encoded input images (PNG, JPEG, ...), one tensor element each."""
+    """Encoded input images (PNG, JPEG, WebP), one tensor element each.
+
+    Each is checked here as the server will check it (``ditserve.images.decode_image``: bytes,
+    then pixels from the header before any decoding, then a full decode), so that an image the
+    server would refuse is refused before it is uploaded, with this field's name.
+    """
 
     tensor: str
+    max_images: int
+    limits: ImageLimits = ImageLimits()
     help: str = ""
 
     def tensors(self, field: str, value: Any) -> dict[str, Tensor]:
-        if not value or not all(isinstance(v, bytes) and v for v in value):
-            raise RequestError(field, "must be one or more non-empty encoded images")
+        if isinstance(value, (bytes, str)) or not isinstance(value, Sequence):
+            raise RequestError(field, f"must be a list of encoded images, got {type(value).__name__}")
+        if not 1 <= len(value) <= self.max_images:
+            expected = "1 image" if self.max_images == 1 else f"1 to {self.max_images} images"
+            raise RequestError(field, f"expected {expected}, got {len(value)}")
+        for data in value:
+            if not isinstance(data, bytes):
+                raise RequestError(field, f"must be encoded image bytes, got {type(data).__name__}")
+            decode_image(data, field, self.limits)
         return {self.tensor: ("BYTES", list(value))}
 
     def datatypes(self) -> dict[str, str]:
@@ -121,6 +139,19 @@ class Images:
 
 
 Converter = Union[Text, Int, Float, Size, Images]
+
+# The Python type of each converter's values where they arrive as text (command-line options,
+# multipart form fields); str for the others.
+VALUE_TYPES: dict[type, type] = {Int: int, Float: float}
+
+
+def from_text(converter: Converter, field: str, text: str) -> Any:
+    """A field's value written as text -> the value its converter checks."""
+    value_type = VALUE_TYPES.get(type(converter), str)
+    try:
+        return value_type(text)
+    except ValueError:
+        raise RequestError(field, f"must be {'an integer' if value_type is int else 'a number'}, got {text!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,20 +213,27 @@ _IMAGE_FIELDS: dict[str, Converter] = {
     "true_cfg_scale": Float("TRUE_CFG_SCALE", 0.0, MAX_GUIDANCE, help="classifier-free guidance with the negative prompt"),
 }
 
-# edit and video describe the contract their ensembles will have; until a server loads them,
-# the client answers "model ... is not loaded" for these rows.
 PIPELINES: dict[str, Pipeline] = {
     "generate": Pipeline("flux_t2i", _IMAGE_FIELDS, outputs=("PNG", "IMAGE")),
     "edit": Pipeline(
         "qwen_image_edit",
-        _IMAGE_FIELDS | {"image": Images("INPUT_IMAGE", help="input image file")},
+        _IMAGE_FIELDS
+        | {
+            "size": Size("WIDTH", "HEIGHT", help="WIDTHxHEIGHT, multiples of 16 (default: the input image's aspect ratio)"),
+            "image": Images("INPUT_IMAGE", MAX_INPUT_IMAGES, help="input image: a file or an http(s) URL"),
+        },
         outputs=("PNG", "IMAGE"),
     ),
     "video": Pipeline(
         "wan_t2v",
-        {name: c for name, c in _IMAGE_FIELDS.items() if name != "n"}
-        | {"num_frames": Int("NUM_FRAMES", 1, help="frames to generate"), "fps": Int("FPS", 1, help="frames per second")},
-        outputs=("MP4",),
+        {name: _IMAGE_FIELDS[name] for name in ("prompt", "size", "seed", "num_inference_steps")}
+        | {
+            "negative_prompt": Text("NEGATIVE_PROMPT", help="what to avoid (with --guidance-scale > 1)"),
+            "guidance_scale": Float("GUIDANCE_SCALE", 0.0, MAX_GUIDANCE, help="classifier-free guidance (on above 1)"),
+            "num_frames": Int("NUM_FRAMES", 1, MAX_FRAMES, help="frames to generate: 4k+1 (1, 5, 9, ..., 81)"),
+            "fps": Int("FPS", 1, MAX_FPS, help="frames per second of the MP4"),
+        },
+        # FRAMES: the decoded uint8 frames, for callers that want pixels without an MP4 decoder.
+        outputs=("VIDEO", "FRAMES"),
     ),
 }
-

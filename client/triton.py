@@ -8,6 +8,7 @@ two classes share everything but the awaits.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import importlib
@@ -50,11 +51,14 @@ class GenerateResult:
 @dataclasses.dataclass(frozen=True)
 class VideoResult:
     mp4: bytes
+    frames: np.ndarray | None  # (frames, H, W, 3) uint8; None when not requested
     latency_s: float
     stage_ms: dict[str, float]
 
 
 Result = GenerateResult | VideoResult
+# A checked request, ready to send: (pipeline, model, inputs, requested outputs).
+Request = tuple[Pipeline, str, list, list]
 
 
 @contextlib.contextmanager
@@ -91,11 +95,14 @@ class _Base:
             self._infer_kwargs = {"client_timeout": timeout_s}
             self._json = {"as_json": True}
 
-    def _request(self, kind: str, model: str | None, fields: Mapping[str, Any]) -> tuple[Pipeline, str, list, list]:
+    def _request(self, kind: str, model: str | None, outputs: tuple[str, ...] | None, fields: Mapping[str, Any]) -> Request:
         pipeline = PIPELINES[kind]
+        outputs = outputs or pipeline.outputs
+        if not set(outputs) <= set(pipeline.outputs):
+            raise ValueError(f"outputs: {kind} has {', '.join(pipeline.outputs)}, got {', '.join(outputs)}")
         inputs = [self._input(name, tensor) for name, tensor in pipeline.tensors(fields).items()]
-        outputs = [self.triton.InferRequestedOutput(name) for name in pipeline.outputs]
-        return pipeline, model or pipeline.model, inputs, outputs
+        requested = [self.triton.InferRequestedOutput(name) for name in outputs]
+        return pipeline, model or pipeline.model, inputs, requested
 
     def _input(self, name: str, tensor: Tensor):
         datatype, values = tensor
@@ -116,8 +123,10 @@ def _compute_ns(stats: dict) -> int:
 
 
 def _result(pipeline: Pipeline, response, latency_s: float, stage_ms: dict[str, float]) -> Result:
-    if pipeline.outputs == ("MP4",):
-        return VideoResult(mp4=bytes(response.as_numpy("MP4")[0][0]), latency_s=latency_s, stage_ms=stage_ms)
+    if "VIDEO" in pipeline.outputs:
+        frames = response.as_numpy("FRAMES")  # None when not requested
+        return VideoResult(mp4=bytes(response.as_numpy("VIDEO")[0][0]), frames=None if frames is None else frames[0],
+                           latency_s=latency_s, stage_ms=stage_ms)
     return GenerateResult(
         png=list(response.as_numpy("PNG")[0]),
         pixels=response.as_numpy("IMAGE")[0],
@@ -134,8 +143,8 @@ Steps = Generator[Call, Any, Any]
 
 
 class _Requests(_Base):
-    def _run(self, kind: str, model: str | None, fields: Mapping[str, Any]) -> Steps:
-        pipeline, model, inputs, outputs = self._request(kind, model, fields)
+    def _run(self, request: Request) -> Steps:
+        pipeline, model, inputs, outputs = request
         if not (yield from self._is_ready(model)):
             raise ModelNotLoaded(model, self.url)
         stages = []
@@ -193,12 +202,15 @@ class Client(_Requests):
     def edit(self, prompt: str, image: list[bytes], *, model: str | None = None, **fields) -> GenerateResult:
         return self.run("edit", model, prompt=prompt, image=image, **fields)
 
-    def video(self, prompt: str, *, model: str | None = None, **fields) -> VideoResult:
-        return self.run("video", model, prompt=prompt, **fields)
+    def video(self, prompt: str, *, model: str | None = None, frames: bool = True, **fields) -> VideoResult:
+        """Text to video: ``video("a kite", size="832x480", num_frames=81, fps=16)``; ``frames=False``
+        leaves the decoded frames on the server (only the MP4 comes back)."""
+        return self.run("video", model, outputs=None if frames else ("VIDEO",), prompt=prompt, **fields)
 
-    def run(self, kind: str, model: str | None = None, **fields) -> Result:
-        """One request of a kind in PIPELINES ("generate", "edit", "video")."""
-        return self._drive(self._run(kind, model, fields))
+    def run(self, kind: str, model: str | None = None, *, outputs: tuple[str, ...] | None = None, **fields) -> Result:
+        """One request of a kind in PIPELINES ("generate", "edit", "video"); ``outputs``: a subset
+        of the row's outputs (default: all)."""
+        return self._drive(self._run(self._request(kind, model, outputs, fields)))
 
     def loaded_ensembles(self) -> list[str]:
         """Names of the ensembles the server has loaded and ready (what can be generated with)."""
@@ -229,11 +241,13 @@ class AsyncClient(_Requests):
     async def edit(self, prompt: str, image: list[bytes], *, model: str | None = None, **fields) -> GenerateResult:
         return await self.run("edit", model, prompt=prompt, image=image, **fields)
 
-    async def video(self, prompt: str, *, model: str | None = None, **fields) -> VideoResult:
-        return await self.run("video", model, prompt=prompt, **fields)
+    async def video(self, prompt: str, *, model: str | None = None, frames: bool = True, **fields) -> VideoResult:
+        return await self.run("video", model, outputs=None if frames else ("VIDEO",), prompt=prompt, **fields)
 
-    async def run(self, kind: str, model: str | None = None, **fields) -> Result:
-        return await self._drive(self._run(kind, model, fields))
+    async def run(self, kind: str, model: str | None = None, *, outputs: tuple[str, ...] | None = None, **fields) -> Result:
+        # In a thread: checking an input image decodes it (up to 4096x4096), which would stall the loop.
+        request = await asyncio.to_thread(self._request, kind, model, outputs, fields)
+        return await self._drive(self._run(request))
 
     async def loaded_ensembles(self) -> list[str]:
         return await self._drive(self._loaded_ensembles())

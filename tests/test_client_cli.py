@@ -1,25 +1,38 @@
-"""ditserve.client (request table, sync and asyncio clients) and the `ditserve generate | edit |
-video` CLI, through the session's real tritonserver (tiny model, 64x64, 2 steps)."""
+"""ditserve.client (request table, sync and asyncio clients, URL downloads) and the `ditserve
+generate | edit | video` CLI, through the session's real tritonserver (tiny models, 64x64, 2 steps,
+5 frames)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import http.server
 import io
 import json
 import math
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
+from test_qwen_image_edit_request import encode, gradient, png_declaring
 
 from ditserve.cli import main
 from ditserve.client import PIPELINES, AsyncClient, Client, RequestError
+from ditserve.client.download import download
 from ditserve.server import find_free_ports
 
 SMALL = dict(size="64x64", num_inference_steps=2)
+# An edit and a video request as small as the tiny checkpoints allow, as CLI options.
+EDIT = ["--prompt", "make it red", "--size", "64x64", "--seed", "4", "--num-inference-steps", "2"]
+VIDEO = ["--prompt", "a paper boat", "--size", "64x64", "--num-frames", "5", "--fps", "8", "--seed", "2",
+         "--num-inference-steps", "2"]
 
 
 def urls(triton_server) -> dict[str, str]:
@@ -61,6 +74,26 @@ def test_table_maps_openai_fields_to_ensemble_tensors():
     }
     assert PIPELINES["generate"].field_of("in ensemble 'flux_t2i', HEIGHT: must be ...") == "size"
     assert PIPELINES["video"].tensors(dict(prompt="a", num_frames=9, fps=8))["NUM_FRAMES"] == ("INT32", [9])
+
+
+@pytest.mark.parametrize(
+    "kind,fields,field,text",
+    [
+        pytest.param("edit", dict(image=[png_declaring(5000, 5000)]), "image", "at most 16777216 pixels, got 5000x5000",
+                     id="edit-pixels-from-header"),
+        pytest.param("edit", dict(image=[encode(gradient(16, 16))] * 2), "image", "expected 1 image, got 2", id="edit-two"),
+        pytest.param("edit", dict(image=encode(gradient(16, 16))), "image", "must be a list", id="edit-bare-bytes"),
+        pytest.param("edit", dict(image=[b"not an image"]), "image", "not a readable", id="edit-text"),
+        pytest.param("video", dict(true_cfg_scale=2.0), "true_cfg_scale", "unknown field", id="video-true-cfg"),
+        pytest.param("video", dict(n=2), "n", "unknown field", id="video-n"),
+        pytest.param("video", dict(num_frames=242), "num_frames", "[1, 241]", id="video-frames"),
+        pytest.param("video", dict(fps=121), "fps", "[1, 120]", id="video-fps"),
+    ],
+)
+def test_edit_and_video_rows_check_with_the_servers_limits(kind, fields, field, text):
+    with pytest.raises(RequestError) as info:
+        PIPELINES[kind].tensors(dict(prompt="a") | fields)
+    assert info.value.field == field and text in str(info.value), str(info.value)
 
 
 def test_building_the_cli_parser_does_not_import_the_serving_code():
@@ -113,7 +146,7 @@ def _fails(argv: list[str], capsys) -> str:
 
 
 @pytest.mark.server
-def test_cli_errors_are_one_line_with_exit_code_1(triton_server, capsys):
+def test_cli_errors_are_one_line_with_exit_code_1(triton_server, capsys, tmp_path):
     url = ["--url", triton_server.grpc_url]
     assert "size: must be WIDTHxHEIGHT" in _fails(["generate", "--prompt", "a", "--size", "64by64", *url], capsys)
     # The size multiple depends on the checkpoint: the server's own check answers.
@@ -122,6 +155,11 @@ def test_cli_errors_are_one_line_with_exit_code_1(triton_server, capsys):
     closed = f"127.0.0.1:{find_free_ports(1)[0]}"
     for protocol in ("grpc", "http"):
         assert "unreachable" in _fails(["generate", "--prompt", "a", "--url", closed, "--protocol", protocol], capsys)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(5000, 5000))
+    assert _fails(["edit", "--prompt", "a", "--image", str(bomb), *url], capsys) == (
+        "ditserve edit: image: must have at most 16777216 pixels, got 5000x5000")
+    assert "NUM_FRAMES: must be 4k+1" in _fails(["video", *VIDEO, "--num-frames", "8", *url], capsys)
 
 
 @pytest.mark.server
@@ -131,3 +169,110 @@ def test_cli_b64_json_prints_openai_shaped_json(triton_server, capsys):
     assert main(argv) == 0
     body = json.loads(capsys.readouterr().out)
     assert Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"]))).size == (64, 64)
+
+
+# --- edit and video, URL images -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def http_files(tmp_path_factory):
+    """(folder, base URL) of a local http.server over a fresh folder; /slow trickles a byte every 0.1 s."""
+    folder = tmp_path_factory.mktemp("served")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/slow":
+                return super().do_GET()
+            self.send_response(200)
+            self.end_headers()
+            for _ in range(30):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def input_image(http_files) -> tuple[Path, str]:
+    """An input image to edit, as a file and as a URL."""
+    folder, base = http_files
+    (folder / "in.png").write_bytes(encode(gradient(48, 40)))
+    return folder / "in.png", f"{base}/in.png"
+
+
+def test_downloads_have_size_and_time_limits(http_files, input_image):
+    path, url = input_image
+    assert download(url, "image") == path.read_bytes()
+    for source, limits, text in [
+        (url, dict(max_bytes=100), "the limit is 100"),  # from Content-Length, before the body
+        (f"{http_files[1]}/slow", dict(max_bytes=10), "more than 10 bytes"),  # counted: no Content-Length
+        (f"{http_files[1]}/slow", dict(timeout_s=0.5), "took more than 0.5 s"),  # a trickle never times out a read
+        (f"{http_files[1]}/missing.png", {}, "HTTP 404"),
+    ]:
+        start = time.monotonic()
+        with pytest.raises(RequestError, match=text) as info:
+            download(source, "image", **limits)
+        assert info.value.field == "image" and time.monotonic() - start < 2
+
+
+@pytest.fixture(scope="module")
+def edited(triton_server, input_image) -> np.ndarray:
+    """The Python client's edit of the input image (the EDIT options), to compare the CLI's with."""
+    client = Client(urls(triton_server)["grpc"], protocol="grpc")
+    result = client.edit("make it red", [input_image[0].read_bytes()], size="64x64", seed=4, num_inference_steps=2)
+    assert result.pixels.shape == (1, 64, 64, 3) and [image.size for image in result.images] == [(64, 64)]
+    return result.pixels[0]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol,source", [("grpc", "path"), ("http", "url")])
+def test_cli_edit_writes_the_clients_image(triton_server, tmp_path, capsys, input_image, edited, protocol, source):
+    image = str(input_image[0]) if source == "path" else input_image[1]
+    argv = ["edit", *EDIT, "--image", image, "--url", urls(triton_server)[protocol], "--protocol", protocol,
+            "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert "qwen_image_edit_vae_encoder" in capsys.readouterr().out
+    written = Image.open(tmp_path / "qwen_image_edit_0.png")
+    assert written.size == (64, 64) and np.array_equal(np.asarray(written), edited)
+
+
+def decode_mp4(data: bytes) -> tuple[list[np.ndarray], float, tuple[int, int]]:
+    """(RGB frames, frames per second, (width, height)) of an MP4."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        return frames, float(stream.average_rate), (stream.width, stream.height)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_cli_video_writes_an_mp4_of_the_requested_frames(triton_server, tmp_path, capsys, protocol):
+    argv = ["video", *VIDEO, "--url", urls(triton_server)[protocol], "--protocol", protocol, "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert "wan_denoiser" in capsys.readouterr().out
+    frames, fps, size = decode_mp4((tmp_path / "wan_t2v_0.mp4").read_bytes())
+    assert (len(frames), fps, size) == (5, 8.0, (64, 64))
+
+
+@pytest.mark.server
+def test_client_video_returns_the_mp4_and_its_frames(triton_server):
+    client = Client(urls(triton_server)["http"], protocol="http")
+    result = client.video("a paper boat", size="64x64", num_frames=5, fps=8, seed=2, num_inference_steps=2)
+    assert result.frames.shape == (5, 64, 64, 3) and result.frames.std() > 0
+    frames, _, _ = decode_mp4(result.mp4)
+
+    def coarse(video: np.ndarray) -> np.ndarray:  # gray means of 8x8 blocks
+        return video.astype(float).mean(-1).reshape(len(video), 8, 8, 8, 8).mean(axis=(2, 4))
+
+    # H.264 (4:2:0, lossy) keeps the tiny model's noisy frames only roughly: compare them coarsely.
+    error = np.abs(coarse(np.stack(frames)) - coarse(result.frames)).mean()
+    assert error < 6, error
+    mp4_only = client.video("a paper boat", size="64x64", num_frames=5, fps=8, seed=2, num_inference_steps=2, frames=False)
+    assert mp4_only.frames is None and len(decode_mp4(mp4_only.mp4)[0]) == 5

@@ -1,9 +1,11 @@
 """The OpenAI-compatible gateway (`ditserve openai`) in front of the session's real tritonserver:
 the official `openai` package and raw HTTP (httpx) against uvicorn in a thread, and Starlette's
-TestClient (in-process ASGI) for API keys and an unreachable Triton."""
+TestClient (in-process ASGI) for API keys, image URLs and an unreachable Triton. Images, edits and
+videos are as small as the tiny checkpoints allow (64x64, 2 steps, 5 frames)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import threading
@@ -17,9 +19,12 @@ import pytest
 import uvicorn
 from PIL import Image
 from starlette.testclient import TestClient
+from test_client_cli import EDIT, decode_mp4, http_files, input_image  # noqa: F401 - fixtures
+from test_qwen_image_edit_request import encode, gradient, png_declaring
 
 from ditserve.cli import main
-from ditserve.client.gateway import MAX_BODY_BYTES, create_app
+from ditserve.client.gateway import MAX_BODY_BYTES, MAX_IMAGE_BYTES, create_app
+from ditserve.client.video_jobs import JobError, JobsFull, VideoJob, VideoJobs
 from ditserve.server import find_free_ports
 
 pytestmark = pytest.mark.server
@@ -112,11 +117,13 @@ def test_malformed_and_oversized_bodies_and_missing_pipelines(gateway):
     too_large = httpx.post(post, json={"prompt": "a" * MAX_BODY_BYTES})
     assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "body_too_large"
     response = httpx.post(gateway + "/images/edits", json={"prompt": "a"})
-    assert response.status_code == 404 and "model qwen_image_edit is not loaded" in response.json()["error"]["message"]
-    # wan_t2v is in the repository now; the gateway does not serve video requests yet.
-    for method, path in (("POST", "/videos"), ("GET", "/videos/video_1"), ("GET", "/videos/video_1/content")):
-        response = httpx.request(method, gateway + path, json={"prompt": "a"})
-        assert response.status_code == 501 and "wan_t2v is loaded" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "multipart/form-data" in response.json()["error"]["message"]
+    for method, path in (("GET", "/videos/video_1"), ("DELETE", "/videos/video_1"), ("GET", "/videos/video_1/content")):
+        response = httpx.request(method, gateway + path)
+        assert response.status_code == 404 and response.json()["error"]["param"] == "video_id", response.text
+    for query, param in (("order=up", "order"), ("limit=-1", "limit")):
+        response = httpx.get(f"{gateway}/videos?{query}")
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
     with pytest.raises(openai.NotFoundError):
         openai.OpenAI(base_url=gateway, api_key="unused").images.generate(model="gpt-image-1", prompt="a")
     # After all of the above, both the gateway and Triton still answer.
@@ -139,3 +146,171 @@ def test_triton_unreachable_is_503():
             for response in (client.get("/v1/models"), client.post("/v1/images/generations", json={"prompt": "a"})):
                 assert response.status_code == 503, response.text
                 assert response.json()["error"]["code"] == "triton_unavailable"
+
+
+# --- /v1/images/edits -----------------------------------------------------------------------------
+
+
+def test_openai_sdk_image_edit_equals_the_cli_output(gateway, triton_server, tmp_path, input_image):
+    path, _ = input_image
+    sdk = openai.OpenAI(base_url=gateway, api_key="unused")
+    response = sdk.images.edit(model="qwen_image_edit", image=("in.png", path.read_bytes(), "image/png"),
+                               prompt="make it red", size="64x64", response_format="b64_json",
+                               extra_body={"seed": 4, "num_inference_steps": 2})
+    (item,) = response.data
+    image = decode(item.b64_json)
+    assert image.size == (64, 64)
+    assert main(["edit", *EDIT, "--image", str(path), "--url", triton_server.grpc_url, "--output-dir", str(tmp_path)]) == 0
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(tmp_path / "qwen_image_edit_0.png")))
+
+
+def edit(url: str, files: list, **data) -> httpx.Response:
+    fields = {"prompt": "make it red", "size": "64x64", "seed": "4", "num_inference_steps": "2"} | data
+    return httpx.post(f"{url}/images/edits", data=fields, files=files, timeout=120)
+
+
+def test_raw_http_edit_of_an_image_list_as_webp(gateway, input_image):
+    response = edit(gateway, [("image[]", ("in.png", input_image[0].read_bytes(), "image/png"))],
+                    output_format="webp", n="2")
+    assert response.status_code == 200, response.text
+    images = [decode(item["b64_json"]) for item in response.json()["data"]]
+    assert [(image.format, image.size) for image in images] == [("WEBP", (64, 64))] * 2
+
+
+PNG = encode(gradient(16, 16))
+BAD_EDITS = [
+    pytest.param([("image", ("in.png", PNG, "image/png")), ("mask", ("m.png", PNG, "image/png"))], {}, 400, "mask",
+                 "takes no mask", id="mask"),
+    pytest.param([], {}, 400, "image", "is required", id="no-image"),
+    pytest.param([("image", ("in.png", PNG, "image/png"))] * 2, {}, 400, "image", "expected 1 image, got 2", id="two"),
+    pytest.param([("image", ("bomb.png", png_declaring(5000, 5000), "image/png"))], {}, 400, "image",
+                 "at most 16777216 pixels, got 5000x5000", id="pixels-from-header"),
+    pytest.param([("image", ("big.png", PNG + b"\0" * MAX_IMAGE_BYTES, "image/png"))], {}, 413, "image",
+                 f"larger than {MAX_IMAGE_BYTES} bytes", id="bytes"),
+    pytest.param([], {"image": "http://127.0.0.1:9/in.png"}, 400, "image", "--allow-image-urls", id="url-not-allowed"),
+    pytest.param([("image", ("in.png", PNG, "image/png"))], {"n": "two"}, 400, "n", "must be an integer", id="n-text"),
+    pytest.param([("image", ("in.png", PNG, "image/png"))], {"size": "72x64"}, 400, "size", "multiple of 16",
+                 id="size-server-side"),
+]
+
+
+@pytest.mark.parametrize("files,data,status,param,text", BAD_EDITS)
+def test_bad_edits_get_openai_errors_naming_the_field(gateway, files, data, status, param, text):
+    response = edit(gateway, files, **data)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and text in error["message"], error
+
+
+def test_image_urls_are_downloaded_only_when_allowed(triton_server, input_image):
+    path, url = input_image
+    fields = {"prompt": "make it red", "size": "64x64", "seed": "4", "num_inference_steps": "2", "image": url}
+    with TestClient(create_app(triton_server.grpc_url, allow_image_urls=True)) as client:
+        response = client.post("/v1/images/edits", data=fields)  # urlencoded: a form without files
+        assert response.status_code == 200, response.text
+        with_file = client.post("/v1/images/edits", data={k: v for k, v in fields.items() if k != "image"},
+                                files=[("image", ("in.png", path.read_bytes(), "image/png"))])
+        assert response.json()["data"] == with_file.json()["data"]
+
+
+# --- /v1/videos -----------------------------------------------------------------------------------
+
+VIDEO = {"size": "64x64", "seed": 2, "num_inference_steps": 2}
+
+
+def finished(retrieve, video_id: str, timeout_s: float = 300):
+    deadline = time.monotonic() + timeout_s
+    while (video := retrieve(video_id))["status"] in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, video
+        time.sleep(0.2)
+    return video
+
+
+# The SDK marks its Videos API deprecated (OpenAI's Sora service); the routes are this gateway's own.
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
+def test_openai_sdk_video_job_lifecycle(gateway):
+    sdk = openai.OpenAI(base_url=gateway, api_key="unused")
+    job = sdk.videos.create(prompt="a paper boat", model="wan_t2v", size="64x64",
+                            extra_body={"num_frames": 5, "fps": 8, "seed": 2, "num_inference_steps": 2})
+    assert (job.object, job.status, job.model, job.size, job.seconds) == ("video", "queued", "wan_t2v", "64x64", "0.5")
+    video = finished(lambda video_id: sdk.videos.retrieve(video_id).model_dump(), job.id)
+    assert (video["status"], video["progress"], video["error"]) == ("completed", 100, None)
+    assert video["completed_at"] >= video["created_at"] == job.created_at
+    assert job.id in [v.id for v in sdk.videos.list()]
+    content = sdk.videos.download_content(job.id)
+    frames, fps, size = decode_mp4(content.content)
+    assert (len(frames), fps, size) == (5, 8.0, (64, 64))
+    assert sdk.videos.delete(job.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        sdk.videos.retrieve(job.id)
+
+
+def test_raw_http_video_in_seconds_and_a_failed_job(gateway):
+    # OpenAI's seconds at 1 fps: 4 s is 5 frames.
+    response = httpx.post(f"{gateway}/videos", json={"prompt": "a kite", "seconds": "4", "fps": 1, **VIDEO})
+    assert response.status_code == 200 and response.json()["seconds"] == "4", response.text
+
+    def retrieve(video_id: str) -> dict:
+        return httpx.get(f"{gateway}/videos/{video_id}").json()
+
+    video = finished(retrieve, response.json()["id"])
+    content = httpx.get(f"{gateway}/videos/{video['id']}/content")
+    assert content.headers["content-type"] == "video/mp4"
+    frames, fps, size = decode_mp4(content.content)
+    assert (len(frames), fps, size) == (5, 1.0, (64, 64))
+    # 8 frames passes the table (1 to 241) but not the checkpoint's 4k+1: the job fails, naming the field.
+    failed = httpx.post(f"{gateway}/videos", json={"prompt": "a kite", "num_frames": 8, **VIDEO}).json()
+    failed = finished(retrieve, failed["id"])
+    assert failed["status"] == "failed" and failed["error"]["message"].startswith("num_frames: "), failed
+    not_ready = httpx.get(f"{gateway}/videos/{failed['id']}/content")
+    assert not_ready.status_code == 409 and not_ready.json()["error"]["code"] == "video_not_ready"
+
+
+BAD_VIDEOS = [
+    pytest.param({"true_cfg_scale": 2}, 400, "true_cfg_scale", id="true-cfg"),
+    pytest.param({"seconds": "4", "num_frames": 5}, 400, "seconds", id="seconds-and-frames"),
+    pytest.param({"seconds": "four"}, 400, "seconds", id="seconds-text"),
+    pytest.param({"seconds": "16"}, 400, "seconds", id="seconds-too-long"),
+    pytest.param({"input_reference": "x"}, 400, "input_reference", id="reference"),
+    pytest.param({"size": "64"}, 400, "size", id="size"),
+    pytest.param({"prompt": None}, 400, "prompt", id="no-prompt"),
+    pytest.param({"model": "sora-2"}, 404, "model", id="model"),
+]
+
+
+@pytest.mark.parametrize("fields,status,param", BAD_VIDEOS)
+def test_bad_video_requests_are_refused_before_a_job(gateway, fields, status, param):
+    response = httpx.post(f"{gateway}/videos", json={"prompt": "a kite", **VIDEO} | fields)
+    assert response.status_code == status and response.json()["error"]["param"] == param, response.text
+
+
+def test_video_jobs_are_bounded():
+    async def scenario():
+        jobs, release = VideoJobs(limit=2), asyncio.Event()
+
+        async def slow() -> bytes:
+            await release.wait()
+            return b"mp4"
+
+        async def broken() -> bytes:
+            raise JobError("invalid_request_error", "num_frames: must be 4k+1")
+
+        def job() -> VideoJob:
+            return VideoJob(model="wan_t2v", prompt="a", size="64x64", seconds="1")
+
+        first, second = job(), job()
+        jobs.start(first, slow)
+        jobs.start(second, broken)
+        await asyncio.sleep(0)
+        assert (first.status, second.status, second.error.code) == ("in_progress", "failed", "invalid_request_error")
+        third = job()
+        jobs.start(third, slow)  # replaces the finished one
+        assert jobs.get(second.id) is None and [j.id for j in jobs.newest_first()] == [third.id, first.id]
+        with pytest.raises(JobsFull):  # two running: no room
+            jobs.start(job(), slow)
+        release.set()
+        await asyncio.gather(first.task, third.task)
+        assert (first.status, first.mp4, first.json()["progress"]) == ("completed", b"mp4", 100)
+        await jobs.close()
+
+    asyncio.run(scenario())
