@@ -36,8 +36,8 @@ def test_matches_qwen_image_edit_pipeline_through_triton(triton_server, referenc
 
 
 def infer(triton_server, images: list[bytes] | None, **fields):
-    """A raw request with ensemble input names (ditserve's client sends the edit image as IMAGE,
-    which an ensemble whose output is IMAGE cannot take; and it refuses some of these requests itself)."""
+    """A raw request with ensemble input names: ditserve's client would refuse some of these bad
+    requests itself, and the server's own answers are what is tested here."""
     import tritonclient.http as http
 
     client = http.InferenceServerClient(triton_server.http_url.removeprefix("http://"))
