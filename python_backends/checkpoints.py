@@ -24,7 +24,7 @@ build them on the GPU with the CLI::
 
 Determinism: the same preset, seed, dtype and device give byte-identical safetensors files, across
 processes. Every parameter is overwritten from a generator seeded per component (see
-``_reinit_parameters``), so the library's own init (some of which is zero, e.g. FLUX's final
+``reinit_parameters``), so the library's own init (some of which is zero, e.g. FLUX's final
 adaLN/projection) plays no part and the pipeline's output depends on both the prompt and the seed.
 """
 
@@ -402,7 +402,7 @@ def _default_dtype(dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def _reinit_parameters(module, seed: int, component: str) -> None:
+def reinit_parameters(module, seed: int, component: str) -> None:
     """Overwrite every parameter from a generator seeded by (seed, component), on the parameters'
     own device (fast on a GPU): LeCun-normal weights (std 1/sqrt(fan_in): 0.01-0.02 at full size,
     0.06-0.18 at tiny size, which keeps activations O(1) through the stack instead of vanishing in
@@ -419,15 +419,16 @@ def _reinit_parameters(module, seed: int, component: str) -> None:
     seen: set[int] = set()
     with torch.no_grad():
         for sub in module.modules():  # fixed order; tied parameters are filled once
-            is_norm = "Norm" in type(sub).__name__
+            is_norm = "norm" in type(sub).__name__.lower()  # also Qwen-Image's and Wan's RMS_norm
             for pname, p in sub.named_parameters(recurse=False):
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                if p.ndim >= 2:
-                    p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
-                elif is_norm and pname == "weight":
+                # The Qwen-Image and Wan VAEs name their RMS-norm scales `gamma`, shaped (C, 1, 1[, 1]).
+                if pname == "gamma" or (is_norm and pname == "weight" and p.ndim == 1):
                     p.normal_(1.0, 0.02, generator=gen)
+                elif p.ndim >= 2:
+                    p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
                 else:
                     p.normal_(0.0, 0.02, generator=gen)
 
@@ -469,7 +470,7 @@ def build_pipeline_components(
         torch.manual_seed(seed * 1_000_003 + index)
         with torch.device(device), _default_dtype(dtype):
             model = make()
-        _reinit_parameters(model, seed, name)
+        reinit_parameters(model, seed, name)
         components[name] = model.eval().requires_grad_(False)
     return components
 

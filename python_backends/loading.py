@@ -26,6 +26,13 @@ class Checkpoint:
             self.index: dict[str, Any] = json.load(f)
         self.pipeline_class: str = self.index.get("_class_name", "")
 
+    def config(self, component: str, file: str = "config.json") -> dict[str, Any]:
+        """A component's saved config as plain JSON. Request stages read geometry this way rather than
+        through the component class's load_config, so they never import diffusers (about 5 s of CPU
+        per model load, paid by every server start)."""
+        with open(self.path / component / file) as f:
+            return json.load(f)
+
     def component_class(self, name: str) -> type:
         entry = self.index.get(name)
         if not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:

@@ -69,7 +69,7 @@ class GenerationParams:
 
 def latent_geometry(checkpoint: Checkpoint) -> tuple[int, int]:
     """(size multiple, default size) of a FLUX checkpoint, from its VAE config alone."""
-    vae_config = checkpoint.component_class("vae").load_config(checkpoint.path / "vae")
+    vae_config = checkpoint.config("vae")
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     # Latents are packed in 2x2 patches; FluxPipeline's default is 128 latents per side.
     return vae_scale_factor * 2, 128 * vae_scale_factor

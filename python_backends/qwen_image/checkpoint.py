@@ -35,10 +35,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
-import zlib
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -50,6 +48,7 @@ from ditserve.checkpoints import (
     _default_dtype,
     _learn_bpe_merges,
     cache_root,
+    reinit_parameters,
 )
 
 logger = logging.getLogger(__name__)
@@ -243,30 +242,6 @@ def build_tokenizer(template_words: tuple[str, ...] = _TEMPLATE_WORDS):
 # --- model -------------------------------------------------------------------------------------
 
 
-def _reinit_parameters(module, seed: int, component: str) -> None:
-    """``ditserve.checkpoints._reinit_parameters`` with one difference: Qwen-Image's VAE names its
-    RMS-norm scales ``gamma``, which must start near 1 (not 0) for the image to carry signal."""
-    import torch
-
-    params = list(module.parameters())
-    gen = torch.Generator(device=params[0].device)
-    gen.manual_seed((seed * 1_000_003 + zlib.crc32(component.encode())) % (2**63))
-    seen: set[int] = set()
-    with torch.no_grad():
-        for sub in module.modules():
-            is_norm = "norm" in type(sub).__name__.lower()
-            for pname, p in sub.named_parameters(recurse=False):
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                if pname == "gamma" or (is_norm and pname == "weight" and p.ndim == 1):
-                    p.normal_(1.0, 0.02, generator=gen)  # gamma: (C, 1, 1[, 1]) in the VAE
-                elif p.ndim >= 2:
-                    p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
-                else:
-                    p.normal_(0.0, 0.02, generator=gen)
-
-
 def template_prefix(builtin: Builtin) -> str:
     """The part of the template that the pipeline drops: up to the user turn (the image placeholder,
     expanded to many tokens by the processor, comes after it)."""
@@ -314,7 +289,7 @@ def build_components(seed: int = 0, name: str = "tiny-qwen-image") -> dict[str, 
         torch.manual_seed(seed * 1_000_003 + index)
         with torch.device("cpu"), _default_dtype(torch.float32):
             model = make()
-        _reinit_parameters(model, seed, name)
+        reinit_parameters(model, seed, name)
         components[name] = model.eval().requires_grad_(False)
     return components
 

@@ -15,7 +15,6 @@ to the condition size, and passed on as pixels.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 
@@ -34,23 +33,16 @@ DEFAULT_STEPS = 50
 DEFAULT_TRUE_CFG = 4.0
 
 
-def _config(checkpoint: Checkpoint, component: str, file: str) -> dict:
-    # Plain JSON, not the component class's load_config: this stage then never imports diffusers
-    # (about 5 s of CPU per model load, paid by every server start).
-    with open(checkpoint.path / component / file) as f:
-        return json.load(f)
-
-
 def latent_geometry(checkpoint: Checkpoint) -> tuple[int, int]:
     """(size multiple, default size) of a Qwen-Image checkpoint, from its VAE config alone."""
-    vae_scale_factor = 2 ** len(_config(checkpoint, "vae", "config.json")["temperal_downsample"])
+    vae_scale_factor = 2 ** len(checkpoint.config("vae")["temperal_downsample"])
     return vae_scale_factor * 2, 128 * vae_scale_factor  # QwenImagePipeline.default_sample_size = 128
 
 
 def min_steps(checkpoint: Checkpoint) -> int:
     """2 with Qwen-Image's ``shift_terminal``: FlowMatchEulerDiscreteScheduler stretches the sigmas
     by 1 / (1 - last sigma), which is 1 / 0 for one step, so QwenImagePipeline makes a NaN image."""
-    return 2 if _config(checkpoint, "scheduler", "scheduler_config.json").get("shift_terminal") else 1
+    return 2 if checkpoint.config("scheduler", "scheduler_config.json").get("shift_terminal") else 1
 
 
 def parse_params(row: Row, size_multiple: int, default_size: int, least_steps: int = 1) -> GenerationParams:

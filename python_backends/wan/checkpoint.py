@@ -26,8 +26,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ditserve.checkpoints import _WORDS, _build_atomically, _default_dtype, build_t5_tokenizer, cache_root
-from ditserve.qwen_image.checkpoint import _reinit_parameters  # handles the Wan VAE's `gamma` scales too
+from ditserve.checkpoints import _WORDS, _build_atomically, _default_dtype, build_t5_tokenizer, cache_root, reinit_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +135,7 @@ def build_components(name: str, seed: int = 0) -> dict[str, Any]:
         torch.manual_seed(seed * 1_000_003 + index)
         with torch.device("cpu"), _default_dtype(torch.float32):
             model = make()
-        _reinit_parameters(model, seed, component)  # per component name: the two experts differ
+        reinit_parameters(model, seed, component)  # per component name: the two experts differ
         components[component] = model.eval().requires_grad_(False)
     return components
 

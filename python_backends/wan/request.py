@@ -17,7 +17,6 @@ import torch
 
 from ditserve.flux.request import FluxRequestCheck, GenerationParams
 from ditserve.loading import Checkpoint
-from ditserve.qwen_image.request import _config
 from ditserve.stage import Outputs, RequestError, Row, int_field
 from ditserve.wan.limits import (
     DEFAULT_FPS,
@@ -40,8 +39,8 @@ class VideoGeometry:
     @classmethod
     def read(cls, checkpoint: Checkpoint) -> VideoGeometry:
         """From the VAE and transformer configs alone (plain JSON: the request stage never imports diffusers)."""
-        vae = _config(checkpoint, "vae", "config.json")
-        patch = _config(checkpoint, "transformer", "config.json")["patch_size"]
+        vae = checkpoint.config("vae")
+        patch = checkpoint.config("transformer")["patch_size"]
         # AutoencoderKLWan's defaults where a config predates these keys, as WanPipeline reads them.
         spatial, temporal = vae.get("scale_factor_spatial", 8), vae.get("scale_factor_temporal", 4)
         return cls(size_multiple=spatial * max(patch[1], patch[2]), spatial_factor=spatial, temporal_factor=temporal)
