@@ -230,6 +230,8 @@ PIPELINES: dict[str, Pipeline] = {
         | {
             "negative_prompt": Text("NEGATIVE_PROMPT", help="what to avoid (with --guidance-scale > 1)"),
             "guidance_scale": Float("GUIDANCE_SCALE", 0.0, MAX_GUIDANCE, help="classifier-free guidance (on above 1)"),
+            "guidance_scale_2": Float("GUIDANCE_SCALE_2", 0.0, MAX_GUIDANCE,
+                                      help="Wan 2.2 A14B: the low-noise expert's guidance (default: guidance_scale)"),
             "num_frames": Int("NUM_FRAMES", 1, MAX_FRAMES, help="frames to generate: 4k+1 (1, 5, 9, ..., 81)"),
             "fps": Int("FPS", 1, MAX_FPS, help="frames per second of the MP4"),
         },

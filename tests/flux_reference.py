@@ -14,7 +14,7 @@ CPU_FP32 = dict(device=torch.device("cpu"), dtype=torch.float32)
 
 def make_row(prompt, negative=None, **scalars) -> dict:
     """A request row as the Triton adapter builds it (batch dimension removed)."""
-    types = {"SEED": torch.int64, "GUIDANCE_SCALE": torch.float32, "TRUE_CFG_SCALE": torch.float32}
+    types = {"SEED": torch.int64, "GUIDANCE_SCALE": torch.float32, "GUIDANCE_SCALE_2": torch.float32, "TRUE_CFG_SCALE": torch.float32}
     row = {"PROMPT": np.array([prompt.encode()], dtype=object)}
     if negative is not None:
         row["NEGATIVE_PROMPT"] = np.array([negative.encode()], dtype=object)

@@ -34,6 +34,7 @@ def reference_frames(pipe, prompt, negative=None, **kw) -> np.ndarray:
         generator=torch.Generator("cpu").manual_seed(kw["SEED"]),
         output_type="np",
         **({"guidance_scale": kw["GUIDANCE_SCALE"]} if "GUIDANCE_SCALE" in kw else {}),
+        **({"guidance_scale_2": kw["GUIDANCE_SCALE_2"]} if "GUIDANCE_SCALE_2" in kw else {}),
     ).frames
     return (frames[0] * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
 
@@ -118,6 +119,18 @@ def test_two_experts_match_wan22_pipeline_and_both_run(wan22):
         for hook in hooks:
             hook.remove()
     assert calls == {"transformer": 1, "transformer_2": 2}
+
+
+def test_second_expert_guidance_scale_matches_wan22_pipeline(wan22):
+    """guidance_scale_2 on transformer_2's steps (here 2 of 3), with guidance on from GUIDANCE_SCALE."""
+    assert_parity(wan22, ("a bowl of ramen", "dark"),
+                  dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=3, SEED=3, GUIDANCE_SCALE=4.0, GUIDANCE_SCALE_2=1.5))
+
+
+def test_second_expert_guidance_scale_is_refused_for_one_expert(wan21):
+    (result,) = wan21.ours([make_row("a cat", GUIDANCE_SCALE_2=2.0, HEIGHT=64, WIDTH=64, NUM_FRAMES=5)])
+    assert isinstance(result, RequestError) and result.field == "GUIDANCE_SCALE_2"
+    assert "applies only to two-expert (Wan 2.2 A14B) checkpoints" in str(result)
 
 
 def test_flow_match_euler_checkpoint_matches(wan21_euler):

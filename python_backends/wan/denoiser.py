@@ -6,8 +6,8 @@ checkpoints, or FlowMatch Euler with its ``shift``) set to the step count alone,
 the latents in its dtype, and ``uncond + s * (cond - uncond)`` with the negative prompt's
 embeddings when s = GUIDANCE_SCALE > 1. A Wan 2.2 A14B checkpoint (``boundary_ratio`` and
 ``transformer_2`` in model_index.json) runs ``transformer`` on the steps with timestep >=
-boundary_ratio x num_train_timesteps and ``transformer_2`` on the rest, at the same scale
-(WanPipeline's default ``guidance_scale_2``).
+boundary_ratio x num_train_timesteps and ``transformer_2`` on the rest, at GUIDANCE_SCALE_2
+(``guidance_scale_2``; by default the same scale).
 
 Requests of one (height, width, steps, frames, text length) run as one batch: conditional and
 unconditional rows together in one transformer forward per step. With ``cfg_parallel`` the two halves
@@ -62,6 +62,7 @@ class WanDenoiser(GroupedDenoiser):
         "NUM_FRAMES",
         "NUM_INFERENCE_STEPS",
         "GUIDANCE_SCALE",
+        "GUIDANCE_SCALE_2",
         "SEED",
     )
 
@@ -150,7 +151,11 @@ class WanDenoiser(GroupedDenoiser):
         )
         guided = [i for i, r in enumerate(requests) if r.params.guidance > 1]
         text = torch.stack([r.prompt_embeds for r in requests] + [requests[i].negative_embeds for i in guided])
-        scales = torch.tensor([requests[i].params.guidance for i in guided], device=device, dtype=dtype).view(-1, 1, 1, 1, 1)
+        # Per expert: WanPipeline's guidance_scale on transformer's steps, guidance_scale_2 on transformer_2's.
+        scales = {
+            expert: torch.tensor([getattr(requests[i].params, field) for i in guided], device=device, dtype=dtype).view(-1, 1, 1, 1, 1)
+            for expert, field in ((self.transformer, "guidance"), (self.transformer_2, "guidance_2")) if expert is not None
+        }
 
         scheduler = self.scheduler_class.from_config(self.scheduler_config)
         scheduler.set_timesteps(first.steps, device=device)
@@ -180,6 +185,6 @@ class WanDenoiser(GroupedDenoiser):
                 prediction = forward(transformer, hidden, text, t)
                 prediction, unconditional = prediction[:n], prediction[n:]
             if guided:
-                prediction[guided] = unconditional + scales * (prediction[guided] - unconditional)
+                prediction[guided] = unconditional + scales[transformer] * (prediction[guided] - unconditional)
             latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
         return list(latents.float())

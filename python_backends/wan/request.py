@@ -5,7 +5,9 @@ the fields the pipelines share (sizes, steps, guidance, seed, prompts), plus NUM
 be ``k * t + 1`` for the VAE's temporal factor t (4: the first frame, then t frames per latent frame),
 and FPS for the MP4. The size multiple is the VAE's spatial factor times the transformer's patch
 (8 x 2 = 16), as WanPipeline checks. GUIDANCE_SCALE is WanPipeline's classifier-free guidance scale
-(on above 1, with NEGATIVE_PROMPT or the empty prompt as the negative).
+(on above 1, with NEGATIVE_PROMPT or the empty prompt as the negative); GUIDANCE_SCALE_2 is Wan 2.2's
+scale for the low-noise expert (default: GUIDANCE_SCALE; refused for one-expert checkpoints, as
+WanPipeline refuses it). Guidance is on for the whole request when GUIDANCE_SCALE > 1, as in WanPipeline.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 
 from ditserve.flux.request import FluxRequestCheck, GenerationParams
 from ditserve.loading import Checkpoint
-from ditserve.stage import Outputs, RequestError, Row, int_field
+from ditserve.flux.limits import MAX_GUIDANCE
+from ditserve.stage import Outputs, RequestError, Row, float_field, int_field
 from ditserve.wan.limits import (
     DEFAULT_FPS,
     DEFAULT_FRAMES,
@@ -35,6 +38,7 @@ class VideoGeometry:
     size_multiple: int  # pixels: VAE spatial factor x transformer patch
     spatial_factor: int  # pixels per latent
     temporal_factor: int  # frames per latent frame after the first
+    experts: int = 1  # 2 for Wan 2.2 A14B (boundary_ratio in model_index.json): GUIDANCE_SCALE_2 applies
 
     @classmethod
     def read(cls, checkpoint: Checkpoint) -> VideoGeometry:
@@ -43,7 +47,9 @@ class VideoGeometry:
         patch = checkpoint.config("transformer")["patch_size"]
         # AutoencoderKLWan's defaults where a config predates these keys, as WanPipeline reads them.
         spatial, temporal = vae.get("scale_factor_spatial", 8), vae.get("scale_factor_temporal", 4)
-        return cls(size_multiple=spatial * max(patch[1], patch[2]), spatial_factor=spatial, temporal_factor=temporal)
+        experts = 2 if checkpoint.index.get("boundary_ratio") is not None else 1
+        return cls(size_multiple=spatial * max(patch[1], patch[2]), spatial_factor=spatial, temporal_factor=temporal,
+                   experts=experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +59,7 @@ class VideoParams:
     num_frames: int
     steps: int
     guidance: float
+    guidance_2: float  # the low-noise expert's scale (Wan 2.2); WanPipeline's default: guidance
     seed: int
     fps: int
     num_images: ClassVar[int] = 1  # one video per request: GroupedDenoiser's unit of batching
@@ -65,12 +72,15 @@ class VideoParams:
         if (frames - 1) % geometry.temporal_factor:
             t = geometry.temporal_factor
             raise RequestError("NUM_FRAMES", f"must be {t}k+1 (1, {t + 1}, {2 * t + 1}, ...) in [1, {MAX_FRAMES}], got {frames}")
+        guidance = shared.guidance if "GUIDANCE_SCALE" in row else DEFAULT_GUIDANCE
+        guidance_2 = float_field(row, "GUIDANCE_SCALE_2", guidance, 0.0, MAX_GUIDANCE)
         return cls(
             height=shared.height,
             width=shared.width if "WIDTH" in row else DEFAULT_WIDTH,
             num_frames=frames,
             steps=shared.steps if "NUM_INFERENCE_STEPS" in row else DEFAULT_STEPS,
-            guidance=shared.guidance if "GUIDANCE_SCALE" in row else DEFAULT_GUIDANCE,
+            guidance=guidance,
+            guidance_2=guidance_2,
             seed=shared.seed,
             fps=int_field(row, "FPS", DEFAULT_FPS, 1, MAX_FPS),
         )
@@ -85,6 +95,7 @@ class VideoParams:
             "NUM_FRAMES": value(self.num_frames, torch.int32),
             "NUM_INFERENCE_STEPS": value(self.steps, torch.int32),
             "GUIDANCE_SCALE": value(self.guidance, torch.float32),
+            "GUIDANCE_SCALE_2": value(self.guidance_2, torch.float32),
             "SEED": value(self.seed, torch.int64),
             "FPS": value(self.fps, torch.int32),
         }
@@ -94,11 +105,16 @@ class WanRequestCheck(FluxRequestCheck):
     """FLUX's request check with Wan's video parameters, geometry and defaults."""
 
     inputs = ("PROMPT", "NEGATIVE_PROMPT", "HEIGHT", "WIDTH", "NUM_FRAMES", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE",
-              "SEED", "FPS")
-    outputs = ("PROMPT", "HEIGHT", "WIDTH", "NUM_FRAMES", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "SEED", "FPS")
+              "GUIDANCE_SCALE_2", "SEED", "FPS")
+    outputs = ("PROMPT", "HEIGHT", "WIDTH", "NUM_FRAMES", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "GUIDANCE_SCALE_2",
+               "SEED", "FPS")
 
     def configure(self, checkpoint: Checkpoint) -> None:
         self.geometry = VideoGeometry.read(checkpoint)
 
     def parse_params(self, row: Row) -> VideoParams:
+        # Here, not in VideoParams.parse: the denoiser parses the rows this stage filled in, which
+        # always carry GUIDANCE_SCALE_2.
+        if "GUIDANCE_SCALE_2" in row and self.geometry.experts == 1:  # WanPipeline raises the same
+            raise RequestError("GUIDANCE_SCALE_2", "applies only to two-expert (Wan 2.2 A14B) checkpoints")
         return VideoParams.parse(row, self.geometry)
