@@ -1,7 +1,7 @@
 """Sequence-parallel Qwen-Image on gloo ranks (CPU, fp32) gives the one-process result.
 
-* The transformer alone (ditserve.parallel.qwen_image.sp_forward): Ulysses 2 and Ring 2 on 2 ranks,
-  Ring 3 on 3 ranks; joint lengths that do not divide the degree, a batch of two texts of different
+* The transformer alone (ditserve.parallel.qwen_image.sp_forward), in one 3-rank group: Ulysses 2
+  and Ring 2 on its first 2 ranks, Ring 3 on all three; joint lengths that do not divide the degree, a batch of two texts of different
   lengths (text mask with padding), shards holding no text rows or no image rows, and Edit's two
   image grids (input image tokens after the noise tokens).
 * The denoisers as rank 0 of a worker group (sp_degree 2) through the whole pipeline: Qwen-Image
@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flux_reference import CPU_FP32, make_row
+import torch.distributed as dist
 
 from test_parallel_attention import TOL, run_group
 
-from ditserve.pipeline import LocalPipeline
-from ditserve.qwen_image.denoiser import QwenDenoiserOptions, QwenImageDenoiser
-from ditserve.stage import ConfigError, Runtime
+# The spawned ranks import this module: the pipeline-level imports (diffusers' pipelines, ~5 s a
+# process) are inside the denoiser tests.
 
 
 def _tiny_qwen(**config):
@@ -55,6 +54,8 @@ def _inputs(text_lens: tuple[int, int], grids: list[tuple[int, int]]) -> dict:
 
 
 def _expect_equal(inputs: dict, layouts, what: str) -> None:
+    """sp_forward on each (ulysses, ring) layout, over the first ulysses * ring ranks, equals the
+    one-process forward (ranks outside a layout's mesh only join the collective group creation)."""
     from ditserve.parallel import build_mesh
     from ditserve.parallel.qwen_image import set_sequence_parallel, sp_forward
 
@@ -63,6 +64,8 @@ def _expect_equal(inputs: dict, layouts, what: str) -> None:
         reference = model(**inputs, return_dict=False)[0]
         for u, r in layouts:
             mesh = build_mesh(u, r)
+            if mesh is None:
+                continue
             set_sequence_parallel(model, mesh)
             out = sp_forward(model, mesh, **inputs)
             assert out.shape == reference.shape
@@ -70,10 +73,11 @@ def _expect_equal(inputs: dict, layouts, what: str) -> None:
             assert err < TOL, f"Qwen-Image usp {u}x{r}, {what}: max abs err {err}"
 
 
-def _checks_2() -> None:
+def _checks() -> None:
     from ditserve.parallel import build_mesh
     from ditserve.parallel.qwen_image import set_sequence_parallel, sp_forward
 
+    assert dist.get_world_size() == 3  # one group for all layouts: each spawn costs ~10 s of imports
     layouts = ((2, 1), (1, 2))
     # 5 + 6 = 11 tokens: rank 1 holds a padding row; masked text (5 and 2 real tokens).
     _expect_equal(_inputs((5, 2), [(2, 3)]), layouts, "text 5/2, grid 2x3")
@@ -81,24 +85,18 @@ def _checks_2() -> None:
     _expect_equal(_inputs((9, 4), [(2, 3)]), layouts, "text 9/4, grid 2x3")
     # Edit: 4 noise + 6 input-image tokens after 3 text tokens, no text padding: 13 tokens.
     _expect_equal(_inputs((3, 3), [(2, 2), (2, 3)]), layouts, "Edit, text 3, grids 2x2 + 2x3")
-
-    with pytest.raises(ValueError, match="install the sequence-parallel processors first"):
-        sp_forward(_tiny_qwen(), build_mesh(2, 1), **_inputs((3, 3), [(2, 2)]))
-    with pytest.raises(ValueError, match="zero_cond_t are not supported"):
-        set_sequence_parallel(_tiny_qwen(zero_cond_t=True), build_mesh(1, 2))
-
-
-def _checks_3() -> None:
-    # 4 + 12 = 16 tokens, 6 a rank: ranks 1 and 2 hold no text rows, rank 2 two padding rows.
+    # Ring 3: 4 + 12 = 16 tokens, 6 a rank: ranks 1 and 2 hold no text rows, rank 2 two padding rows.
     _expect_equal(_inputs((4, 1), [(3, 4)]), ((1, 3),), "text 4/1, grid 3x4")
 
+    mesh = build_mesh(1, 3)
+    with pytest.raises(ValueError, match="install the sequence-parallel processors first"):
+        sp_forward(_tiny_qwen(), mesh, **_inputs((3, 3), [(2, 2)]))
+    with pytest.raises(ValueError, match="zero_cond_t are not supported"):
+        set_sequence_parallel(_tiny_qwen(zero_cond_t=True), mesh)
 
-def test_qwen_image_transformer_two_ranks(tmp_path):
-    run_group(2, tmp_path, _checks_2)
 
-
-def test_qwen_image_transformer_ring_three_ranks(tmp_path):
-    run_group(3, tmp_path, _checks_3)
+def test_qwen_image_transformer_layouts(tmp_path):
+    run_group(3, tmp_path, _checks)
 
 
 # --- the denoisers as rank 0 of a worker group --------------------------------------------------
@@ -114,14 +112,21 @@ def _edit_rows() -> list[dict]:
 
 
 def _t2i_rows() -> list[dict]:
+    from flux_reference import make_row
+
     return [make_row("a red kite", "blurry", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=2, SEED=3, TRUE_CFG_SCALE=4.0),
             make_row("a green field in the morning light", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=2, SEED=4)]
 
 
 @pytest.mark.parametrize("variant", ["t2i", "edit"])
 def test_denoiser_sequence_parallel_equals_the_single_process_result(variant):
+    from flux_reference import CPU_FP32
+
+    from ditserve.pipeline import LocalPipeline
     from ditserve.qwen_image import QWEN_IMAGE_EDIT, QWEN_IMAGE_T2I
+    from ditserve.qwen_image.denoiser import QwenDenoiserOptions
     from ditserve.qwen_image.request import EditRequestOptions
+    from ditserve.stage import Runtime
 
     if variant == "t2i":
         spec, model, name, rows, options = QWEN_IMAGE_T2I, "tiny-qwen-image", "qwen_image_denoiser", _t2i_rows(), {}
@@ -158,5 +163,10 @@ def _record_joint_rows(denoiser) -> list[int]:
 
 
 def test_bad_layout_fails_at_load():
+    from flux_reference import CPU_FP32
+
+    from ditserve.qwen_image.denoiser import QwenDenoiserOptions, QwenImageDenoiser
+    from ditserve.stage import ConfigError, Runtime
+
     with pytest.raises(ConfigError, match="parameter ulysses_degree: ulysses_degree=3 does not divide the 2 attention heads"):
         QwenImageDenoiser(Runtime(model_path="tiny-qwen-image", **CPU_FP32), QwenDenoiserOptions(sp_degree=3))
