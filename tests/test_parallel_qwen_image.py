@@ -1,9 +1,9 @@
 """Sequence-parallel Qwen-Image on gloo ranks (CPU, fp32) gives the one-process result.
 
 * The transformer alone (ditserve.parallel.qwen_image.sp_forward), in one 3-rank group: Ulysses 2
-  and Ring 2 on its first 2 ranks, Ring 3 on all three; joint lengths that do not divide the degree, a batch of two texts of different
-  lengths (text mask with padding), shards holding no text rows or no image rows, and Edit's two
-  image grids (input image tokens after the noise tokens).
+  and Ring 2 on its first 2 ranks, Ring 3 on all three; joint lengths that do not divide the degree,
+  a batch of two texts of different lengths (text mask with padding), shards holding no text rows
+  or no image rows, and Edit's two image grids (input image tokens after the noise tokens).
 * The denoisers as rank 0 of a worker group (sp_degree 2) through the whole pipeline: Qwen-Image
   (a true-CFG row and a plain one, texts of different lengths) and Qwen-Image-Edit.
 * A bad layout fails at load with a ConfigError naming the parameter.
@@ -168,5 +168,6 @@ def test_bad_layout_fails_at_load():
     from ditserve.qwen_image.denoiser import QwenDenoiserOptions, QwenImageDenoiser
     from ditserve.stage import ConfigError, Runtime
 
-    with pytest.raises(ConfigError, match="parameter ulysses_degree: ulysses_degree=3 does not divide the 2 attention heads"):
+    message = "parameter ulysses_degree: ulysses_degree=3 does not divide the 2 attention heads"
+    with pytest.raises(ConfigError, match=message):
         QwenImageDenoiser(Runtime(model_path="tiny-qwen-image", **CPU_FP32), QwenDenoiserOptions(sp_degree=3))

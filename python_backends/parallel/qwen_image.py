@@ -117,7 +117,9 @@ def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: tor
     if encoder_hidden_states_mask is not None:
         joint = torch.cat([encoder_hidden_states_mask.bool(),
                            torch.ones(batch, image_len, dtype=torch.bool, device=x.device)], dim=1)
-    mask = local_key_mask(p, rank, joint, batch=batch, device=x.device) if joint is not None or p.padded != p.total else None
+    mask = None
+    if joint is not None or p.padded != p.total:
+        mask = local_key_mask(p, rank, joint, batch=batch, device=x.device)
 
     for block in transformer.transformer_blocks:
         text, x = block(hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=None, temb=temb,
