@@ -68,7 +68,7 @@ class GroupedDenoiser(Stage):
     def check_parallel(self, config: ParallelConfig) -> None:
         """Hook: raise ConfigError when this model cannot run ``config``."""
         raise ConfigError(f"{type(self).__name__}: parameters sp_degree and cfg_parallel are not supported for this "
-                          f"model yet (sequence and CFG parallelism exist for FLUX)")
+                          f"model yet")
 
     def use_sequence_parallel(self, mesh: SPMesh) -> None:
         """Hook: install the model's sequence-parallel attention on ``mesh``."""

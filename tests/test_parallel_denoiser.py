@@ -179,9 +179,3 @@ def test_qwen_image_cfg_parallel_equals_the_single_process_result():
     finally:
         denoiser.close()
 
-
-def test_qwen_image_refuses_sequence_parallelism():
-    from ditserve.qwen_image.denoiser import QwenDenoiserOptions, QwenImageDenoiser
-
-    with pytest.raises(ConfigError, match="parameter sp_degree: sequence parallelism is not implemented for Qwen-Image"):
-        QwenImageDenoiser(Runtime(model_path="tiny-qwen-image", **CPU_FP32), QwenDenoiserOptions(sp_degree=2))

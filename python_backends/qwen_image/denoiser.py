@@ -12,6 +12,9 @@ Qwen-Image-Edit (``QwenImageEditDenoiser``) adds the input image's latents: its 
 noise tokens in every transformer forward (``img_shapes`` lists both grids), and only the noise
 tokens' prediction is kept, as ``QwenImageEditPipeline``. Rows are then also grouped by the image's
 latent grid.
+
+Parallelism (``ditserve.denoising``): the true-CFG branches on a rank each (cfg_parallel), and the
+transformer sequence-parallel (sp_degree, ``ditserve.parallel.qwen_image``: Ulysses, Ring or both).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from ditserve.denoising import DenoiserOptions, GroupedDenoiser, flow_match_sche
 from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.request import GenerationParams
 from ditserve.loading import Checkpoint
+from ditserve.parallel import SPMesh, check_heads
 from ditserve.parallel.group import ParallelConfig
+from ditserve.parallel.qwen_image import set_sequence_parallel, sp_forward
 from ditserve.qwen_image.request import latent_geometry, min_steps, parse_params
 from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
 
@@ -109,13 +114,21 @@ class QwenImageDenoiser(GroupedDenoiser):
         self.latent_channels = self.transformer.config.in_channels // 4
         self.start_parallel()
 
+    # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
+
     def check_parallel(self, config: ParallelConfig) -> None:
-        # CFG parallelism needs only the loop's `branches`; sequence parallelism needs a
-        # sequence-parallel version of QwenDoubleStreamAttnProcessor2_0 (text mask included),
-        # which does not exist yet.
-        if config.sp_degree > 1:
-            raise ConfigError("parameter sp_degree: sequence parallelism is not implemented for Qwen-Image yet; "
-                              "cfg_parallel is (2 GPUs: the two true-CFG branches on one GPU each)")
+        # Ring attention needs each block's log-sum-exp: Qwen-Image's only backend, torch SDPA, is
+        # "sdpa" in RING_BACKENDS, so every ring_degree is accepted.
+        try:
+            check_heads(self.transformer.config.num_attention_heads, config.ulysses_degree)
+        except ValueError as exc:
+            raise ConfigError(f"parameter ulysses_degree: {exc}") from None
+        if config.sp_degree > 1 and self.transformer.config.zero_cond_t:
+            raise ConfigError("parameter sp_degree: sequence parallelism does not support Qwen-Image transformers "
+                              "with zero_cond_t")
+
+    def use_sequence_parallel(self, mesh: SPMesh) -> None:
+        set_sequence_parallel(self.transformer, mesh)
 
     def parse(self, row: Row) -> QwenRequest:
         device, dtype = self.runtime.device, self.runtime.dtype
@@ -171,19 +184,17 @@ class QwenImageDenoiser(GroupedDenoiser):
                 [r.params.true_cfg for r, n in cfg_requests for _ in range(n)], device=device, dtype=dtype
             ).view(-1, 1, 1)
 
+        mesh = self.parallel.mesh if self.parallel is not None else None
+
         def transformer(hidden, timestep, text, mask, images):
             noise_tokens = hidden.shape[1]
             if images is not None:
                 hidden = torch.cat([hidden, images], dim=1)
-            return self.transformer(
-                hidden_states=hidden,
-                timestep=timestep,
-                guidance=None,
-                encoder_hidden_states_mask=mask,
-                encoder_hidden_states=text,
-                img_shapes=img_shapes[: hidden.shape[0]],
-                return_dict=False,
-            )[0][:, :noise_tokens]
+            inputs = dict(hidden_states=hidden, timestep=timestep, encoder_hidden_states_mask=mask,
+                          encoder_hidden_states=text, img_shapes=img_shapes[: hidden.shape[0]])
+            if mesh is not None:
+                return sp_forward(self.transformer, mesh, **inputs)[:, :noise_tokens]
+            return self.transformer(**inputs, guidance=None, return_dict=False)[0][:, :noise_tokens]
 
         scheduler = flow_match_scheduler(
             self.scheduler_class, self.scheduler_config, first.params.steps, latents.shape[1], self.runtime.device

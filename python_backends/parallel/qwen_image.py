@@ -1,0 +1,134 @@
+"""Sequence-parallel Qwen-Image: QwenImageTransformer2DModel (Qwen-Image and Qwen-Image-Edit) on a shard
+of its joint text + image sequence.
+
+Qwen's joint attention concatenates text before image, which is shard.plan's order: rank ``r`` holds
+its text rows, then its image rows, then padding (at the global end only). The text embedding, the
+timestep embedding and the rotary tables are computed on the full inputs (the tables depend on the
+whole image grid(s) and the text length); the tables are then sharded with the tokens. Every rank
+runs the blocks on its shard:
+* the two streams keep their own modulation, norms and MLPs (per token, no communication); a rank
+  may hold no text rows or no image rows, and every per-token op takes an empty stream;
+* the joint attention runs through ``usp_attention``, its key mask the text mask (``encoder_hidden_states_mask``,
+  sharded with the text tokens) with the padding rows masked out;
+* norm_out / proj_out run on the image shard, then the image tokens are gathered.
+For Qwen-Image-Edit the image stream is the noise tokens followed by the input image's tokens
+(``img_shapes`` with two grids): the rotary table lists both grids in that order, so sharding it as
+one image stream keeps every token's position.
+
+    mesh = build_mesh(ulysses_degree=2, ring_degree=1)      # on every rank
+    set_sequence_parallel(transformer, mesh)
+    out = sp_forward(transformer, mesh, hidden_states=..., encoder_hidden_states=...,
+                     encoder_hidden_states_mask=..., timestep=..., img_shapes=...)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+from .shard import gather, local_key_mask, plan, shard
+from .ulysses import check_heads
+from .usp import SPMesh, usp_attention
+
+
+class QwenSequenceParallelProcessor:
+    """QwenDoubleStreamAttnProcessor2_0 on this rank's shard: the same per-stream projections, QK
+    RMSNorms and complex rotary embedding, then the joint [text, image] attention over the whole
+    sequence. Mirrors diffusers' processor because its attention call (``dispatch_attention_fn``)
+    has no seam for our process groups. ``attention_mask`` is this rank's (B, local_len) joint key
+    mask (True = attend), passed by ``sp_forward`` through the blocks' attention kwargs; the text
+    mask is part of it, so ``encoder_hidden_states_mask`` is None.
+    """
+
+    def __init__(self, mesh: SPMesh, backend: str = "sdpa") -> None:
+        self.mesh = mesh
+        self.backend = backend
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 encoder_hidden_states_mask: None = None, attention_mask: Optional[torch.Tensor] = None,
+                 image_rotary_emb: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        img_freqs, txt_freqs = image_rotary_emb
+
+        def qkv(x, to_q, to_k, to_v, norm_q, norm_k, freqs):
+            q, k, v = (proj(x).unflatten(-1, (attn.heads, -1)) for proj in (to_q, to_k, to_v))
+            q, k = norm_q(q), norm_k(k)
+            if x.shape[1]:  # diffusers' rotary reshape cannot infer a size from 0 elements (an empty stream)
+                q, k = apply_rotary_emb_qwen(q, freqs, use_real=False), apply_rotary_emb_qwen(k, freqs, use_real=False)
+            return q, k, v
+
+        txt = qkv(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q,
+                  attn.norm_added_k, txt_freqs)
+        img = qkv(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, img_freqs)
+        q, k, v = (torch.cat(pair, dim=1) for pair in zip(txt, img))
+        out = usp_attention(q, k, v, self.mesh, mask=attention_mask, backend=self.backend).flatten(2, 3).to(q.dtype)
+        text_rows = encoder_hidden_states.shape[1]
+        img_out = attn.to_out[1](attn.to_out[0](out[:, text_rows:].contiguous()))
+        return img_out, attn.to_add_out(out[:, :text_rows].contiguous())
+
+
+def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: str = "sdpa") -> int:
+    """Install the sequence-parallel processor on every block's attention; returns how many.
+
+    Raises ValueError when ulysses_degree does not divide the head count (checked here, at load,
+    rather than in the first request), or for transformer variants sp_forward does not run.
+    """
+    config = transformer.config
+    if config.zero_cond_t:  # per-token modulation index: sp_forward does not shard it
+        raise ValueError("set_sequence_parallel: Qwen-Image transformers with zero_cond_t are not supported")
+    check_heads(config.num_attention_heads, mesh.layout.ulysses_degree)
+    processor = QwenSequenceParallelProcessor(mesh, backend)
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(processor)
+    return len(transformer.transformer_blocks)
+
+
+def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: torch.Tensor,
+               encoder_hidden_states: torch.Tensor, encoder_hidden_states_mask: Optional[torch.Tensor],
+               timestep: torch.Tensor, img_shapes: list) -> torch.Tensor:
+    """QwenImageTransformer2DModel(...)[0] (no guidance) computed sequence-parallel; every rank of
+    mesh.group calls it with the same full inputs and gets the full output (B, image tokens, C).
+
+    The steps around the blocks mirror QwenImageTransformer2DModel.forward (diffusers 0.42.1): the
+    rotary tables are built inside it from the whole grids and text length, with no seam to shard
+    them before the blocks other than diffusers' own context-parallel hooks (bound to its mesh).
+    The transformer must have the sequence-parallel processors (`set_sequence_parallel`).
+    """
+    if not isinstance(transformer.transformer_blocks[0].attn.processor, QwenSequenceParallelProcessor):
+        raise ValueError("sp_forward: install the sequence-parallel processors first (set_sequence_parallel)")
+    batch, image_len = hidden_states.shape[:2]
+    text_len = encoder_hidden_states.shape[1]
+    p = plan(text_len, image_len, mesh.degree)
+    rank = mesh.rank
+
+    x = transformer.img_in(shard(hidden_states, p, rank, dim=1, stream="image"))
+    text = shard(encoder_hidden_states, p, rank, dim=1, stream="text")
+    text = transformer.txt_in(transformer.txt_norm(text))
+    temb = transformer.time_text_embed(timestep.to(x.dtype), x)
+    img_freqs, txt_freqs = transformer.pos_embed(img_shapes, max_txt_seq_len=text_len, device=x.device)
+    rotary = (shard(img_freqs, p, rank, dim=0, stream="image"), shard(txt_freqs, p, rank, dim=0, stream="text"))
+
+    # The joint key mask: the text mask, image keys all real, this rank's padding rows masked out.
+    # Without text padding nor shard padding every key is real: no mask exchange in every attention call.
+    joint = None
+    if encoder_hidden_states_mask is not None:
+        joint = torch.cat([encoder_hidden_states_mask.bool(),
+                           torch.ones(batch, image_len, dtype=torch.bool, device=x.device)], dim=1)
+    mask = None
+    if joint is not None or p.padded != p.total:
+        mask = local_key_mask(p, rank, joint, batch=batch, device=x.device)
+
+    for block in transformer.transformer_blocks:
+        text, x = block(hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=None, temb=temb,
+                        image_rotary_emb=rotary, joint_attention_kwargs={"attention_mask": mask})
+    x = transformer.proj_out(transformer.norm_out(x, temb))
+
+    # This rank's output holds only its image (and padding) rows; put zero rows in front for its text
+    # rows so every rank sends a joint-shaped shard of one size, then drop the text rows.
+    x = torch.cat([x.new_zeros(batch, p.local_len - x.shape[1], x.shape[2]), x], dim=1)
+    parts = [torch.empty_like(x) for _ in range(mesh.degree)]
+    dist.all_gather(parts, x.contiguous(), group=mesh.group)
+    return gather(parts, p, dim=1)[:, text_len:]
