@@ -103,6 +103,7 @@ class QwenImageDenoiser(GroupedDenoiser):
 
     def __init__(self, runtime: Runtime, options: QwenDenoiserOptions | None = None, *, rank: int = 0):
         super().__init__(runtime, options, rank=rank)
+        runtime = self.runtime  # the parallel group may have moved rank 0 to its first GPU
         checkpoint = Checkpoint(runtime.model_path)
         self.transformer = checkpoint.load("transformer", runtime)
         if self.transformer.config.guidance_embeds:
