@@ -247,6 +247,10 @@ def _worker_env(device: torch.device) -> dict[str, str]:
     return env
 
 
+def _exit_message(rank: int, proc: subprocess.Popen) -> str:
+    return f"parallel worker rank {rank} (pid {proc.pid}) exited with status {proc.returncode}"
+
+
 class WorkerGroup:
     """Rank 0's handle on the workers of a parallel stage.
 
@@ -318,11 +322,11 @@ class WorkerGroup:
                                            f"parallel_timeout_s={self.config.timeout_s}")
 
     def _monitor(self, rank: int, proc: subprocess.Popen, generation: int) -> None:
-        code = proc.wait()
+        proc.wait()
         with self._lock:
             if generation != self._generation or self.failure is not None:
                 return
-            self.failure = f"parallel worker rank {rank} (pid {proc.pid}) exited with status {code}"
+            self.failure = _exit_message(rank, proc)
         if self.config.backend == "nccl":
             # Unblock rank 0's collectives now instead of after the collective timeout.
             from torch.distributed.distributed_c10d import _abort_process_group
@@ -343,8 +347,7 @@ class WorkerGroup:
             if self.config.backend == "nccl":
                 torch.cuda.synchronize(self.config.devices[0])  # collectives have finished, or were aborted
         except Exception as exc:
-            time.sleep(0.1)  # let the monitor record a worker's exit that caused this
-            reason = self.failure or f"{type(exc).__name__}: {exc}"
+            reason = self.failure or self._exited_worker() or f"{type(exc).__name__}: {exc}"
             self.stop()
             raise WorkerGroupError(f"{reason}; this request failed, the group restarts for the next one") from exc
         if self.failure is not None:  # an aborted NCCL collective leaves garbage, not an exception
@@ -352,6 +355,19 @@ class WorkerGroup:
             self.stop()
             raise WorkerGroupError(f"{reason}; this request failed, the group restarts for the next one")
         return result
+
+    def _exited_worker(self, wait_s: float = 1.0) -> Optional[str]:
+        """Which worker exited, if one did. A collective fails as soon as a peer's sockets close,
+        which can be before its exit is recorded: poll for up to wait_s (instead of relying on the
+        monitor thread being scheduled in time on a busy machine)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, proc in enumerate(self.procs, start=1):
+                if proc.poll() is not None:
+                    return _exit_message(rank, proc)
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.02)
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Stop the workers (EOF, then SIGTERM, then SIGKILL) and leave the process group."""
