@@ -1,24 +1,32 @@
 #!/usr/bin/env python3
-"""One Wan 14B transformer forward, sequence-parallel on 2 GPUs against 1 (ditserve.parallel.wan).
+"""One Wan 14B transformer step on 1..N GPUs: Ulysses, Ring, USP and CFG parallelism (ditserve.parallel).
 
-On a 2-GPU host, from the repository root (needs torch with CUDA, diffusers, this checkout importable)::
+On a multi-GPU host, from the repository root (needs torch with CUDA, diffusers, this checkout importable)::
 
-    python perf/bench_parallel_wan.py            # Wan 2.1/2.2 14B architecture, bf16, 480x832, 81 frames
+    python perf/bench_parallel_wan.py                                   # 2 GPUs, 480x832, 81 frames
+    python perf/bench_parallel_wan.py --gpus 4 --size 720p --layouts "Ulysses 4;USP 2x2;CFG 2 x Ulysses 2"
 
 Random bf16 weights are built in memory on each GPU from one seed (no checkpoint), so every rank holds
-the same model; latents (1, 16, 21, 60, 104) -> 32,760 video tokens, 512 text tokens, batch 1. Two
-processes (torch.multiprocessing spawn) join one NCCL group directly (not the worker group), so
-the numbers are the transformer's alone. Layouts:
-* sp 1: rank 0 runs ``transformer(...)`` (diffusers' forward, torch SDPA) while rank 1 waits;
-* Ulysses 2: ``sp_forward`` with torch SDPA on 20 heads over the whole sequence;
-* Ring 2: ``sp_forward`` with ring blocks on our Triton kernel (it returns the log-sum-exp that merging
-  needs; the "sdpa" ring block would materialise fp32 scores, 16,380^2 x 40 heads = 43 GB).
-Per forward: median of ``--repeats`` after ``--warmup`` forwards; speed-up against sp 1; the
-relative L2 error and max abs error of each layout's output against the sp 1 output.
+the same model; 480p: latents (1, 16, 21, 60, 104) -> 32,760 video tokens; 720p: (1, 16, 21, 90, 160) ->
+75,600; 512 text tokens, batch 1. ``--gpus`` processes (torch.multiprocessing spawn) join one NCCL
+group directly (not the worker group), so the numbers are the transformer's alone. Layout names:
+* ``sp 1``: rank 0 runs ``transformer(...)`` (diffusers' forward, torch SDPA) while the others wait;
+  always measured first, it is the baseline;
+* ``Ulysses N``, ``Ring N``, ``USP UxR`` (Ulysses U inside ring R): ``sp_forward`` on the first
+  N = U x R ranks; Ulysses attends with torch SDPA over the whole sequence, ring blocks use our Triton
+  kernel (it returns the log-sum-exp that merging needs; an SDPA ring block would materialise fp32
+  scores, 16,380^2 x 40 heads = 43 GB at 480p);
+* ``CFG 2`` and ``CFG 2 x <sp layout>``: the conditional and unconditional forwards on two groups of
+  ranks, exchanged through ``ParallelContext.branches`` (what the Wan denoiser runs each step).
+A step without CFG is one forward; a step with CFG (WanPipeline's guidance) is two: for the layouts
+without CFG parallelism it is reported as twice their forward (the two forwards have the same shapes and
+run one after the other), for the CFG layouts it is measured. Per step: median of ``--repeats`` after
+``--warmup``; speed-up against sp 1 and scaling efficiency (speed-up / GPUs); the relative L2 error
+and max abs error of each layout's output (both predictions for CFG layouts) against sp 1.
 
 Smoke test on CPU (gloo, a tiny config, fp32)::
 
-    python perf/bench_parallel_wan.py --tiny --device cpu
+    python perf/bench_parallel_wan.py --tiny --device cpu --gpus 4 --layouts "Ulysses 2;Ring 4;USP 2x2;CFG 2 x Ring 2"
 
 Writes bench_parallel_wan.json to ``--out`` (default $OUT, else out/bench).
 """
@@ -26,6 +34,7 @@ Writes bench_parallel_wan.json to ``--out`` (default $OUT, else out/bench).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -40,13 +49,56 @@ import torch.multiprocessing as mp
 
 WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True)
-TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+TINY = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
             text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2, cross_attn_norm=True, rope_max_seq_len=64)
-# (latent frames, height, width): 81 frames at 480x832 for 14B; 3 x 5 x 7 = 105 tokens (odd) for --tiny.
-LATENTS = {False: (21, 60, 104), True: (3, 10, 14)}
+# (latent frames, height, width) of 81 frames: 4x temporal, 8x spatial VAE compression. --tiny:
+# 3 x 5 x 7 = 105 tokens (odd, so every degree pads).
+LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160), "tiny": (3, 10, 14)}
 TEXT_TOKENS = {False: 512, True: 8}
-# name -> (ulysses_degree, ring_degree, ring block backend on CUDA)
-LAYOUTS = {"Ulysses 2": (2, 1, "sdpa"), "Ring 2": (1, 2, "triton")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    name: str
+    ulysses: int
+    ring: int
+    cfg: bool
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def gpus(self) -> int:
+        return self.sp * (2 if self.cfg else 1)
+
+
+def parse_layout(name: str) -> Layout:
+    """'sp 1', 'Ulysses N', 'Ring N', 'USP UxR', each optionally after 'CFG 2 x '; or 'CFG 2'."""
+    text = name.strip()
+    cfg = text.startswith("CFG 2")
+    sp_text = text[len("CFG 2"):].strip().removeprefix("x").strip() if cfg else text
+    kind, _, degree = (sp_text or "sp 1").partition(" ")
+    try:
+        if kind == "sp" and degree == "1":
+            u, r = 1, 1
+        elif kind == "Ulysses":
+            u, r = int(degree), 1
+        elif kind == "Ring":
+            u, r = 1, int(degree)
+        elif kind == "USP":
+            u, r = (int(d) for d in degree.split("x"))
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"layout {name!r}: expected 'sp 1', 'Ulysses N', 'Ring N', 'USP UxR', optionally "
+                         f"prefixed by 'CFG 2 x ', or 'CFG 2'") from None
+    return Layout(text, u, r, cfg)
+
+
+DEFAULT_LAYOUTS = {2: "Ulysses 2;Ring 2;CFG 2",
+                   4: "Ulysses 2;Ulysses 4;Ring 4;USP 2x2;CFG 2;CFG 2 x Ulysses 2",
+                   8: "Ulysses 4;Ulysses 8;USP 4x2;CFG 2 x Ulysses 4"}
 
 
 def build_model(config: dict, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -73,15 +125,17 @@ def build_model(config: dict, device: torch.device, dtype: torch.dtype) -> torch
     return model.eval()
 
 
-def inputs(tiny: bool, config: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def inputs(size: str, config: dict, device: torch.device, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(conditional, unconditional) forward inputs: the same latents, two text embeddings."""
     g = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, config["in_channels"], *LATENTS[tiny], generator=g)
-    text = torch.randn(1, TEXT_TOKENS[tiny], config["text_dim"], generator=g)
-    return dict(hidden_states=latents.to(device, dtype), timestep=torch.tensor([999.0], device=device),
-                encoder_hidden_states=text.to(device, dtype))
+    latents = torch.randn(1, config["in_channels"], *LATENTS[size], generator=g).to(device, dtype)
+    texts = [torch.randn(1, TEXT_TOKENS[size == "tiny"], config["text_dim"], generator=g) for _ in range(2)]
+    timestep = torch.tensor([999.0], device=device)
+    return tuple(dict(hidden_states=latents, timestep=timestep, encoder_hidden_states=t.to(device, dtype))
+                 for t in texts)
 
 
-def timed(fn, warmup: int, repeats: int, sync) -> tuple[float, torch.Tensor]:
+def timed(fn, warmup: int, repeats: int, sync) -> tuple[float, object]:
     """(median ms, last output) of fn() over `repeats` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
@@ -95,9 +149,29 @@ def timed(fn, warmup: int, repeats: int, sync) -> tuple[float, torch.Tensor]:
     return statistics.median(times), out
 
 
+def meshes(layout: Layout, world: int):
+    """(this rank's SPMesh or None, its ParallelContext or None for layouts without CFG parallelism).
+
+    Every rank calls it for every layout: new_group is collective over the default group."""
+    from ditserve.parallel import build_mesh
+    from ditserve.parallel.group import ParallelConfig, ParallelContext
+
+    rank = dist.get_rank()
+    mesh = None
+    if layout.sp > 1:
+        built = [build_mesh(layout.ulysses, layout.ring, first_rank=b * layout.sp) for b in range(2 if layout.cfg else 1)]
+        mesh = next((m for m in built if m is not None), None)
+    if not layout.cfg:
+        return mesh, None
+    pairs = [dist.new_group([i, i + layout.sp]) for i in range(layout.sp)]
+    if rank >= layout.gpus:
+        return None, None
+    config = ParallelConfig(layout.ulysses, layout.ring, True, (torch.device("cpu"),) * layout.gpus)
+    return mesh, ParallelContext(config, rank, mesh, pairs[rank % layout.sp])
+
+
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     from ditserve.kernels.registry import get_backend
-    from ditserve.parallel import build_mesh
     from ditserve.parallel.wan import set_sequence_parallel, sp_forward
 
     cuda = args.device == "cuda"
@@ -109,75 +183,131 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, **({"device_id": device} if cuda else {}))
     try:
-        config = TINY if args.tiny else WAN_14B
+        config = TINY if args.size == "tiny" else WAN_14B
         t0 = time.perf_counter()
         model = build_model(config, device, dtype)
-        x = inputs(args.tiny, config, device, dtype)
+        positive, negative = inputs(args.size, config, device, dtype)
+        diffusers_processors = model.attn_processors
         build_s = time.perf_counter() - t0
-        results = {"config": config, "latents": LATENTS[args.tiny], "text_tokens": TEXT_TOKENS[args.tiny],
+        results = {"config": config, "size": args.size, "latents": LATENTS[args.size],
+                   "text_tokens": positive["encoder_hidden_states"].shape[1], "gpus": world,
                    "device": torch.cuda.get_device_name(device) if cuda else "cpu", "build_s": build_s, "layouts": {}}
-        reference = None
+        layouts = [parse_layout(n) for n in args.layouts.split(";") if n.strip()]
+        need_negative = any(layout.cfg for layout in layouts)
         if rank == 0:
-            print(f"Wan transformer forward, {results['device']}, latents {results['latents']}, "
+            print(f"Wan transformer step, {world} x {results['device']}, latents {results['latents']}, "
                   f"{results['text_tokens']} text tokens, model built in {build_s:.1f} s\n"
-                  "| layout | ms per forward | speed-up | rel L2 vs sp 1 | max abs vs sp 1 |\n"
-                  "| --- | ---: | ---: | ---: | ---: |", flush=True)
+                  "| layout | GPUs | step w/o CFG (ms) | speed-up | efficiency | step with CFG (ms) | speed-up | "
+                  "efficiency | rel L2 / max abs vs sp 1 |\n"
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
         with torch.inference_mode():
+            reference = None
             if rank == 0:
-                ms, reference = timed(lambda: model(**x, return_dict=False)[0], args.warmup, args.repeats, sync)
-                reference = reference.float()
-                record(results, "sp 1", {"ms": ms}, args)
+                ms, out = timed(lambda: model(**positive, return_dict=False)[0], args.warmup, args.repeats, sync)
+                reference = [out.float()]
+                if need_negative:  # untimed: the CFG layouts' second prediction is checked against it
+                    reference.append(model(**negative, return_dict=False)[0].float())
+                record(results, Layout("sp 1", 1, 1, False), {"ms": ms}, args)
             dist.barrier()
-            for name in args.layouts.split(";"):
-                u, r, ring_backend = LAYOUTS[name]
-                backend = ring_backend if cuda and r > 1 else "sdpa"
-                mesh = build_mesh(u, r)
-                try:  # the kernel's constraints (head dim, dtype, device) before any collective
-                    probe = torch.empty(1, 1, config["num_attention_heads"], config["attention_head_dim"],
-                                        device=device, dtype=dtype)
-                    get_backend(backend).check(probe, probe, probe)
-                except ValueError as exc:  # every rank skips alike
+            for layout in layouts:
+                if layout.gpus > world:
                     if rank == 0:
-                        record(results, name, {"skipped": str(exc)}, args)
+                        record(results, layout, {"skipped": f"needs {layout.gpus} GPUs, have {world}"}, args)
                     continue
-                set_sequence_parallel(model, mesh, backend)
-                ms, out = timed(lambda: sp_forward(model, mesh, **x), args.warmup, args.repeats, sync)
-                if rank == 0:
-                    diff = out.float() - reference
-                    record(results, name, {
-                        "ms": ms, "backend": backend, "speedup": results["layouts"]["sp 1"]["ms"] / ms,
-                        "rel_l2": float(diff.norm() / reference.norm()), "max_abs": float(diff.abs().max()),
-                    }, args)
+                backend = "triton" if cuda and layout.ring > 1 else "sdpa"
+                mesh, context = meshes(layout, world)
+                if rank < layout.gpus:
+                    try:  # the kernel's and Ulysses' constraints before any collective; every rank skips alike
+                        probe = torch.empty(1, 1, config["num_attention_heads"], config["attention_head_dim"],
+                                            device=device, dtype=dtype)
+                        get_backend(backend).check(probe, probe, probe)
+                        if mesh is not None:
+                            set_sequence_parallel(model, mesh, backend)
+                        else:
+                            model.set_attn_processor(diffusers_processors)
+                    except ValueError as exc:
+                        if rank == 0:
+                            record(results, layout, {"skipped": str(exc)}, args)
+                        dist.barrier()
+                        continue
+
+                    def forward(x):
+                        return sp_forward(model, mesh, **x) if mesh is not None else model(**x, return_dict=False)[0]
+
+                    if context is None:
+                        ms, out = timed(lambda: forward(positive), args.warmup, args.repeats, sync)
+                        outs = [out]
+                    else:
+                        like = torch.empty_like(positive["hidden_states"])
+                        ms, outs = timed(lambda: context.branches(lambda: forward(positive), lambda: forward(negative),
+                                                                  like, like), args.warmup, args.repeats, sync)
+                    if rank == 0:
+                        diffs = [o.float() - ref for o, ref in zip(outs, reference)]
+                        record(results, layout, {
+                            "ms": ms, "backend": backend,
+                            "rel_l2": max(float(d.norm() / ref.norm()) for d, ref in zip(diffs, reference)),
+                            "max_abs": max(float(d.abs().max()) for d in diffs),
+                        }, args)
+                dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def record(results: dict, name: str, row: dict, args: argparse.Namespace) -> None:
+def record(results: dict, layout: Layout, row: dict, args: argparse.Namespace) -> None:
     """Print the layout's row now (a run cut short still shows the layouts done) and rewrite the JSON."""
-    results["layouts"][name] = row
+    row = {**row, "gpus": layout.gpus, "cfg_parallel": layout.cfg, "ulysses": layout.ulysses, "ring": layout.ring}
+    if "ms" in row:
+        base = results["layouts"]["sp 1"]["ms"] if results["layouts"] else row["ms"]
+        # Without CFG parallelism the two CFG forwards run one after the other.
+        row["step_ms"] = None if layout.cfg else row["ms"]
+        row["cfg_step_ms"] = row["ms"] if layout.cfg else 2 * row["ms"]
+        row["speedup"] = None if layout.cfg else base / row["ms"]
+        row["cfg_speedup"] = 2 * base / row["cfg_step_ms"]
+    results["layouts"][layout.name] = row
+    label = layout.name + (f" ({row['backend']})" if row.get("backend") == "triton" else "")
+
+    def cells(ms, speedup):
+        if ms is None:
+            return "- | - | -"
+        return f"{ms:,.1f} | {speedup:.2f}x | {100 * speedup / layout.gpus:.0f}%"
+
     if "skipped" in row:
-        print(f"| {name} | skipped: {row['skipped'][:100]} | | | |", flush=True)
-    elif name == "sp 1":
-        print(f"| sp 1 | {row['ms']:.1f} | 1.00x | - | - |", flush=True)
+        print(f"| {label} | {layout.gpus} | skipped: {row['skipped'][:100]} | | | | | | |", flush=True)
     else:
-        print(f"| {name} ({row['backend']}) | {row['ms']:.1f} | {row['speedup']:.2f}x | {row['rel_l2']:.2e} | "
-              f"{row['max_abs']:.3e} |", flush=True)
+        error = "-" if layout.name == "sp 1" else f"{row['rel_l2']:.2e} / {row['max_abs']:.3e}"
+        cfg_ms = f"{row['cfg_step_ms']:,.1f}" + ("" if layout.cfg else " (2 x)")
+        print(f"| {label} | {layout.gpus} | {cells(row['step_ms'], row['speedup'])} | {cfg_ms} | "
+              f"{row['cfg_speedup']:.2f}x | {100 * row['cfg_speedup'] / layout.gpus:.0f}% | {error} |", flush=True)
     out_dir = Path(args.out or os.environ.get("OUT") or "out/bench")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_parallel_wan.json").write_text(json.dumps(results, indent=2))
+    (out_dir / f"bench_parallel_wan_{args.size}_{results['gpus']}gpu.json").write_text(json.dumps(results, indent=2))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--gpus", type=int, default=2, help="processes (GPUs) in the group")
+    p.add_argument("--size", default="480p", choices=("480p", "720p"))
     p.add_argument("--tiny", action="store_true", help="a 2-layer model and 105 tokens (CPU smoke test)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--layouts", default=";".join(LAYOUTS), help="semicolon-separated subset of: " + "; ".join(LAYOUTS))
+    p.add_argument("--layouts", default=None,
+                   help="semicolon-separated layouts (see the module doc); default for 2/4/8 GPUs: "
+                        + " | ".join(f"{k}: {v}" for k, v in DEFAULT_LAYOUTS.items()))
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if args.device == "cuda" and torch.cuda.device_count() < 2:
-        p.error(f"needs 2 GPUs, torch sees {torch.cuda.device_count()}")
+    if args.tiny:
+        args.size = "tiny"
+    if args.layouts is None:
+        args.layouts = DEFAULT_LAYOUTS.get(args.gpus, f"Ulysses {args.gpus}")
+    try:
+        for name in args.layouts.split(";"):
+            if name.strip():
+                parse_layout(name)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.device == "cuda" and torch.cuda.device_count() < args.gpus:
+        p.error(f"--gpus {args.gpus}: torch sees {torch.cuda.device_count()} GPUs")
     # NVLink multicast off, as perf/bench_parallel.py sets it: before the ranks start, so NCCL reads it.
     for var, val in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         os.environ[var] = val
@@ -186,7 +316,7 @@ def main() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, args), nprocs=2, join=True)
+    mp.spawn(worker, args=(args.gpus, port, args), nprocs=args.gpus, join=True)
     return 0
 
 
