@@ -470,6 +470,9 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
            "--device", args.device, "--dtype", args.dtype,
            "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
            "--host", "127.0.0.1", "--log-file", str(server_log),
+           # Only this pipeline (Triton loads the ensemble's composing models): the other pipelines'
+           # tiny checkpoints would cost start-up time, and Wan's MP4 stage needs PyAV.
+           "--models", ENSEMBLE,
            "--startup-timeout", str(args.server_timeout), *(f"--set={s}" for s in args.set)]
     cli_log = open(workdir / "ditserve_serve.out", "wb")
     log("ours: " + " ".join(cmd))

@@ -74,6 +74,9 @@ def main() -> int:
         except (OSError, KeyError, TypeError, ValueError) as exc:
             rows[name] = {"gpus": gpus, "rc": rc, "error": f"{type(exc).__name__}: {exc}"}
         (out / "bench_scaling_flux.json").write_text(json.dumps(rows, indent=1))
+        if "error" in rows[name]:  # the next layouts would most likely fail alike: save the machine's time
+            print(f"== stopping after {name} failed", flush=True)
+            break
 
     base = rows.get("sp 1", {}).get("e2e_ms")
     base_step = rows.get("sp 1", {}).get("step_ms")
