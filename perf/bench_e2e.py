@@ -621,14 +621,15 @@ class GrpcInfer:
         return {o: res.as_numpy(o) for o in outputs}
 
 
-def stats_snapshot(http_base: str, models: tuple[str, ...] = (), requests: int = 0, timeout: float = 10.0) -> dict:
+def stats_snapshot(http_base: str, wait_for: Mapping[str, int] | None = None, timeout: float = 10.0) -> dict:
     """Triton's per-model statistics. Triton records a request in a model's statistics after the response
     is sent, so right after the client has its answer the last stages may not count it yet: with
-    ``requests``, wait (up to ``timeout`` s) until each of ``models`` counts that many."""
+    ``wait_for`` (model -> success count), wait up to ``timeout`` s until every model counts that many."""
     deadline = time.monotonic() + timeout
     while True:
         snap = _stats(http_base)
-        if all(snap.get(m, {}).get("success_count", 0) >= requests for m in models) or time.monotonic() > deadline:
+        done = all(snap.get(m, {}).get("success_count", 0) >= n for m, n in (wait_for or {}).items())
+        if done or time.monotonic() > deadline:
             return snap
         time.sleep(0.05)
 
@@ -695,7 +696,7 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=cli_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
-    result: dict = {"server_log": str(server_log), "runs": {}}
+    result: dict = {"server_log": str(server_log)}
     try:
         deadline = time.monotonic() + args.server_timeout
         while True:
@@ -709,75 +710,88 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
         result["startup_s"] = time.perf_counter() - t_start
         mem_ready = gpu_memory_used_mib()
         log(f"ours: server ready in {result['startup_s']:.1f}s")
-
-        meta = http_json(f"{http_base}/v2/models/{p.ensemble}")
-        in_types = {i["name"]: i["datatype"] for i in meta.get("inputs", [])}
-        out_names = [o["name"] for o in meta.get("outputs", [])]
-
-        def inputs(steps: int) -> list[tuple[str, str, object]]:
-            wanted = {FIELDS[k][1]: v for k, v in args.settings.items()
-                      if k in p.settings and FIELDS[k][1] and v is not None}
-            wanted.update(p.request_constants, NUM_INFERENCE_STEPS=steps, PROMPT=args.settings["prompt"].encode())
-            if "NEGATIVE_PROMPT" in wanted:
-                wanted["NEGATIVE_PROMPT"] = wanted["NEGATIVE_PROMPT"].encode()
-            missing = [n for n in wanted if n not in in_types]
-            if missing:
-                raise RuntimeError(f"ensemble {p.ensemble} has no inputs {missing}")
-            return [(n, in_types[n], v) for n, v in wanted.items()]
-
-        client = None
-        if args.protocol in ("auto", "grpc"):
-            try:
-                client = GrpcInfer(f"127.0.0.1:{grpc_port}", args.request_timeout)
-            except Exception as e:  # host grpcio/protobuf older than tritonclient's generated code
-                if args.protocol == "grpc":
-                    raise
-                log(f"ours: tritonclient.grpc unusable ({type(e).__name__}: {e}); using HTTP")
-        if client is None:
-            client = HttpInfer(http_base, args.request_timeout)
-        result["protocol"] = client.name
-
-        def one(steps: int):
-            request = inputs(steps)
-            t = time.perf_counter()
-            res = client.infer(p.ensemble, request, out_names)
-            return (time.perf_counter() - t) * 1e3, res
-
-        for i in range(args.warmup):
-            dt, _ = one(args.warmup_steps)
-            log(f"ours: warm-up {i + 1}/{args.warmup} ({args.warmup_steps} steps): {dt:.1f} ms")
-        first, sent = None, args.warmup
-        models = (p.ensemble, *p.stages)
-        for steps in args.step_counts:
-            before = stats_snapshot(http_base, models, sent)
-            lat = []
-            for i in range(args.runs):
-                dt, res = one(steps)
-                lat.append(dt)
-                if first is None:
-                    first = res
-                log(f"ours: {steps} steps, run {i + 1}/{args.runs}: {dt:.1f} ms")
-            sent += args.runs
-            result["runs"][str(steps)] = {"latency_ms": summarize(lat),
-                                          "stats": stats_delta(before, stats_snapshot(http_base, models, sent), args.runs)}
+        result.update(measure_ours(args, http_base, f"127.0.0.1:{grpc_port}", workdir))
         result["gpu_memory_used_mib"] = {"before_start": mem_before, "ready": mem_ready,
                                          "after_runs": gpu_memory_used_mib()}
-        pixels_name, encoded_name = p.outputs
-        if first is not None and first.get(pixels_name) is not None:
-            import numpy as np
-
-            pixels = np.asarray(first[pixels_name])
-            item_dims = 4 if p.video else 3  # (frames, H, W, 3) or (H, W, 3)
-            np.save(workdir / "ours_image.npy", pixels.reshape(-1, *pixels.shape[-item_dims:])[0])
-            result["output_shape"] = list(pixels.shape)
-        if first is not None and first.get(encoded_name) is not None:
-            result["encoded_bytes"] = len(first[encoded_name].reshape(-1)[0])
     finally:
         t = time.perf_counter()
         stop_server(proc)
         cli_log.close()
         result["stop_s"] = time.perf_counter() - t
         log(f"ours: server stopped in {result['stop_s']:.1f}s (rc {proc.returncode})")
+    return result
+
+
+def measure_ours(args, http_base: str, grpc_url: str, workdir: Path) -> dict:
+    """The warm-up and timed requests against a ready server: per step count the client's latencies and
+    each model's statistics over its requests; the first output saved to ``workdir/ours_image.npy``."""
+    p = PIPELINES[args.pipeline]
+    meta = http_json(f"{http_base}/v2/models/{p.ensemble}")
+    in_types = {i["name"]: i["datatype"] for i in meta.get("inputs", [])}
+    out_names = [o["name"] for o in meta.get("outputs", [])]
+
+    def inputs(steps: int) -> list[tuple[str, str, object]]:
+        wanted = {FIELDS[k][1]: v for k, v in args.settings.items() if k in p.settings and FIELDS[k][1] and v is not None}
+        wanted.update(p.request_constants, NUM_INFERENCE_STEPS=steps)
+        for text in ("PROMPT", "NEGATIVE_PROMPT"):
+            if text in wanted:
+                wanted[text] = wanted[text].encode()
+        missing = [n for n in wanted if n not in in_types]
+        if missing:
+            raise RuntimeError(f"ensemble {p.ensemble} has no inputs {missing}")
+        return [(n, in_types[n], v) for n, v in wanted.items()]
+
+    result: dict = {"runs": {}}
+    client = None
+    if args.protocol in ("auto", "grpc"):
+        try:
+            client = GrpcInfer(grpc_url, args.request_timeout)
+        except Exception as e:  # host grpcio/protobuf older than tritonclient's generated code
+            if args.protocol == "grpc":
+                raise
+            log(f"ours: tritonclient.grpc unusable ({type(e).__name__}: {e}); using HTTP")
+    if client is None:
+        client = HttpInfer(http_base, args.request_timeout)
+    result["protocol"] = client.name
+
+    def one(steps: int):
+        request = inputs(steps)
+        t = time.perf_counter()
+        res = client.infer(p.ensemble, request, out_names)
+        return (time.perf_counter() - t) * 1e3, res
+
+    models = (p.ensemble, *dict.fromkeys(p.stages))
+    start = stats_snapshot(http_base)
+
+    def counted(sent: int) -> dict[str, int]:  # each model sees every request once
+        return {m: start.get(m, {}).get("success_count", 0) + sent for m in models}
+
+    for i in range(args.warmup):
+        dt, _ = one(args.warmup_steps)
+        log(f"ours: warm-up {i + 1}/{args.warmup} ({args.warmup_steps} steps): {dt:.1f} ms")
+    first, sent = None, args.warmup
+    for steps in args.step_counts:
+        before = stats_snapshot(http_base, counted(sent))
+        lat = []
+        for i in range(args.runs):
+            dt, res = one(steps)
+            lat.append(dt)
+            if first is None:
+                first = res
+            log(f"ours: {steps} steps, run {i + 1}/{args.runs}: {dt:.1f} ms")
+        sent += args.runs
+        after = stats_snapshot(http_base, counted(sent))
+        result["runs"][str(steps)] = {"latency_ms": summarize(lat), "stats": stats_delta(before, after, args.runs)}
+    pixels_name, encoded_name = p.outputs
+    if first is not None and first.get(pixels_name) is not None:
+        import numpy as np
+
+        pixels = np.asarray(first[pixels_name])
+        item_dims = 4 if p.video else 3  # (frames, H, W, 3) or (H, W, 3)
+        np.save(workdir / "ours_image.npy", pixels.reshape(-1, *pixels.shape[-item_dims:])[0])
+        result["output_shape"] = list(pixels.shape)
+    if first is not None and first.get(encoded_name) is not None:
+        result["encoded_bytes"] = len(first[encoded_name].reshape(-1)[0])
     return result
 
 
