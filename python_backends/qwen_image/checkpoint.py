@@ -27,6 +27,11 @@ states start at the image tokens), and the processor's image handling under ``pr
 ``Qwen2VLProcessor`` itself cannot be constructed without torchvision in transformers 5.24 (its
 class check of the video processor fails), so the folder is written from its parts and
 ``model_index.json`` names ``Qwen2VLProcessor`` as the real checkpoint does.
+
+The full-size ``qwen-image`` preset (``FULL``: Qwen-Image's real architecture, random weights, for GPU
+benchmarks) goes through the same builder (``ditserve.checkpoints.save_by_component``: one model at a
+time, built on the target device in the target dtype) and is built only explicitly, by
+``python -m ditserve.checkpoints build --preset qwen-image ...``.
 """
 
 from __future__ import annotations

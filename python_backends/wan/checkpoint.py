@@ -13,6 +13,10 @@ Unigram tokenizer (UMT5's own layout: ``<pad>`` 0, ``</s>`` 1), ``AutoencoderKLW
 factor 4, spatial factor 8, 16 latent channels) and ``UniPCMultistepScheduler`` with Wan's flow
 settings (``flow_prediction``, flow sigmas, ``flow_shift`` 3.0), the scheduler WanPipeline's
 examples and the Wan diffusers checkpoints use.
+
+The full-size ``wan2.1-t2v-14b`` and ``wan2.1-t2v-1.3b`` presets (``FULL_PRESETS``, random weights, for
+GPU benchmarks) go through the same builder (``ditserve.checkpoints.save_by_component``) and are built
+only explicitly, by ``python -m ditserve.checkpoints build --preset ...``.
 """
 
 from __future__ import annotations
