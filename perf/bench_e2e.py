@@ -692,6 +692,8 @@ def run_ours(args, model_dir: Path, workdir: Path) -> dict:
            "--startup-timeout", str(args.server_timeout), *(f"--set={s}" for s in settings)]
     cli_log = open(workdir / "ditserve_serve.out", "wb")
     log("ours: " + " ".join(cmd))
+    with contextlib.suppress(OSError):  # stage outputs on the host (a video's frames: ~100 MB) pass through it
+        log(f"ours: {shutil.disk_usage('/dev/shm').free / 2**30:.1f} GiB free in /dev/shm")
     mem_before = gpu_memory_used_mib()
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=cli_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -955,7 +957,8 @@ def build_report(res: dict) -> tuple[str, str]:
     ours, dif = sides["ours"], sides["diffusers"]
     if ours:
         extra.append(f"- ours: protocol {ours.get('protocol')}, server startup {fmt(ours.get('startup_s'), ' s')}, "
-                     f"GPU memory used (nvidia-smi) {ours.get('gpu_memory_used_mib')}, output {ours.get('output_shape')}, "
+                     f"GPU memory used (nvidia-smi) {ours.get('gpu_memory_used_mib')}, "
+                     f"output {ours.get('output_shape')}, "
                      f"encoded {ours.get('encoded_bytes')} bytes")
         for n, r in (ours.get("runs") or {}).items():
             for k, v in (r.get("stats") or {}).items():
@@ -963,7 +966,8 @@ def build_report(res: dict) -> tuple[str, str]:
     if dif:
         extra.append(f"- diffusers: load {fmt(dif.get('load_s'), ' s')}, peak allocated "
                      f"{fmt(dif.get('peak_memory_gib'), ' GiB', 2)}, transformer calls/run "
-                     f"{dif.get('transformer_calls_per_run')}, torch {dif.get('torch')}, diffusers {dif.get('diffusers')}")
+                     f"{dif.get('transformer_calls_per_run')}, torch {dif.get('torch')}, "
+                     f"diffusers {dif.get('diffusers')}")
     if res.get("checkpoint_build_s"):
         extra.append(f"- checkpoint built in {res['checkpoint_build_s']:.1f} s")
     if res.get("image_agreement"):

@@ -570,7 +570,8 @@ BUILD_STAMP = "ditserve_build.json"
 def _config_key(model) -> str:
     """sha256 of a model's class and config: equal keys, seed and dtype give equal weights."""
     config = model.config
-    text = config.to_json_string() if hasattr(config, "to_json_string") else model.to_json_string()  # transformers / diffusers
+    # transformers configs serialise themselves; diffusers models serialise their config
+    text = config.to_json_string() if hasattr(config, "to_json_string") else model.to_json_string()
     return hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}\n{text}".encode()).hexdigest()
 
 

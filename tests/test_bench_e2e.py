@@ -45,7 +45,8 @@ def test_pipeline_rows_match_the_repository_and_presets(name):
 def test_flop_formulas_give_the_documented_numbers():
     flux = bench_e2e.flux_step_flops(dict(num_layers=19, num_single_layers=38), 4096, 512)
     assert round(flux["total_flop"] / 1e12, 2) == 74.38  # perf/RESULTS.md, FLUX.1-dev at 1024x1024
-    qwen = bench_e2e.dual_stream_step_flops(dict(num_layers=60, num_attention_heads=24, attention_head_dim=128), 4096, 256)
+    qwen_config = dict(num_layers=60, num_attention_heads=24, attention_head_dim=128)
+    qwen = bench_e2e.dual_stream_step_flops(qwen_config, 4096, 256)
     assert (round(qwen["linear_flop"] / 1e12, 1), round(qwen["attention_flop"] / 1e12, 1)) == (59.1, 14.0)
     from ditserve.wan.checkpoint import FULL_PRESETS
 
@@ -58,7 +59,8 @@ def test_defaults_are_the_issues_settings():
     assert (qwen.preset, qwen.height, qwen.width, qwen.steps, qwen.true_cfg) == ("qwen-image", 1024, 1024, 50, 4.0)
     assert qwen.negative_prompt and qwen.device == "cuda" and qwen.dtype == "bfloat16"
     wan = bench_e2e.parse_args(["--pipeline", "wan-t2v", "--measure-steps", "2,4"])
-    assert (wan.height, wan.width, wan.frames, wan.guidance, wan.steps, wan.step_counts) == (480, 832, 81, 5.0, 50, [2, 4])
+    settings = (wan.height, wan.width, wan.frames, wan.guidance, wan.steps, wan.step_counts)
+    assert settings == (480, 832, 81, 5.0, 50, [2, 4])
     assert wan.model_dir == "/tmp/ditserve_ckpt/wan2.1-t2v-14b-bfloat16" and wan.warmup_steps == 2
     flux = bench_e2e.parse_args(["--preset", "tiny", "--size", "64", "--steps", "2", "--device", "cpu"])  # bench_flux's
     assert (flux.pipeline, flux.height, flux.width, flux.dtype, flux.warmup_steps) == ("flux", 64, 64, "float32", 2)

@@ -123,14 +123,17 @@ _WAN21 = MappingProxyType(
         "boundary_ratio": None,
     }
 )
-_WAN21_TRANSFORMER = {**_TRANSFORMER, "freq_dim": 256, "text_dim": 4096, "attention_head_dim": 128, "rope_max_seq_len": 1024}
+_WAN21_TRANSFORMER = {**_TRANSFORMER, "freq_dim": 256, "text_dim": 4096, "attention_head_dim": 128,
+                      "rope_max_seq_len": 1024}
 FULL_PRESETS: MappingProxyType[str, MappingProxyType] = MappingProxyType(
     {
         "wan2.1-t2v-14b": MappingProxyType(
-            {**_WAN21, "transformer": {**_WAN21_TRANSFORMER, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}}
+            {**_WAN21, "transformer": {**_WAN21_TRANSFORMER, "num_attention_heads": 40, "ffn_dim": 13824,
+                                       "num_layers": 40}}
         ),
         "wan2.1-t2v-1.3b": MappingProxyType(
-            {**_WAN21, "transformer": {**_WAN21_TRANSFORMER, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}}
+            {**_WAN21, "transformer": {**_WAN21_TRANSFORMER, "num_attention_heads": 12, "ffn_dim": 8960,
+                                       "num_layers": 30}}
         ),
     }
 )
@@ -161,7 +164,8 @@ def pipeline_parts(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     configs = preset(name)
     tokenizer = build_t5_tokenizer(MAX_SEQUENCE_LENGTH)
     if len(tokenizer) > configs["text_encoder"]["vocab_size"]:
-        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {configs['text_encoder']['vocab_size']}")
+        vocab_size = configs["text_encoder"]["vocab_size"]
+        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {vocab_size}")
     transformer = configs.get("transformer", _TRANSFORMER)
     models = {  # built in this order: the seeds follow it; the weights also depend on the component name
         "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**configs["text_encoder"])),
