@@ -6,9 +6,10 @@ On a 2-GPU host (after ``source perf/gpu_env.sh``)::
     python perf/bench_parallel.py                       # FLUX.1-dev architecture, bf16, 1024x1024, 512 text tokens
     python perf/bench_parallel.py --model qwen-image    # Qwen-Image architecture (20B), true CFG: 1 GPU vs CFG parallel 2
 
-Qwen-Image's checkpoint for this is the built-in tiny-qwen-image (scheduler, VAE config) with a
-full-size random transformer (60 layers, 24 heads of 128, text width 3584; weights drawn from
-N(0, 0.02) so that no output is trivially zero), built into ``--model-dir`` on first use.
+Qwen-Image's checkpoint for this is the ``qwen-image`` preset with the transformer's weights only (the
+other components config only: the denoiser reads the VAE's and scheduler's configs), built into
+``--model-dir`` on first use: ``python -m ditserve.checkpoints build --preset qwen-image --weights
+transformer ...`` (41 GB instead of the whole pipeline's 58 GB). On a CPU: ``--preset tiny-qwen-image``.
 
 Each layout builds the denoiser exactly as the Triton model does (rank 0 here on cuda:0, workers
 spawned on the next GPUs, warm-up step at load), then times ``dispatch`` (the path of a request:
@@ -21,7 +22,7 @@ a negative prompt): one GPU against CFG parallel 2.
 Error: the latents after N2 steps against the one-GPU latents of the same requests (relative L2
 and max abs), next to the same measure between our one-GPU attention and SDPA.
 
-FLOP per step: bench_flux.flux_step_flops (ENVIRONMENT.md's convention), split over the GPUs.
+FLOP per step: bench_e2e's formulas (ENVIRONMENT.md's convention), split over the GPUs.
 Writes bench_parallel.json / .md to ``--out`` (default $OUT, else out/bench) after every layout.
 """
 
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_flux  # noqa: E402  (checkpoint building, FLOP formula, GPU info)
+import bench_e2e  # noqa: E402  (checkpoint building, FLOP formulas, GPU info)
 
 LAYOUTS = {  # name -> (denoiser options, true CFG)
     "1 GPU": ({}, False),
@@ -55,8 +56,7 @@ LAYOUTS = {  # name -> (denoiser options, true CFG)
 BASELINE = {False: "1 GPU", True: "1 GPU, true CFG"}
 # Qwen-Image has CFG parallelism only (its denoiser refuses sp_degree > 1).
 DEFAULT_LAYOUTS = {"flux": list(LAYOUTS), "qwen-image": ["1 GPU, true CFG", "CFG parallel 2"]}
-QWEN_IMAGE_TRANSFORMER = dict(num_layers=60, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=3584,
-                              axes_dims_rope=(16, 56, 56), in_channels=64, out_channels=16, patch_size=2)
+DEFAULT_PRESETS = {"flux": "flux.1-dev", "qwen-image": "qwen-image"}
 
 
 def requests(args, steps: int, cfg: bool, device) -> list:
@@ -85,43 +85,6 @@ def stage_classes(model: str) -> tuple[type, type]:
     from ditserve.flux.denoiser import FluxDenoiser, FluxDenoiserOptions
 
     return FluxDenoiser, FluxDenoiserOptions
-
-
-def ensure_qwen_image_checkpoint(model_dir: Path, device: str) -> Path:
-    if (model_dir / "transformer" / "config.json").is_file():
-        return model_dir
-    import shutil
-
-    from diffusers import QwenImageTransformer2DModel
-
-    from ditserve.checkpoints import resolve_model_path
-
-    bench_flux.log(f"building {model_dir}: tiny-qwen-image with a full-size random transformer")
-    shutil.copytree(resolve_model_path("tiny-qwen-image"), model_dir, ignore=shutil.ignore_patterns("transformer"))
-    # Built in bf16 directly: 20B fp32 parameters would not fit an 80 GB card.
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            transformer = QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    with torch.no_grad():
-        for param in transformer.parameters():
-            param.normal_(0.0, 0.02)
-    transformer.save_pretrained(model_dir / "transformer")
-    return model_dir
-
-
-def dual_stream_step_flops(config: dict, image_tokens: int, text_tokens: int) -> dict:
-    """Qwen-Image: every block is a dual-stream (MMDiT) block, each stream's weights over its own tokens:
-    q,k,v,out (4 d^2) + MLP d->4d->d (8 d^2) per stream; joint attention 4 L^2 d per block."""
-    d = config["num_attention_heads"] * config["attention_head_dim"]
-    length = image_tokens + text_tokens
-    linear = config["num_layers"] * 2 * 12 * d * d * length
-    attention = config["num_layers"] * 4 * length * length * d
-    return {"hidden": d, "image_tokens": image_tokens, "text_tokens": text_tokens, "linear_flop": float(linear),
-            "attention_flop": float(attention), "total_flop": float(linear + attention)}
 
 
 def time_layout(args, model_dir: Path, options: dict, cfg_runs: list[bool]) -> dict:
@@ -194,8 +157,10 @@ def report(res: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("flux", "qwen-image"), default="flux")
-    p.add_argument("--preset", default="flux.1-dev", help="FLUX checkpoint preset")
-    p.add_argument("--model-dir", default=None, help="default /tmp/ditserve_ckpt/<preset or qwen-image>-bfloat16 (built if missing)")
+    p.add_argument("--preset", default=None, help="checkpoint preset (default flux.1-dev / qwen-image; tiny, "
+                   "tiny-qwen-image on a CPU)")
+    p.add_argument("--model-dir", default=None, help="default /tmp/ditserve_ckpt/<preset>[-transformer]-<dtype> "
+                   "(built if missing)")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--n1", type=int, default=2)
@@ -211,18 +176,19 @@ def main() -> int:
         os.environ.setdefault(var, val)
     out_dir = Path(args.out or os.environ.get("OUT") or "out/bench")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.model == "qwen-image":
-        model_dir = ensure_qwen_image_checkpoint(Path(args.model_dir or "/tmp/ditserve_ckpt/qwen-image-bfloat16"), args.device)
-    else:
-        model_dir, _ = bench_flux.ensure_checkpoint(types.SimpleNamespace(
-            model_dir=args.model_dir or f"/tmp/ditserve_ckpt/{args.preset}-bfloat16", skip_build=False,
-            preset=args.preset, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device))
+    preset = args.preset or DEFAULT_PRESETS[args.model]
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    # Qwen-Image: the transformer alone (its own directory: the e2e bench needs a complete checkpoint).
+    weights = "transformer" if args.model == "qwen-image" else None
+    model_dir, _ = bench_e2e.ensure_checkpoint(types.SimpleNamespace(
+        model_dir=args.model_dir or f"/tmp/ditserve_ckpt/{preset}{'-transformer' if weights else ''}-{dtype}",
+        skip_build=False, preset=preset, dtype=dtype, device=args.device, weights=weights))
     config = json.loads((model_dir / "transformer" / "config.json").read_text())
     args.text_dim, args.pooled_dim = config["joint_attention_dim"], config.get("pooled_projection_dim")
-    image_tokens = bench_flux.image_tokens_for(model_dir, args.size, args.size)
-    flops = (dual_stream_step_flops(config, image_tokens, args.text_tokens) if args.model == "qwen-image"
-             else bench_flux.flux_step_flops(config, image_tokens, args.text_tokens))
-    res = {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "gpu": bench_flux.gpu_info(),
+    image_tokens = bench_e2e.image_tokens_for(model_dir, args.size, args.size)
+    flops = (bench_e2e.dual_stream_step_flops(config, image_tokens, args.text_tokens) if args.model == "qwen-image"
+             else bench_e2e.flux_step_flops(config, image_tokens, args.text_tokens))
+    res = {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "gpu": bench_e2e.gpu_info(),
            "gpus_visible": torch.cuda.device_count(), "args": dict(vars(args)),
            "flops": flops,
            "layouts": {}}
@@ -236,7 +202,7 @@ def main() -> int:
     for key, names in groups.items():
         options = json.loads(key)
         world = max(1, options.get("sp_degree", 1)) * (2 if options.get("cfg_parallel") else 1)
-        bench_flux.log(f"layouts {names}: options {options}")
+        bench_e2e.log(f"layouts {names}: options {options}")
         try:
             if args.device == "cuda" and world > torch.cuda.device_count():
                 raise RuntimeError(f"needs {world} GPUs, {torch.cuda.device_count()} visible")
@@ -252,11 +218,11 @@ def main() -> int:
                 base = BASELINE[cfg]
                 if name != base and base in latents:
                     res["layouts"][name]["error_vs_1gpu"] = error(latents[name], latents[base])
-                bench_flux.log(f"{name}: {run['step_ms']:.1f} ms/step")
+                bench_e2e.log(f"{name}: {run['step_ms']:.1f} ms/step")
         except Exception as exc:  # noqa: BLE001 - record and go on with the next layout
             for name in names:
                 res["layouts"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-            bench_flux.log(f"{names} FAILED: {exc}")
+            bench_e2e.log(f"{names} FAILED: {exc}")
         (out_dir / "bench_parallel.json").write_text(json.dumps(res, indent=1, default=str))
         (out_dir / "bench_parallel.md").write_text(report(res) + "\n")
     print(report(res), flush=True)

@@ -66,11 +66,12 @@ def main() -> int:
         rc = subprocess.call(cmd)
         try:
             res = json.loads((layout_out / "bench_flux.json").read_text())
-            ours, steps = res["ours"], res["config"]["steps"]
-            rows[name] = {"gpus": gpus, "rc": rc, "e2e_ms": ours["latency_ms"]["median"],
-                          "runs_ms": ours["latency_ms"].get("all"), "startup_s": ours.get("startup_s"),
-                          "denoise_ms": ours["stats"]["flux_denoiser"]["success_ms"],
-                          "step_ms": ours["stats"]["flux_denoiser"]["success_ms"] / steps, "sets": sets}
+            steps = res["config"]["steps"]
+            ours, run = res["ours"], res["ours"]["runs"][str(steps)]  # bench_e2e's layout: one entry per step count
+            rows[name] = {"gpus": gpus, "rc": rc, "e2e_ms": run["latency_ms"]["median"],
+                          "runs_ms": run["latency_ms"].get("all"), "startup_s": ours.get("startup_s"),
+                          "denoise_ms": run["stats"]["flux_denoiser"]["success_ms"],
+                          "step_ms": run["stats"]["flux_denoiser"]["success_ms"] / steps, "sets": sets}
         except (OSError, KeyError, TypeError, ValueError) as exc:
             rows[name] = {"gpus": gpus, "rc": rc, "error": f"{type(exc).__name__}: {exc}"}
         (out / "bench_scaling_flux.json").write_text(json.dumps(rows, indent=1))

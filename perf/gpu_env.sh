@@ -182,7 +182,12 @@ try:
     import tritonclient.grpc  # noqa: F401
     tc = "tritonclient.grpc ok"
 except Exception as e:  # host grpcio/protobuf older than tritonclient 2.73's generated code
-    tc = f"tritonclient.grpc UNAVAILABLE ({type(e).__name__}: {e}); perf/bench_flux.py falls back to HTTP"
+    tc = f"tritonclient.grpc UNAVAILABLE ({type(e).__name__}: {e}); perf/bench_e2e.py falls back to HTTP"
+try:
+    import av  # the Wan ensemble's MP4 stage (wan_postprocess) and bench_e2e's diffusers-side export
+    tc += f"; av {av.__version__}"
+except Exception as e:
+    tc += f"; av UNAVAILABLE ({type(e).__name__}: {e}): the wan_t2v ensemble cannot load"
 from ditserve.server import locate_tritonserver
 binary, backends, bundled = locate_tritonserver()
 print(f"[gpu_env] python {sys.version.split()[0]} ({sys.prefix}); numpy {numpy.__version__}; "

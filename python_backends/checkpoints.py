@@ -22,6 +22,13 @@ build them on the GPU with the CLI::
     python -m ditserve.checkpoints resolve tiny     # prints the directory (building it if needed)
     python -m ditserve.checkpoints list
 
+The Qwen-Image and Wan checkpoints (built-ins ``OTHER_BUILTINS`` and full-size ``OTHER_PRESETS``:
+``qwen-image``, ``wan2.1-t2v-14b``, ``wan2.1-t2v-1.3b``) are built by their own modules through
+``save_by_component``, one model at a time, so only the largest model must fit the device::
+
+    python -m ditserve.checkpoints build --preset qwen-image --out DIR --dtype bfloat16 --device cuda
+    python -m ditserve.checkpoints build --preset wan2.1-t2v-1.3b --out DIR2 --dtype bfloat16 --device cuda --link-from DIR_14B
+
 Determinism: the same preset, seed, dtype and device give byte-identical safetensors files, across
 processes. Every parameter is overwritten from a generator seeded per component (see
 ``reinit_parameters``), so the library's own init (some of which is zero, e.g. FLUX's final
@@ -46,7 +53,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -551,6 +558,146 @@ def _build_atomically(final: Path, build: Callable[[Path], None]) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
+# Pipelines written one model component at a time (the Qwen-Image and Wan checkpoints, tiny and full size)
+# --------------------------------------------------------------------------------------------------
+
+#: Written next to model_index.json by ``save_by_component``: how each component's weights were made,
+#: so that another build can hard-link identical components (``link_from``) and a bench can tell a
+#: checkpoint with config-only components (``weights``) from a complete one.
+BUILD_STAMP = "ditserve_build.json"
+
+
+def _config_key(model) -> str:
+    """sha256 of a model's class and config: equal keys, seed and dtype give equal weights."""
+    config = model.config
+    # transformers configs serialise themselves; diffusers models serialise their config
+    text = config.to_json_string() if hasattr(config, "to_json_string") else model.to_json_string()
+    return hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}\n{text}".encode()).hexdigest()
+
+
+def _save_config(model, folder: Path) -> None:
+    """A component's config.json alone (no weights)."""
+    if hasattr(model, "save_config"):  # diffusers ModelMixin
+        model.save_config(folder)
+    else:  # transformers PreTrainedModel
+        model.config.save_pretrained(folder)
+
+
+def read_build_stamp(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``BUILD_STAMP`` of a checkpoint written by ``save_by_component``, or None."""
+    stamp = Path(path) / BUILD_STAMP
+    return json.loads(stamp.read_text()) if stamp.is_file() else None
+
+
+def _link_tree(source: Path, dest: Path) -> None:
+    """Hard-link every file of ``source`` into ``dest`` (symlinks across filesystems)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for file in sorted(source.iterdir()):
+        try:
+            os.link(file, dest / file.name)
+        except OSError:
+            os.symlink(file.resolve(), dest / file.name)
+
+
+def save_by_component(
+    out: Path,
+    pipeline_class: type,
+    parts: Mapping[str, Any],
+    models: Mapping[str, Callable[[], Any]],
+    *,
+    device: Any = "cpu",
+    dtype: Any = "float32",
+    seed: int = 0,
+    max_shard_size: str = "10GB",
+    weights: Collection[str] | None = None,
+    link_from: str | os.PathLike | None = None,
+) -> None:
+    """Write a diffusers pipeline into the existing empty directory ``out`` one model at a time.
+
+    ``models`` (name -> constructor, in build order) are built directly on ``device`` in ``dtype``
+    (no fp32 copy of a full-size model), seeded by ``(seed, index)`` and ``reinit_parameters(seed,
+    name)``, saved as safetensors shards of ``max_shard_size`` and freed before the next, so the
+    largest one alone must fit the device. ``parts`` are the pipeline's other constructor arguments
+    (scheduler, tokenizer, None for an absent optional component, plain config values); they are
+    saved as the pipeline saves them, and model_index.json is the pipeline's own.
+
+    ``weights``: the models to write weights for (default all); the others get their config.json
+    only (enough for stages that read a component's config), so such a checkpoint is not loadable
+    as a whole. ``link_from``: a checkpoint written by this function; each of its components with
+    the same class, config, seed, dtype and device type is hard-linked instead of built (the Wan
+    1.3B preset next to the 14B: same text encoder and VAE). A directory without a build stamp, or
+    a missing one, links nothing. Before writing, the weights' size is checked against the free
+    space under ``out``."""
+    import torch
+
+    dtype = _as_dtype(dtype)
+    device = torch.device(device)
+    identity = {"seed": seed, "dtype": str(dtype).removeprefix("torch."), "device_type": device.type}
+    # Each model on the meta device first (no memory): its size, its config key, model_index.json.
+    metas = {}
+    for name, make in models.items():
+        with torch.device("meta"), _default_dtype(dtype):
+            metas[name] = make()
+    keys = {name: _config_key(model) for name, model in metas.items()}
+    with_weights = [name for name in models if weights is None or name in weights]
+    unknown = set(weights or ()) - set(models)
+    if unknown:
+        raise ValueError(f"weights: no model component {', '.join(sorted(unknown))}; components: {', '.join(models)}")
+
+    linked: dict[str, Path] = {}
+    source = read_build_stamp(link_from) if link_from is not None else None
+    if link_from is not None and source is None:
+        logger.info("link_from %s: no %s there, building every component", link_from, BUILD_STAMP)
+    elif source is not None and {k: source.get(k) for k in identity} != identity:
+        logger.info("link_from %s: built with %s, not %s: building every component", link_from,
+                    {k: source.get(k) for k in identity}, identity)
+    elif source is not None:
+        for name in with_weights:
+            entry = source["components"].get(name, {})
+            if entry.get("weights") and entry.get("config_sha256") == keys[name]:
+                linked[name] = Path(link_from) / name
+
+    def size(model) -> int:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    needed = sum(size(metas[name]) for name in with_weights if name not in linked)
+    free = shutil.disk_usage(out).free
+    logger.info("writing %.1f GiB of weights (%s; %s linked), %.1f GiB free under %s", needed / 2**30,
+                ", ".join(f"{n} {size(metas[n]) / 2**30:.1f} GiB" for n in with_weights), ", ".join(linked) or "none",
+                free / 2**30, out.parent)
+    if needed > free:
+        raise ValueError(f"the checkpoint needs {needed / 2**30:.1f} GiB of weights, only {free / 2**30:.1f} GiB free "
+                         f"under {out.parent}")
+
+    for name, part in parts.items():
+        if hasattr(part, "save_pretrained"):  # scheduler, tokenizer; the pipeline saves them the same way
+            part.save_pretrained(out / name)
+    components = {}
+    for index, (name, make) in enumerate(models.items()):
+        t0 = time.perf_counter()
+        if name in linked:
+            _link_tree(linked[name], out / name)
+            how = f"linked from {linked[name]}"
+        elif name in with_weights:
+            torch.manual_seed(seed * 1_000_003 + index)
+            with torch.device(device), _default_dtype(dtype):
+                model = make()
+            reinit_parameters(model, seed, name)
+            model.save_pretrained(out / name, max_shard_size=max_shard_size)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            how = f"built on {device} and written"
+        else:
+            _save_config(metas[name], out / name)
+            how = "config only"
+        components[name] = {"config_sha256": keys[name], "weights": name in with_weights}
+        logger.info("%s: %s in %.1fs", name, how, time.perf_counter() - t0)
+    pipeline_class(**parts, **metas).save_config(out)  # model_index.json, as save_pretrained ends
+    (out / BUILD_STAMP).write_text(json.dumps({**identity, "components": components}, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
 # Model-path specs
 # --------------------------------------------------------------------------------------------------
 
@@ -584,6 +731,17 @@ OTHER_BUILTINS: Mapping[str, str] = MappingProxyType(
 )
 
 
+# Full-size presets of other model families (random weights, for GPU benchmarks): built only
+# explicitly, by the CLI's ``build``, through the named module's ``build_checkpoint``.
+OTHER_PRESETS: Mapping[str, str] = MappingProxyType(
+    {
+        "qwen-image": "ditserve.qwen_image.checkpoint",
+        "wan2.1-t2v-14b": "ditserve.wan.checkpoint",
+        "wan2.1-t2v-1.3b": "ditserve.wan.checkpoint",
+    }
+)
+
+
 def _other_builtin(name: str) -> Path:
     import importlib
 
@@ -607,7 +765,7 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if not path.exists():
         hint = ""
-        if text in PRESETS:
+        if text in PRESETS or text in OTHER_PRESETS:
             hint = f"; full-size presets are built explicitly: python -m ditserve.checkpoints build --preset {text}"
             hint += " --out DIR --dtype bfloat16 --device cuda"
         raise ValueError(
@@ -629,12 +787,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ditserve.checkpoints", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build a preset into a new directory")
-    b.add_argument("--preset", required=True, choices=list(PRESETS))
+    b.add_argument("--preset", required=True, choices=[*PRESETS, *OTHER_BUILTINS, *OTHER_PRESETS])
     b.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     b.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     b.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--max-shard-size", default="10GB", help="safetensors shard size (default 10GB)")
+    # Qwen-Image and Wan presets (written one component at a time by save_by_component):
+    b.add_argument("--link-from", default=None, metavar="DIR",
+                   help="hard-link the components that DIR (built by this command) has with the same config, "
+                        "seed, dtype and device type instead of building them; builds all if DIR has none")
+    b.add_argument("--weights", default=None, metavar="NAMES",
+                   help="comma-separated model components to write weights for (default all); "
+                        "the others get their config only")
     r = sub.add_parser("resolve", help="print the directory of a model-path spec (builds built-ins)")
     r.add_argument("spec")
     sub.add_parser("list", help="list presets")
@@ -643,14 +808,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "build":
         t0 = time.perf_counter()
-        out = build_checkpoint(
-            args.preset,
-            args.out,
-            device=args.device,
-            dtype=args.dtype,
-            seed=args.seed,
-            max_shard_size=args.max_shard_size,
-        )
+        common = dict(device=args.device, dtype=args.dtype, seed=args.seed, max_shard_size=args.max_shard_size)
+        if args.preset in PRESETS:
+            if args.link_from or args.weights:
+                parser.error(f"--link-from and --weights are for {', '.join([*OTHER_BUILTINS, *OTHER_PRESETS])}")
+            out = build_checkpoint(args.preset, args.out, **common)
+        else:
+            import importlib
+
+            module = importlib.import_module({**OTHER_BUILTINS, **OTHER_PRESETS}[args.preset])
+            weights = None if args.weights is None else [w.strip() for w in args.weights.split(",") if w.strip()]
+            out = module.build_checkpoint(name=args.preset, out_dir=args.out, weights=weights,
+                                          link_from=args.link_from, **common)
         print(f"{out}  ({args.preset}, {args.dtype}, seed {args.seed}, {time.perf_counter() - t0:.1f}s)")
     elif args.command == "resolve":
         try:
@@ -662,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, p in PRESETS.items():
             where = f"  -> {builtin_checkpoint_dir(name)}" if name in BUILTIN_MODELS else ""
             print(f"{name:16s} {p.description}{where}")
+        for name, module in {**OTHER_BUILTINS, **OTHER_PRESETS}.items():
+            print(f"{name:16s} {'built-in' if name in OTHER_BUILTINS else 'full size, random weights'} ({module})")
     return 0
 
 

@@ -53,3 +53,23 @@ def test_pipeline_template_constants_are_diffusers():
     source = Path(sys.modules[QwenImagePipeline.__module__].__file__).read_text()
     assert repr(qwen_ckpt.PROMPT_TEMPLATE).strip("'") in source.replace('"', "'")
     assert f"prompt_template_encode_start_idx = {qwen_ckpt.PROMPT_TEMPLATE_DROP}" in source
+
+
+def test_full_size_preset_is_qwen_image_on_the_meta_device():
+    """The qwen-image preset's models, instantiated without memory: the published parameter counts, and
+    the whole pipeline's bf16 weights fit the GPU host's 64 GiB disk with room to spare."""
+    import torch
+
+    _, parts, models = qwen_ckpt.pipeline_parts("qwen-image")
+    with torch.device("meta"):
+        built = {name: make() for name, make in models.items()}
+    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in built.items()}
+    assert counts == {
+        "transformer": 20_430_401_088,  # Qwen-Image's MMDiT ("20B")
+        "text_encoder": 8_292_166_656,  # Qwen2.5-VL-7B-Instruct, vision tower and lm_head included
+        "vae": 126_892_531,  # AutoencoderKLQwenImage
+    }
+    assert sum(p.numel() for p in built["text_encoder"].model.visual.parameters()) == 676_550_144
+    assert built["text_encoder"].config.text_config.vocab_size == 152064  # the tokenizer is the tiny one
+    assert sum(counts.values()) * 2 / 2**30 < 54  # GiB of bf16 weights
+    assert dict(parts["scheduler"].config)["shift_terminal"] == 0.02

@@ -27,6 +27,11 @@ states start at the image tokens), and the processor's image handling under ``pr
 ``Qwen2VLProcessor`` itself cannot be constructed without torchvision in transformers 5.24 (its
 class check of the video processor fails), so the folder is written from its parts and
 ``model_index.json`` names ``Qwen2VLProcessor`` as the real checkpoint does.
+
+The full-size ``qwen-image`` preset (``FULL``: Qwen-Image's real architecture, random weights, for GPU
+benchmarks) goes through the same builder (``ditserve.checkpoints.save_by_component``: one model at a
+time, built on the target device in the target dtype) and is built only explicitly, by
+``python -m ditserve.checkpoints build --preset qwen-image ...``.
 """
 
 from __future__ import annotations
@@ -45,10 +50,9 @@ from ditserve.checkpoints import (
     _WORDS,
     _build_atomically,
     _bytes_to_unicode,
-    _default_dtype,
     _learn_bpe_merges,
     cache_root,
-    reinit_parameters,
+    save_by_component,
 )
 
 logger = logging.getLogger(__name__)
@@ -202,6 +206,68 @@ BUILTINS: Mapping[str, Builtin] = MappingProxyType(
 )
 BUILTIN_NAMES = tuple(BUILTINS)
 
+#: Qwen/Qwen-Image's architecture, for GPU benchmarks with random weights: the 20.4B
+#: QwenImageTransformer2DModel, Qwen2.5-VL-7B-Instruct (8.3B, its vision tower included) as text
+#: encoder, AutoencoderKLQwenImage and the scheduler of the real checkpoint's config files.
+#: The tokenizer stays the built-ins' (the real 151k-token BPE vocabulary cannot be built here): the
+#: vocabulary size, so the embedding, is the real 152064, and prompts of prompt-like words come out
+#: about as many tokens as with the real tokenizer.
+FULL = MappingProxyType(
+    {
+        "transformer": dict(
+            patch_size=2,
+            in_channels=64,
+            out_channels=16,
+            num_layers=60,
+            attention_head_dim=128,
+            num_attention_heads=24,
+            joint_attention_dim=3584,
+            guidance_embeds=False,
+            axes_dims_rope=(16, 56, 56),
+        ),
+        # latents_mean / latents_std: AutoencoderKLQwenImage's defaults are Qwen-Image's.
+        "vae": dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                    temperal_downsample=[False, True, True], dropout=0.0),
+        "scheduler": TINY["scheduler"],
+        "text_encoder": {
+            "text_config": dict(
+                vocab_size=152064,
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                max_position_embeddings=128000,
+                rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                tie_word_embeddings=False,
+            ),
+            "vision_config": dict(
+                depth=32,
+                hidden_size=1280,
+                intermediate_size=3420,
+                num_heads=16,
+                out_hidden_size=3584,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=112,
+                fullatt_block_indexes=[7, 15, 23, 31],
+                hidden_act="silu",
+                in_channels=3,
+                tokens_per_second=2,
+            ),
+        },
+    }
+)
+
+#: Everything ``build_checkpoint`` builds: the built-ins, and ``qwen-image`` (full size, never built
+#: implicitly: ``python -m ditserve.checkpoints build --preset qwen-image --out DIR --dtype bfloat16
+#: --device cuda``, about 54 GiB).
+PRESETS: Mapping[str, tuple[Builtin, Mapping[str, Any]]] = MappingProxyType(
+    {**{name: (builtin, TINY) for name, builtin in BUILTINS.items()}, "qwen-image": (BUILTINS["tiny-qwen-image"], FULL)}
+)
+
 
 def version_tag(seed: int = 0, name: str = "tiny-qwen-image") -> str:
     payload = json.dumps(
@@ -249,49 +315,45 @@ def template_prefix(builtin: Builtin) -> str:
     return head[: head.index("<|im_start|>user\n") + len("<|im_start|>user\n")]
 
 
-def build_components(seed: int = 0, name: str = "tiny-qwen-image") -> dict[str, Any]:
-    import torch
+def pipeline_parts(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(pipeline class name, its non-model arguments, model name -> constructor) of preset ``name``."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    builtin = BUILTINS[name]
+    builtin, configs = PRESETS[name]
     tokenizer = build_tokenizer(builtin.template_words)
     prefix_tokens = len(tokenizer(template_prefix(builtin)).input_ids)
     if prefix_tokens != builtin.template_drop:
         raise AssertionError(f"template prefix is {prefix_tokens} tokens, {builtin.pipeline} drops {builtin.template_drop}")
-    if len(tokenizer) > _TEXT["vocab_size"]:
-        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {_TEXT['vocab_size']}")
+    vocab_size = configs["text_encoder"]["text_config"]["vocab_size"]
+    if len(tokenizer) > vocab_size:
+        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {vocab_size}")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text_config = {
-        **TINY["text_encoder"]["text_config"],
+        **configs["text_encoder"]["text_config"],
         "bos_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
         "pad_token_id": ids["<|endoftext|>"],
     }
     config = Qwen2_5_VLConfig(
         text_config=text_config,
-        vision_config=dict(TINY["text_encoder"]["vision_config"]),
+        vision_config=dict(configs["text_encoder"]["vision_config"]),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    constructors = {
+    models = {  # built in this order: the seeds follow it
         "text_encoder": lambda: Qwen2_5_VLForConditionalGeneration(config),
-        "transformer": lambda: QwenImageTransformer2DModel(**TINY["transformer"]),
-        "vae": lambda: AutoencoderKLQwenImage(**TINY["vae"]),
+        "transformer": lambda: QwenImageTransformer2DModel(**configs["transformer"]),
+        "vae": lambda: AutoencoderKLQwenImage(**configs["vae"]),
     }
-    components: dict[str, Any] = {
-        "scheduler": FlowMatchEulerDiscreteScheduler(**TINY["scheduler"]),
+    parts: dict[str, Any] = {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**configs["scheduler"]),
         "tokenizer": tokenizer,
+        **({"processor": None} if builtin.image_processor is not None else {}),  # written by build_checkpoint
     }
-    for index, (name, make) in enumerate(constructors.items()):
-        torch.manual_seed(seed * 1_000_003 + index)
-        with torch.device("cpu"), _default_dtype(torch.float32):
-            model = make()
-        reinit_parameters(model, seed, name)
-        components[name] = model.eval().requires_grad_(False)
-    return components
+    return builtin.pipeline, parts, models
 
 
 def builtin_dir(name: str) -> Path:
@@ -309,20 +371,26 @@ def _write_processor(folder: Path, builtin: Builtin, tokenizer) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def build_checkpoint(out_dir: str | os.PathLike, seed: int = 0, name: str = "tiny-qwen-image") -> Path:
-    """Build the tiny pipeline ``name`` into ``out_dir`` (atomically; a complete one there is returned)."""
-    builtin = BUILTINS[name]
+def build_checkpoint(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    name: str = "tiny-qwen-image",
+    **build: Any,
+) -> Path:
+    """Build preset ``name`` into ``out_dir`` (atomically; a complete one there is returned).
+
+    ``build``: ``device``, ``dtype``, ``max_shard_size``, ``weights``, ``link_from`` of
+    ``ditserve.checkpoints.save_by_component`` (default: on the CPU in float32, as the built-ins)."""
+    builtin = PRESETS[name][0]
 
     def write(tmp: Path) -> None:
         import diffusers
 
         t0 = time.perf_counter()
-        components = build_components(seed, name)
-        pipeline = getattr(diffusers, builtin.pipeline)
-        extra = {"processor": None} if builtin.image_processor is not None else {}
-        pipeline(**components, **extra).save_pretrained(tmp, safe_serialization=True)
-        if extra:
-            _write_processor(tmp / "processor", builtin, components["tokenizer"])
+        pipeline, parts, models = pipeline_parts(name)
+        save_by_component(tmp, getattr(diffusers, pipeline), parts, models, seed=seed, **build)
+        if builtin.image_processor is not None:
+            _write_processor(tmp / "processor", builtin, parts["tokenizer"])
             index_file = tmp / "model_index.json"
             index = json.loads(index_file.read_text())
             index["processor"] = ["transformers", "Qwen2VLProcessor"]

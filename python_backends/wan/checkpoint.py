@@ -13,6 +13,10 @@ Unigram tokenizer (UMT5's own layout: ``<pad>`` 0, ``</s>`` 1), ``AutoencoderKLW
 factor 4, spatial factor 8, 16 latent channels) and ``UniPCMultistepScheduler`` with Wan's flow
 settings (``flow_prediction``, flow sigmas, ``flow_shift`` 3.0), the scheduler WanPipeline's
 examples and the Wan diffusers checkpoints use.
+
+The full-size ``wan2.1-t2v-14b`` and ``wan2.1-t2v-1.3b`` presets (``FULL_PRESETS``, random weights, for
+GPU benchmarks) go through the same builder (``ditserve.checkpoints.save_by_component``) and are built
+only explicitly, by ``python -m ditserve.checkpoints build --preset ...``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ditserve.checkpoints import _WORDS, _build_atomically, _default_dtype, build_t5_tokenizer, cache_root, reinit_parameters
+from ditserve.checkpoints import _WORDS, _build_atomically, build_t5_tokenizer, cache_root, save_by_component
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +106,46 @@ PRESETS: MappingProxyType[str, MappingProxyType] = MappingProxyType(
 )
 BUILTIN_NAMES = tuple(PRESETS)
 
+# Wan 2.1 T2V at full size, for GPU benchmarks with random weights (never built implicitly:
+# ``python -m ditserve.checkpoints build --preset wan2.1-t2v-14b --out DIR --dtype bfloat16 --device cuda``).
+# Both sizes share the UMT5-XXL text encoder (5.7B) and the Wan 2.1 VAE: build the 1.3B with
+# ``--link-from <the 14B's DIR>`` to hard-link them. The scheduler is the checkpoints' UniPC with
+# flow_shift 3.0, the value diffusers' WanPipeline docs give for 480P (5.0 for 720P). The tokenizer is
+# the built-ins' (every prompt is padded to 512 tokens, so the sequence lengths are the real ones).
+_WAN21 = MappingProxyType(
+    {
+        "text_encoder": {**_COMMON["text_encoder"], "vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240,
+                         "num_layers": 24, "num_heads": 64},
+        # latents_mean / latents_std: AutoencoderKLWan's defaults are Wan 2.1's.
+        "vae": {**_COMMON["vae"], "base_dim": 96, "num_res_blocks": 2},
+        "scheduler": _COMMON["scheduler"],
+        "transformers": ("transformer",),
+        "boundary_ratio": None,
+    }
+)
+_WAN21_TRANSFORMER = {**_TRANSFORMER, "freq_dim": 256, "text_dim": 4096, "attention_head_dim": 128,
+                      "rope_max_seq_len": 1024}
+FULL_PRESETS: MappingProxyType[str, MappingProxyType] = MappingProxyType(
+    {
+        "wan2.1-t2v-14b": MappingProxyType(
+            {**_WAN21, "transformer": {**_WAN21_TRANSFORMER, "num_attention_heads": 40, "ffn_dim": 13824,
+                                       "num_layers": 40}}
+        ),
+        "wan2.1-t2v-1.3b": MappingProxyType(
+            {**_WAN21, "transformer": {**_WAN21_TRANSFORMER, "num_attention_heads": 12, "ffn_dim": 8960,
+                                       "num_layers": 30}}
+        ),
+    }
+)
+
+
+def preset(name: str) -> MappingProxyType:
+    """A built-in's or a full-size preset's configs (the built-ins use the tiny ``_TRANSFORMER``)."""
+    found = PRESETS.get(name) or FULL_PRESETS.get(name)
+    if found is None:
+        raise ValueError(f"unknown Wan preset {name!r}; known: {', '.join([*PRESETS, *FULL_PRESETS])}")
+    return found
+
 
 def version_tag(name: str, seed: int = 0) -> str:
     payload = json.dumps(
@@ -112,32 +156,28 @@ def version_tag(name: str, seed: int = 0) -> str:
     return f"v{FORMAT_VERSION}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
 
 
-def build_components(name: str, seed: int = 0) -> dict[str, Any]:
-    import torch
+def pipeline_parts(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(WanPipeline's non-model arguments, model name -> constructor) of preset ``name``."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    preset = PRESETS[name]
+    configs = preset(name)
     tokenizer = build_t5_tokenizer(MAX_SEQUENCE_LENGTH)
-    if len(tokenizer) > preset["text_encoder"]["vocab_size"]:
-        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {preset['text_encoder']['vocab_size']}")
-    constructors = {
-        "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**preset["text_encoder"])),
-        "vae": lambda: AutoencoderKLWan(**preset["vae"]),
-        **{expert: lambda: WanTransformer3DModel(**_TRANSFORMER) for expert in preset["transformers"]},
+    if len(tokenizer) > configs["text_encoder"]["vocab_size"]:
+        vocab_size = configs["text_encoder"]["vocab_size"]
+        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {vocab_size}")
+    transformer = configs.get("transformer", _TRANSFORMER)
+    models = {  # built in this order: the seeds follow it; the weights also depend on the component name
+        "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**configs["text_encoder"])),
+        "vae": lambda: AutoencoderKLWan(**configs["vae"]),
+        **{expert: lambda: WanTransformer3DModel(**transformer) for expert in configs["transformers"]},
     }
-    components: dict[str, Any] = {
-        "scheduler": UniPCMultistepScheduler(**preset["scheduler"]),
+    parts: dict[str, Any] = {
+        "scheduler": UniPCMultistepScheduler(**configs["scheduler"]),
         "tokenizer": tokenizer,
-        "boundary_ratio": preset["boundary_ratio"],
+        "boundary_ratio": configs["boundary_ratio"],
     }
-    for index, (component, make) in enumerate(constructors.items()):
-        torch.manual_seed(seed * 1_000_003 + index)
-        with torch.device("cpu"), _default_dtype(torch.float32):
-            model = make()
-        reinit_parameters(model, seed, component)  # per component name: the two experts differ
-        components[component] = model.eval().requires_grad_(False)
-    return components
+    return parts, models
 
 
 def builtin_dir(name: str) -> Path:
@@ -146,14 +186,17 @@ def builtin_dir(name: str) -> Path:
     return cache_root() / "checkpoints" / f"{name}-{version_tag(name)}"
 
 
-def build_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build preset ``name`` into ``out_dir`` (atomically; a complete one there is returned)."""
+def build_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, **build: Any) -> Path:
+    """Build preset ``name`` into ``out_dir`` (atomically; a complete one there is returned).
+
+    ``build``: ``device``, ``dtype``, ``max_shard_size``, ``weights``, ``link_from`` of
+    ``ditserve.checkpoints.save_by_component`` (default: on the CPU in float32, as the built-ins)."""
 
     def write(tmp: Path) -> None:
         from diffusers import WanPipeline
 
         t0 = time.perf_counter()
-        WanPipeline(**build_components(name, seed)).save_pretrained(tmp, safe_serialization=True)
+        save_by_component(tmp, WanPipeline, *pipeline_parts(name), seed=seed, **build)
         logger.info("built %s in %.1fs", name, time.perf_counter() - t0)
 
     return _build_atomically(Path(out_dir).expanduser().absolute(), write)

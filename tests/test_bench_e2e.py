@@ -1,0 +1,110 @@
+"""perf/bench_e2e.py: its pipeline table against the model repository and ditserve's presets, its FLOP
+formulas against the numbers in perf/RESULTS.md, the step-difference estimate, and its request path
+against the shared tritonserver (every pipeline's tiny built-in is served there)."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "perf"))
+import bench_e2e  # noqa: E402
+
+from ditserve import checkpoints  # noqa: E402
+
+
+def ensemble(name: str) -> tuple[list[str], set[str], set[str]]:
+    """(step models in order, input names, output names) of an ensemble's config.pbtxt."""
+    text = (REPO / "model_repository" / name / "config.pbtxt").read_text()
+    head, steps = text.split("ensemble_scheduling")
+    inputs_block = head[head.index("input ["):head.index("output [")]
+    outputs_block = head[head.index("output ["):]
+    names = lambda block: set(re.findall(r'name:\s*"(\w+)"', block))  # noqa: E731
+    return re.findall(r'model_name:\s*"(\w+)"', steps), names(inputs_block), names(outputs_block)
+
+
+@pytest.mark.parametrize("name", list(bench_e2e.PIPELINES))
+def test_pipeline_rows_match_the_repository_and_presets(name):
+    import diffusers
+
+    p = bench_e2e.PIPELINES[name]
+    steps, inputs, outputs = ensemble(p.ensemble)
+    assert list(p.stages) == steps  # ROLES order: request, text encoder, denoiser, VAE, postprocess
+    sent = {bench_e2e.FIELDS[k][1] for k in p.settings if bench_e2e.FIELDS[k][1]} | set(p.request_constants)
+    assert sent <= inputs and set(p.outputs) <= outputs
+    assert hasattr(diffusers, p.reference)
+    for preset in (p.preset, p.tiny_preset):
+        assert preset in {*checkpoints.PRESETS, *checkpoints.OTHER_BUILTINS, *checkpoints.OTHER_PRESETS}
+
+
+def test_flop_formulas_give_the_documented_numbers():
+    flux = bench_e2e.flux_step_flops(dict(num_layers=19, num_single_layers=38), 4096, 512)
+    assert round(flux["total_flop"] / 1e12, 2) == 74.38  # perf/RESULTS.md, FLUX.1-dev at 1024x1024
+    qwen_config = dict(num_layers=60, num_attention_heads=24, attention_head_dim=128)
+    qwen = bench_e2e.dual_stream_step_flops(qwen_config, 4096, 256)
+    assert (round(qwen["linear_flop"] / 1e12, 1), round(qwen["attention_flop"] / 1e12, 1)) == (59.1, 14.0)
+    from ditserve.wan.checkpoint import FULL_PRESETS
+
+    wan = bench_e2e.wan_forward_flops(FULL_PRESETS["wan2.1-t2v-14b"]["transformer"], 21 * 30 * 52, 512)
+    assert round(wan["linear_flop"] / 1e12) == 785 and round(wan["total_flop"] / 1e15, 2) == 1.68  # RESULTS.md
+
+
+def test_defaults_are_the_issues_settings():
+    qwen = bench_e2e.parse_args(["--pipeline", "qwen-image"])
+    assert (qwen.preset, qwen.height, qwen.width, qwen.steps, qwen.true_cfg) == ("qwen-image", 1024, 1024, 50, 4.0)
+    assert qwen.negative_prompt and qwen.device == "cuda" and qwen.dtype == "bfloat16"
+    wan = bench_e2e.parse_args(["--pipeline", "wan-t2v", "--measure-steps", "2,4"])
+    settings = (wan.height, wan.width, wan.frames, wan.guidance, wan.steps, wan.step_counts)
+    assert settings == (480, 832, 81, 5.0, 50, [2, 4])
+    assert wan.model_dir == "/tmp/ditserve_ckpt/wan2.1-t2v-14b-bfloat16" and wan.warmup_steps == 2
+    flux = bench_e2e.parse_args(["--preset", "tiny", "--size", "64", "--steps", "2", "--device", "cpu"])  # bench_flux's
+    assert (flux.pipeline, flux.height, flux.width, flux.dtype, flux.warmup_steps) == ("flux", 64, 64, "float32", 2)
+    tiny = bench_e2e.parse_args(["--pipeline", "wan-t2v", "--tiny"])
+    assert (tiny.preset, tiny.device, tiny.frames) == ("tiny-wan-t2v", "cpu", 5)
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--pipeline", "wan-t2v", "--measure-steps", "4,2"])
+
+
+def test_step_difference_estimate():
+    def side(e2e: dict[int, float], denoise: dict[int, float]) -> dict:
+        return {"runs": {str(n): {"latency_ms": {"median": e2e[n]},
+                                  "stage_ms": {"transformer": {"median": denoise[n]}, "text_encoder": {"median": 50.0}},
+                                  "stats": {"wan_denoiser": {"success_ms": denoise[n]}}}
+                         for n in e2e}}
+
+    args = bench_e2e.parse_args(["--pipeline", "wan-t2v", "--measure-steps", "2,4"])
+    res = {"config": {"pipeline": "wan-t2v", "preset": args.preset, "device": "cuda", "dtype": "bfloat16",
+                      "settings": args.settings, "steps": 50, "step_counts": [2, 4], "warmup_steps": 2, "runs": 1,
+                      "warmup": 1},
+           "diffusers": side({2: 10_000.0, 4: 16_000.0}, {2: 5_900.0, 4: 11_900.0}),
+           "ours": side({2: 8_000.0, 4: 12_000.0}, {2: 3_950.0, 4: 7_950.0})}
+    _, table = bench_e2e.build_report(res)
+    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[2:])}
+    assert rows["per step, from end-to-end latencies (ms)"] == ["3,000.0", "2,000.0"]
+    assert rows["per step, from the denoising stage (ms)"] == ["3,000.0", "2,000.0"]
+    assert rows["fixed costs: end-to-end at 2 steps - 2 x step (ms)"] == ["4,000.0", "4,000.0"]
+    assert rows["ESTIMATE: end-to-end at 50 steps = fixed + 50 x step (ms)"] == ["154,000.0", "104,000.0"]
+    assert rows["ESTIMATE: speed-up vs diffusers (x)"] == ["1.00", "1.48"]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name,extra", [("flux", []), ("qwen-image", []), ("wan-t2v", ["--measure-steps", "2,3"])])
+def test_requests_and_statistics_through_the_server(triton_server, tmp_path, name, extra):
+    """The bench's requests are valid for each ensemble, and each model's statistics count exactly the
+    timed requests of each step count (not the warm-up, whose last stages Triton records late)."""
+    args = bench_e2e.parse_args(["--pipeline", name, "--tiny", "--runs", "1", "--protocol", "http", *extra])
+    p = bench_e2e.PIPELINES[name]
+    result = bench_e2e.measure_ours(args, triton_server.http_url, triton_server.grpc_url, tmp_path)
+    assert list(result["runs"]) == [str(n) for n in args.step_counts]
+    for run in result["runs"].values():
+        assert run["latency_ms"]["n"] == 1
+        for model in (p.ensemble, *p.stages):
+            assert run["stats"][model]["requests"] == 1, (model, run["stats"][model])
+    frames = (args.frames,) if p.video else ()
+    assert np.load(tmp_path / "ours_image.npy").shape == (*frames, args.height, args.width, 3)
+    assert result["encoded_bytes"] > 0
