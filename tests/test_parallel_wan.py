@@ -7,7 +7,7 @@
 * The Wan denoiser as rank 0 of a worker group: Ulysses 2 (tiny-wan2.2-t2v, both experts) and CFG
   parallel 2 (tiny-wan-t2v), with a guided and an unguided request in one batch; the image-to-video
   denoiser with Ulysses 2 on tiny-wan-i2v (condition channels and CLIP context) and tiny-wan2.2-ti2v
-  (the image's latent frame in place, per-token timesteps).
+  (the image's latent frame in place, per-token timesteps), and with CFG parallel 2 on tiny-wan-i2v.
 * Bad layouts fail at load with a ConfigError naming the parameter.
 """
 
@@ -183,8 +183,12 @@ def _image_rows(denoiser: WanImageDenoiser) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize("model_path", ["tiny-wan-i2v", "tiny-wan2.2-ti2v"])
-def test_image_denoiser_sequence_parallel_equals_the_single_process_result(model_path):
+@pytest.mark.parametrize("model_path, options", [
+    ("tiny-wan-i2v", dict(sp_degree=2)),
+    ("tiny-wan2.2-ti2v", dict(sp_degree=2)),
+    ("tiny-wan-i2v", dict(cfg_parallel=True)),  # the CLIP context of the unconditional branch's rows
+], ids=["wan2.1-i2v-ulysses2", "ti2v-ulysses2", "wan2.1-i2v-cfg_parallel"])
+def test_image_denoiser_layouts_equal_the_single_process_result(model_path, options):
     runtime = Runtime(model_path=model_path, **CPU_FP32)
     single = WanImageDenoiser(runtime)
     rows = _image_rows(single)
@@ -193,10 +197,10 @@ def test_image_denoiser_sequence_parallel_equals_the_single_process_result(model
             row["HEIGHT"] = row["WIDTH"] = torch.tensor([160], dtype=torch.int32)
     reference = single.execute(rows)
     assert all("LATENTS" in ref for ref in reference), reference
-    denoiser = WanImageDenoiser(runtime, WanDenoiserOptions(sp_degree=2))
+    denoiser = WanImageDenoiser(runtime, WanDenoiserOptions(**options))
     try:
         for ours, ref in zip(denoiser.execute(rows), reference):
             err = (ours["LATENTS"] - ref["LATENTS"]).abs().max().item()
-            assert err < 1e-4, f"{model_path} sp 2: latents differ by {err}"
+            assert err < 1e-4, f"{model_path} {options}: latents differ by {err}"
     finally:
         denoiser.close()

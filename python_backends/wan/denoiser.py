@@ -191,7 +191,7 @@ class WanDenoiser(GroupedDenoiser):
         def timesteps(t: torch.Tensor, batch: int) -> torch.Tensor:
             if token_mask is None:
                 return t.expand(batch)
-            return (token_mask * t).flatten().unsqueeze(0).expand(batch, -1)  # TI2V: (batch, video tokens)
+            return (token_mask * t).unsqueeze(0).expand(batch, -1)  # TI2V: (batch, video tokens)
 
         scheduler = self.scheduler_class.from_config(self.scheduler_config)
         scheduler.set_timesteps(first.steps, device=device)
@@ -208,9 +208,6 @@ class WanDenoiser(GroupedDenoiser):
                 return sp_forward(transformer, mesh, **inputs)
             return transformer(**inputs, return_dict=False)[0]
 
-        def rows(x: Optional[torch.Tensor], index: list[int]) -> Optional[torch.Tensor]:
-            return x[index] if x is not None else None
-
         like = torch.empty(latents.shape, device=device, dtype=dtype)  # a prediction's shape and dtype (CFG parallel)
         for t in scheduler.timesteps:
             hidden = model_input(latents)
@@ -218,7 +215,8 @@ class WanDenoiser(GroupedDenoiser):
             if cfg_parallel:  # each CFG branch computes its half of the batch below
                 prediction, unconditional = self.branches(
                     lambda: forward(transformer, hidden, text[:n], image, t),
-                    (lambda: forward(transformer, hidden[guided], text[n:], rows(image, guided), t)) if guided else None,
+                    (lambda: forward(transformer, hidden[guided], text[n:], image[guided] if image is not None else None, t))
+                    if guided else None,
                     like=like,
                     negative_like=like[guided] if guided else None,
                 )
