@@ -19,7 +19,7 @@ from ditserve.client.video_jobs import MAX_VIDEO_JOBS
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 
 
-KINDS = {"generate": "text to images", "edit": "edit images", "video": "text to video"}
+KINDS = {"generate": "text to images", "edit": "edit images", "video": "text to video (image to video with --image)"}
 
 
 class _PipelineParser(argparse.ArgumentParser):
@@ -44,7 +44,8 @@ class _PipelineParser(argparse.ArgumentParser):
                 self.add_argument(option, dest=name, action="append", metavar="PATH_OR_URL", help=converter.help)
             else:
                 self.add_argument(option, dest=name, type=VALUE_TYPES.get(type(converter), str), help=converter.help)
-        self.add_argument("--model", default=pipeline.model, help="ensemble to call")
+        routes = "".join(f"; {model} with --{field}" for field, model in pipeline.routes.items())
+        self.add_argument("--model", default=None, help=f"ensemble to call (default: {pipeline.model}{routes})")
         self.add_argument("--url", default=None, help=f"Triton server host:port (default: {DEFAULT_URLS})")
         self.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
         self.add_argument("--response-format", choices=("file", "b64_json"), default="file",
@@ -95,9 +96,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if fields.get("image"):
             fields["image"] = [read_image(source, "image") for source in fields["image"]]
+        model = args.model or pipeline.model_for(fields)
         client = Client(url, protocol=args.protocol, timeout_s=args.timeout)
         # Of a video only the MP4 is written: its decoded frames would be most of the transfer.
-        result = client.run(args.kind, args.model, outputs=("VIDEO",) if args.kind == "video" else None, **fields)
+        result = client.run(args.kind, model, outputs=("VIDEO",) if args.kind == "video" else None, **fields)
     except ModelNotLoaded as error:
         return _fail(args.kind, f"not available: ensemble {error.model} is not loaded on the server at {url}")
     except InferenceServerException as error:  # the server refused the request
@@ -113,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         for i, payload in enumerate(payloads):
-            path = args.output_dir / f"{args.model}_{i}.{extension}"
+            path = args.output_dir / f"{model}_{i}.{extension}"
             path.write_bytes(payload)
             print(f"wrote {path}", file=info)
     print(f"latency {result.latency_s * 1000:.0f} ms over {args.protocol}; server compute per stage:", file=info)

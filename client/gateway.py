@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/images/generations`` (flux_t2i), ``POST /v1/images/edits`` (qwen_image_edit,
 multipart as the SDK sends it), ``POST|GET /v1/videos``, ``GET|DELETE /v1/videos/{id}`` and
-``GET /v1/videos/{id}/content`` (wan_t2v, as background jobs: ``ditserve.client.video_jobs``),
+``GET /v1/videos/{id}/content`` (wan_t2v, or wan_i2v with an ``input_reference`` image, as background
+jobs: ``ditserve.client.video_jobs``),
 ``GET /v1/models``.
 
 Requests are mapped and checked by the same table as the Python client and CLI
@@ -50,6 +51,7 @@ OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # OpenAI fields that change nothing here: accepted, so that SDK defaults do not fail.
 IGNORED_FIELDS = ("quality", "style", "user", "background", "moderation", "input_fidelity", "safety_identifier")
 IMAGE_FIELDS = ("image", "image[]")  # the SDK names one file "image", a list "image[]"
+REFERENCE_FIELD = "input_reference"  # videos.create's image: the first frame
 
 
 class ApiError(Exception):
@@ -167,18 +169,28 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
         # The SDK sends multipart/form-data; raw HTTP callers may send JSON.
         if request.headers.get("content-type", "").startswith("application/json"):
             body = await _json_body(request, max_body_bytes)
+            references = [body.pop(REFERENCE_FIELD)] if body.get(REFERENCE_FIELD) is not None else []
         else:
-            form = await _form(request, max_body_bytes, max_body_bytes)
+            form = await _form(request, MAX_UPLOAD_BYTES, max_body_bytes)
+            references = form.pop(REFERENCE_FIELD, [])
             body = {name: _text_field(pipeline, name, values) for name, values in form.items()}
         body = {name: value for name, value in body.items() if value is not None}
-        if "input_reference" in body:
-            raise ApiError(400, "input_reference: wan_t2v is text-to-video; it takes no reference image",
-                           param="input_reference")
-        model = body.pop("model", None) or pipeline.model
+        if "image" in body:  # the table's name for it; OpenAI's is input_reference
+            raise ApiError(400, f"image: send the first frame as {REFERENCE_FIELD}", param="image")
+        if references:  # OpenAI's reference image: the first frame, image-to-video
+            if len(references) != 1:
+                raise ApiError(400, f"{REFERENCE_FIELD}: expected 1 image, got {len(references)}", param=REFERENCE_FIELD)
+            body["image"] = [await _image_bytes(REFERENCE_FIELD, references[0], allow_image_urls)]
+        model = body.pop("model", None) or pipeline.model_for(body)
         seconds = body.pop("seconds", None)
-        _only_table_fields(pipeline, body, also=("model", "seconds"))
+        _only_table_fields(pipeline, body, also=("model", "seconds", REFERENCE_FIELD))
         # Checked now, so that a bad field is a 400 here and not a failed job later.
-        pipeline.tensors(body)
+        try:
+            pipeline.tensors(body)
+        except RequestError as error:
+            if error.field != "image":
+                raise
+            raise RequestError(REFERENCE_FIELD, str(error).removeprefix("image: ")) from None
         if seconds is not None:
             if "num_frames" in body:
                 raise ApiError(400, "seconds: give seconds or num_frames, not both", param="seconds")

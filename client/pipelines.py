@@ -1,7 +1,8 @@
 """OpenAI-style request fields -> ensemble input tensors, per pipeline, in one table.
 
 The client, the CLI (its options are generated from these rows) and the OpenAI gateway all
-read ``PIPELINES``; a new pipeline or field is one row here. Limits come from the serving
+read ``PIPELINES``; a new pipeline or field is one row here (or a route of a row: video with an
+image goes to wan_i2v). Limits come from the serving
 code itself (``ditserve.flux.limits``, ``ditserve.wan.limits``, ``ditserve.images``, the edit
 request stage's image count) so that a request the client accepts is one the server accepts,
 except for checks that depend on the loaded checkpoint (the size multiple comes from its VAE,
@@ -156,11 +157,18 @@ def from_text(converter: Converter, field: str, text: str) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-    """One kind of request (generate, edit, video) and the ensemble that serves it."""
+    """One kind of request (generate, edit, video) and the ensemble that serves it; ``routes`` names
+    the ensemble that serves the request instead when it has a given field (video with an image:
+    image-to-video)."""
 
     model: str
     fields: Mapping[str, Converter]
     outputs: tuple[str, ...]
+    routes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def model_for(self, fields: Mapping[str, Any]) -> str:
+        """The ensemble for these OpenAI-named fields (None = not sent)."""
+        return next((model for field, model in self.routes.items() if fields.get(field) is not None), self.model)
 
     def datatypes(self) -> dict[str, str]:
         """Ensemble input name -> Triton data type."""
@@ -234,8 +242,10 @@ PIPELINES: dict[str, Pipeline] = {
                                       help="Wan 2.2 A14B: the low-noise expert's guidance (default: guidance_scale)"),
             "num_frames": Int("NUM_FRAMES", 1, MAX_FRAMES, help="frames to generate: 4k+1 (1, 5, 9, ..., 81)"),
             "fps": Int("FPS", 1, MAX_FPS, help="frames per second of the MP4"),
+            "image": Images("IMAGE", 1, help="first frame: image-to-video (wan_i2v), a file or an http(s) URL"),
         },
         # FRAMES: the decoded uint8 frames, for callers that want pixels without an MP4 decoder.
         outputs=("VIDEO", "FRAMES"),
+        routes={"image": "wan_i2v"},
     ),
 }

@@ -102,7 +102,7 @@ class _Base:
             raise ValueError(f"outputs: {kind} has {', '.join(pipeline.outputs)}, got {', '.join(outputs)}")
         inputs = [self._input(name, tensor) for name, tensor in pipeline.tensors(fields).items()]
         requested = [self.triton.InferRequestedOutput(name) for name in outputs]
-        return pipeline, model or pipeline.model, inputs, requested
+        return pipeline, model or pipeline.model_for(fields), inputs, requested
 
     def _input(self, name: str, tensor: Tensor):
         datatype, values = tensor
@@ -203,8 +203,9 @@ class Client(_Requests):
         return self.run("edit", model, prompt=prompt, image=image, **fields)
 
     def video(self, prompt: str, *, model: str | None = None, frames: bool = True, **fields) -> VideoResult:
-        """Text to video: ``video("a kite", size="832x480", num_frames=81, fps=16)``; ``frames=False``
-        leaves the decoded frames on the server (only the MP4 comes back)."""
+        """Text to video: ``video("a kite", size="832x480", num_frames=81, fps=16)``; with
+        ``image=[png_bytes]`` image to video (wan_i2v); ``frames=False`` leaves the decoded frames on
+        the server (only the MP4 comes back)."""
         return self.run("video", model, outputs=None if frames else ("VIDEO",), prompt=prompt, **fields)
 
     def run(self, kind: str, model: str | None = None, *, outputs: tuple[str, ...] | None = None, **fields) -> Result:

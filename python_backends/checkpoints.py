@@ -727,6 +727,9 @@ OTHER_BUILTINS: Mapping[str, str] = MappingProxyType(
         "tiny-qwen-image-edit": "ditserve.qwen_image.checkpoint",
         "tiny-wan-t2v": "ditserve.wan.checkpoint",
         "tiny-wan2.2-t2v": "ditserve.wan.checkpoint",
+        "tiny-wan-i2v": "ditserve.wan.checkpoint",
+        "tiny-wan2.2-i2v": "ditserve.wan.checkpoint",
+        "tiny-wan2.2-ti2v": "ditserve.wan.checkpoint",
     }
 )
 

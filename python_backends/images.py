@@ -1,6 +1,8 @@
 """Decoding and validating encoded input images (PNG, JPEG, WebP) of a request field.
 
-Shared by the pipelines that take images (Qwen-Image-Edit; Wan I2V). Every failure is a ``RequestError`` naming the field, so a bad image fails its own request only:
+Shared by the pipelines that take images (Qwen-Image-Edit; Wan I2V), with the two steps of diffusers'
+``VaeImageProcessor`` that their VAE encoders share (``resize_for_vae``, ``vae_pixels``). Every failure is
+a ``RequestError`` naming the field, so a bad image fails its own request only:
 
 * the size is read from the header (``Image.open`` is lazy) and checked against ``max_pixels``
   before any pixel is decoded, so a small file that declares a huge image (a decompression bomb)
@@ -40,6 +42,33 @@ class ImageLimits:
     def __post_init__(self):
         if self.max_bytes < 1 or self.max_pixels < 1 or self.min_side < 1:
             raise ValueError(f"image limits must be positive: {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInputOptions:
+    """The image limits of a request stage that takes images, as model parameters."""
+
+    max_image_bytes: int = ImageLimits.max_bytes
+    max_image_pixels: int = ImageLimits.max_pixels
+
+    def __post_init__(self):
+        if self.max_image_bytes < 1 or self.max_image_pixels < 1:
+            raise ValueError("parameters max_image_bytes and max_image_pixels must be positive")
+
+    @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+
+def resize_for_vae(image: Image.Image, width: int, height: int) -> Image.Image:
+    """``VaeImageProcessor.resize`` with its default resample (Lanczos) and resize mode (no crop)."""
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def vae_pixels(pixels):
+    """(B, H, W, 3) uint8 torch tensor -> (B, 3, H, W) fp32 in [-1, 1]: ``VaeImageProcessor.preprocess``'s
+    arithmetic (uint8 / 255 in fp32, then 2x - 1)."""
+    return 2.0 * (pixels.permute(0, 3, 1, 2).float() / 255.0) - 1.0
 
 
 def decode_image(data: bytes, field: str, limits: ImageLimits = ImageLimits()) -> Image.Image:

@@ -92,7 +92,10 @@ def triton_model(stage_cls: type[Stage]) -> type:
                 if len({tuple(v.shape) for v in values}) > 1:
                     raise RequestError(name, "the rows of one request produced different shapes; send them as separate requests")
                 value = stack_rows(values)
-                if isinstance(value, torch.Tensor):
+                if isinstance(value, torch.Tensor) and not value.numel():
+                    # Triton's DLPack import refuses empty tensors ("not contiguous"); numpy carries them.
+                    tensors.append(pb.Tensor(name, value.cpu().numpy()))
+                elif isinstance(value, torch.Tensor):
                     tensors.append(pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value)))
                 else:
                     tensors.append(pb.Tensor(name, value))

@@ -261,6 +261,25 @@ def test_cli_video_writes_an_mp4_of_the_requested_frames(triton_server, tmp_path
     assert (len(frames), fps, size) == (5, 8.0, (64, 64))
 
 
+def test_video_row_routes_requests_with_an_image_to_wan_i2v():
+    video = PIPELINES["video"]
+    assert video.model_for(dict(prompt="a")) == "wan_t2v" and video.model_for(dict(prompt="a", image=None)) == "wan_t2v"
+    image = encode(gradient(48, 40))
+    assert video.model_for(dict(prompt="a", image=[image])) == "wan_i2v"
+    assert video.tensors(dict(prompt="a", image=[image]))["IMAGE"] == ("BYTES", [image])
+    with pytest.raises(RequestError, match="image: expected 1 image, got 2"):
+        video.tensors(dict(prompt="a", image=[image, image]))
+
+
+@pytest.mark.server
+def test_cli_video_with_an_image_writes_the_image_to_video_mp4(triton_server, tmp_path, capsys, input_image):
+    argv = ["video", *VIDEO, "--image", str(input_image[0]), "--url", urls(triton_server)["grpc"], "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert "wan_i2v_image_encoder" in capsys.readouterr().out
+    frames, fps, size = decode_mp4((tmp_path / "wan_i2v_0.mp4").read_bytes())
+    assert (len(frames), fps, size) == (5, 8.0, (64, 64))
+
+
 @pytest.mark.server
 def test_client_video_returns_the_mp4_and_its_frames(triton_server):
     client = Client(urls(triton_server)["http"], protocol="http")

@@ -245,6 +245,22 @@ def test_openai_sdk_video_job_lifecycle(gateway):
         sdk.videos.retrieve(job.id)
 
 
+@pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
+def test_openai_sdk_video_with_input_reference_is_image_to_video(gateway, input_image):
+    sdk = openai.OpenAI(base_url=gateway, api_key="unused")
+    job = sdk.videos.create(prompt="a paper boat", size="64x64", input_reference=("in.png", input_image[0].read_bytes()),
+                            extra_body={"num_frames": 5, "fps": 8, "seed": 2, "num_inference_steps": 2})
+    assert job.model == "wan_i2v"
+    video = finished(lambda video_id: sdk.videos.retrieve(video_id).model_dump(), job.id)
+    assert video["status"] == "completed", video
+    frames, fps, size = decode_mp4(sdk.videos.download_content(job.id).content)
+    assert (len(frames), fps, size) == (5, 8.0, (64, 64))
+    # A reference that is no image is refused before a job, naming OpenAI's field.
+    bad = httpx.post(f"{gateway}/videos", data={"prompt": "a kite"}, files={"input_reference": ("x.png", b"not an image")})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input_reference", bad.text
+    assert "input_reference: is not a readable PNG, JPEG or WebP image" in bad.json()["error"]["message"]
+
+
 def test_raw_http_video_in_seconds_and_a_failed_job(gateway):
     # OpenAI's seconds at 1 fps: 4 s is 5 frames.
     response = httpx.post(f"{gateway}/videos", json={"prompt": "a kite", "seconds": "4", "fps": 1, **VIDEO})

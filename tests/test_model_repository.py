@@ -11,14 +11,15 @@ from tritonclient.grpc import model_config_pb2
 from ditserve.flux import FLUX_T2I
 from ditserve.qwen_image import QWEN_IMAGE_EDIT, QWEN_IMAGE_T2I
 from ditserve.triton_model import check_io
-from ditserve.wan import WAN_T2V
+from ditserve.wan import WAN_I2V, WAN_T2V
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
-PIPELINES = [FLUX_T2I, QWEN_IMAGE_T2I, QWEN_IMAGE_EDIT, WAN_T2V]
+PIPELINES = [FLUX_T2I, QWEN_IMAGE_T2I, QWEN_IMAGE_EDIT, WAN_T2V, WAN_I2V]
 STAGES = list({s.model: s for p in PIPELINES for s in p.stages}.values())  # flux_postprocess is shared
 # Models of the pipelines other than FLUX name their own checkpoint: DITSERVE_MODEL_PATH
 # (`ditserve serve --model-path`) is FLUX's.
-MODEL_PATHS = {"qwen_image_edit_": "tiny-qwen-image-edit", "qwen_image_": "tiny-qwen-image", "wan_": "tiny-wan-t2v"}
+MODEL_PATHS = {"qwen_image_edit_": "tiny-qwen-image-edit", "qwen_image_": "tiny-qwen-image", "wan_i2v_": "tiny-wan-i2v",
+               "wan_": "tiny-wan-t2v"}
 
 
 def load_config(name: str) -> dict:
@@ -81,10 +82,18 @@ def test_wan_ensemble_takes_the_request_stage_inputs_and_gives_video_and_frames(
     assert {t["name"]: t["data_type"] for t in ensemble["output"]} == {"VIDEO": "TYPE_STRING", "FRAMES": "TYPE_UINT8"}
 
 
-def test_edit_request_stage_defaults_are_the_pipelines():
-    from ditserve.qwen_image.request import EditRequestOptions
+def test_wan_i2v_ensemble_is_wan_t2v_plus_the_image():
+    t2v, i2v = load_config(WAN_T2V.name), load_config(WAN_I2V.name)
+    image = {"name": "IMAGE", "data_type": "TYPE_STRING", "dims": ["-1"], "optional": True}
+    assert i2v["input"] == [*t2v["input"], image] and i2v["output"] == t2v["output"]
+    assert [t["name"] for t in i2v["input"]] == list(WAN_I2V.stages[0].stage.inputs)
+
+
+@pytest.mark.parametrize("model", ["qwen_image_edit_request", "wan_i2v_request"])
+def test_image_request_stage_defaults_are_the_pipelines(model):
     from ditserve.stage import parse_options
     from ditserve.triton_model import config_parameters
 
-    params = config_parameters(load_config("qwen_image_edit_request"))
-    assert parse_options(EditRequestOptions, params) == EditRequestOptions()
+    stage = next(s.stage for p in PIPELINES for s in p.stages if s.model == model)
+    params = config_parameters(load_config(model))
+    assert parse_options(stage.Options, params) == stage.Options()

@@ -3,8 +3,11 @@
 * The transformer alone (ditserve.parallel.wan.sp_forward): Ulysses 2 and Ring 2 on 2 ranks, Ring 3 on
   3 ranks, on token counts that do not divide the degree (and one that does: no key mask), plus an
   I2V-style transformer (image context in its cross-attention).
+* The transformer with a timestep per token (Wan 2.2 TI2V), sharded with its tokens.
 * The Wan denoiser as rank 0 of a worker group: Ulysses 2 (tiny-wan2.2-t2v, both experts) and CFG
-  parallel 2 (tiny-wan-t2v), with a guided and an unguided request in one batch.
+  parallel 2 (tiny-wan-t2v), with a guided and an unguided request in one batch; the image-to-video
+  denoiser with Ulysses 2 on tiny-wan-i2v (condition channels and CLIP context) and tiny-wan2.2-ti2v
+  (the image's latent frame in place, per-token timesteps), and with CFG parallel 2 on tiny-wan-i2v.
 * Bad layouts fail at load with a ConfigError naming the parameter.
 """
 
@@ -17,7 +20,7 @@ from flux_reference import CPU_FP32
 from test_parallel_attention import TOL, run_group
 
 from ditserve.stage import ConfigError, Runtime
-from ditserve.wan.denoiser import WanDenoiser, WanDenoiserOptions
+from ditserve.wan.denoiser import WanDenoiser, WanDenoiserOptions, WanImageDenoiser
 
 # (latent frames, height, width): 25 tokens divide neither 2 nor 3, 18 tokens divide both.
 LATENT_SHAPES = ((1, 10, 10), (3, 4, 6))
@@ -75,6 +78,10 @@ def _checks_2() -> None:
     # I2V: diffusers' cross-attention processor splits off the image context (text is 512 tokens).
     i2v = _tiny_wan(image_dim=8, added_kv_proj_dim=32)
     _expect_equal(i2v, _inputs(LATENT_SHAPES[0], text_len=512, image_tokens=3), ((2, 1),), "I2V")
+    # TI2V: a timestep per token (25 tokens: rank 1 holds a padding row), the first frame's tokens at 0.
+    per_token = _inputs(LATENT_SHAPES[0])
+    per_token["timestep"] = torch.tensor([[0.0] * 5 + [700.0] * 20, [0.0] * 5 + [300.0] * 20])
+    _expect_equal(model, per_token, ((2, 1), (1, 2)), "per-token timesteps")
 
     with pytest.raises(ValueError, match="install the sequence-parallel processors first"):
         sp_forward(_tiny_wan(), build_mesh(2, 1), **_inputs(LATENT_SHAPES[0]))
@@ -160,3 +167,40 @@ def test_denoiser_layouts_equal_the_single_process_result(model_path, options):
 def test_bad_layouts_fail_at_load(options, message):
     with pytest.raises(ConfigError, match=message):
         WanDenoiser(Runtime(model_path="tiny-wan-t2v", **CPU_FP32), WanDenoiserOptions(**options))
+
+
+def _image_rows(denoiser: WanImageDenoiser) -> list[dict]:
+    """_rows with the image-to-video inputs: a condition of the shape the image encoder makes and, where the
+    transformer takes one, a CLIP context (17 tokens, as tiny-wan-i2v's CLIP)."""
+    rows = _rows(denoiser.transformer.config.text_dim)
+    g = torch.Generator().manual_seed(5)
+    channels, frames = denoiser.latent_channels, 3
+    shape = (channels, 1, 10, 10) if denoiser.expand_timesteps else (channels + 4, frames, 10, 10)
+    image_dim = denoiser.transformer.config.image_dim
+    for row in rows:
+        row["CONDITION"] = torch.randn(*shape, generator=g)
+        row["IMAGE_EMBEDS"] = torch.randn(17, image_dim, generator=g) if image_dim else torch.zeros(0, 0)
+    return rows
+
+
+@pytest.mark.parametrize("model_path, options", [
+    ("tiny-wan-i2v", dict(sp_degree=2)),
+    ("tiny-wan2.2-ti2v", dict(sp_degree=2)),
+    ("tiny-wan-i2v", dict(cfg_parallel=True)),  # the CLIP context of the unconditional branch's rows
+], ids=["wan2.1-i2v-ulysses2", "ti2v-ulysses2", "wan2.1-i2v-cfg_parallel"])
+def test_image_denoiser_layouts_equal_the_single_process_result(model_path, options):
+    runtime = Runtime(model_path=model_path, **CPU_FP32)
+    single = WanImageDenoiser(runtime)
+    rows = _image_rows(single)
+    if single.expand_timesteps:  # 80x80 is not a multiple of the TI2V VAE's 32: 160x160, still 3 x 5 x 5 tokens
+        for row in rows:
+            row["HEIGHT"] = row["WIDTH"] = torch.tensor([160], dtype=torch.int32)
+    reference = single.execute(rows)
+    assert all("LATENTS" in ref for ref in reference), reference
+    denoiser = WanImageDenoiser(runtime, WanDenoiserOptions(**options))
+    try:
+        for ours, ref in zip(denoiser.execute(rows), reference):
+            err = (ours["LATENTS"] - ref["LATENTS"]).abs().max().item()
+            assert err < 1e-4, f"{model_path} {options}: latents differ by {err}"
+    finally:
+        denoiser.close()

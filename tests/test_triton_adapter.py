@@ -36,7 +36,10 @@ class FakeTensor:
 
     @classmethod
     def from_dlpack(cls, name, capsule):
-        return cls(name, torch.utils.dlpack.from_dlpack(capsule))
+        value = torch.utils.dlpack.from_dlpack(capsule)
+        if not value.numel():  # as Triton's stub (2.51): "DLPack tensor is not contiguous"
+            raise RuntimeError("DLPack tensor is not contiguous")
+        return cls(name, value)
 
 
 @dataclasses.dataclass
@@ -58,7 +61,7 @@ def pb(monkeypatch):
 
 
 class Doubler(Stage):
-    """Y = 2 X per row; X = -1 is bad input; X = 99 breaks the stage."""
+    """Y = 2 X per row; X = 0 gives an empty Y; X = -1 is bad input; X = 99 breaks the stage."""
 
     inputs = ("X",)
     outputs = ("Y",)
@@ -67,7 +70,8 @@ class Doubler(Stage):
         values = [float(row["X"].reshape(())) for row in rows]
         if 99 in values:
             raise RuntimeError("stage broke")
-        return [RequestError("X", "must be >= 0, got -1") if v == -1 else {"Y": torch.tensor([2 * v])} for v in values]
+        return [RequestError("X", "must be >= 0, got -1") if v == -1 else {"Y": torch.tensor([2 * v] if v else [])}
+                for v in values]
 
 
 def load(config_inputs=("X",)):
@@ -101,6 +105,12 @@ def test_a_bad_row_fails_only_its_own_request(pb):
     responses = load().execute([request(1.0), request(5.0, -1.0), request(4.0)])
     assert outputs(responses[0]) == [2.0] and outputs(responses[2]) == [8.0]
     assert responses[1].error == "X: must be >= 0, got -1"
+
+
+def test_empty_outputs_go_out_as_numpy(pb):
+    # Wan I2V's IMAGE_EMBEDS for checkpoints without CLIP: Triton's DLPack import refuses empty tensors.
+    (response,) = load().execute([request(0.0, 0.0)])
+    assert outputs(response) == [] and response.output_tensors[0].value.shape == (2, 0)
 
 
 def test_an_exception_fails_that_call_and_the_model_keeps_serving(pb):

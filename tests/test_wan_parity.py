@@ -64,6 +64,11 @@ def wan22():
 
 
 @pytest.fixture(scope="module")
+def ti2v():
+    return Models(resolve_model_path("tiny-wan2.2-ti2v"))
+
+
+@pytest.fixture(scope="module")
 def wan21_euler(tmp_path_factory):
     """tiny-wan-t2v with FlowMatch Euler and a fixed shift instead of UniPC: the other Wan scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -131,6 +136,11 @@ def test_second_expert_guidance_scale_is_refused_for_one_expert(wan21):
     (result,) = wan21.ours([make_row("a cat", GUIDANCE_SCALE_2=2.0, HEIGHT=64, WIDTH=64, NUM_FRAMES=5)])
     assert isinstance(result, RequestError) and result.field == "GUIDANCE_SCALE_2"
     assert "applies only to two-expert (Wan 2.2 A14B) checkpoints" in str(result)
+
+
+def test_ti2v_text_to_video_matches_wan_pipeline(ti2v):
+    """Wan 2.2 TI2V-5B style (expand_timesteps: a timestep per token; the Wan 2.2 VAE, spatial factor 16)."""
+    assert_parity(ti2v, ("a paper boat", "ugly"), dict(HEIGHT=64, WIDTH=96, NUM_FRAMES=5, NUM_INFERENCE_STEPS=2, SEED=2))
 
 
 def test_flow_match_euler_checkpoint_matches(wan21_euler):

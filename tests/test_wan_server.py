@@ -36,18 +36,22 @@ def client(triton_server):
 _TYPES = {"SEED": np.int64, "GUIDANCE_SCALE": np.float32}
 
 
-def generate(client, prompt: str | None, negative: str | None = None, **scalars) -> tuple[bytes, np.ndarray]:
-    """One wan_t2v request (batch of one) with ensemble input names; returns (MP4 bytes, frames)."""
+def generate(client, prompt: str | None, negative: str | None = None, *, model: str = WAN_T2V.name,
+             image: bytes | None = None, **scalars) -> tuple[bytes, np.ndarray]:
+    """One wan_t2v (or ``model``) request (batch of one) with ensemble input names; ``image`` is the
+    encoded IMAGE of wan_i2v. Returns (MP4 bytes, frames)."""
     arrays = {"PROMPT": prompt, "NEGATIVE_PROMPT": negative}
     arrays = {name: np.array([[text.encode()]], dtype=object) for name, text in arrays.items() if text is not None}
     arrays |= {name: np.array([[value]], dtype=_TYPES.get(name, np.int32)) for name, value in scalars.items()}
+    if image is not None:
+        arrays["IMAGE"] = np.array([[image]], dtype=object)
     inputs = []
     for name, array in arrays.items():
         item = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         item.set_data_from_numpy(array)
         inputs.append(item)
     outputs = [grpcclient.InferRequestedOutput(name) for name in ("VIDEO", "FRAMES")]
-    response = client.infer(WAN_T2V.name, inputs, outputs=outputs, client_timeout=300)
+    response = client.infer(model, inputs, outputs=outputs, client_timeout=300)
     return bytes(response.as_numpy("VIDEO")[0][0]), response.as_numpy("FRAMES")[0]
 
 

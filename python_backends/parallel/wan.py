@@ -8,6 +8,9 @@ global end); all per-token work needs no communication:
 * self-attention (``attn1``) runs through ``usp_attention`` with padded keys masked out;
 * cross-attention (``attn2``) keeps diffusers' processor: every rank holds the whole text (and, for
   I2V checkpoints, the whole image context), and cross-attention is per query row;
+* image-to-video inputs need nothing more: the condition channels enter with the noise latents, so
+  their tokens are the noise tokens; per-token timesteps (Wan 2.2 TI2V) give per-token modulation,
+  sharded like the tokens;
 * norm_out / proj_out run on the shard, then the shards are gathered and unpatchified.
 
     mesh = build_mesh(ulysses_degree=2, ring_degree=1)      # on every rank
@@ -89,8 +92,6 @@ def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: tor
     processor = transformer.blocks[0].attn1.processor
     if not isinstance(processor, WanSequenceParallelProcessor):
         raise ValueError("sp_forward: install the sequence-parallel processors first (set_sequence_parallel)")
-    if timestep.dim() != 1:  # Wan 2.2 TI2V: a timestep per token
-        raise ValueError(f"sp_forward: per-token timesteps (Wan 2.2 TI2V) are not supported, got {tuple(timestep.shape)}")
     batch, _, frames, height, width = hidden_states.shape
     p_t, p_h, p_w = transformer.config.patch_size
     grid = (frames // p_t, height // p_h, width // p_w)
@@ -100,9 +101,15 @@ def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: tor
     cos, sin = (shard(table, p, rank, dim=1, stream="image") for table in transformer.rope(hidden_states))
     tokens = transformer.patch_embedding(hidden_states).flatten(2).transpose(1, 2)
     x = shard(tokens, p, rank, dim=1, stream="image").contiguous()
-    temb, timestep_proj, text, image = transformer.condition_embedder(timestep, encoder_hidden_states,
-                                                                      encoder_hidden_states_image)
-    timestep_proj = timestep_proj.unflatten(1, (6, -1))
+    per_token = timestep.dim() == 2  # Wan 2.2 TI2V: (B, video tokens); the embeddings are per token too
+    temb, timestep_proj, text, image = transformer.condition_embedder(
+        timestep.flatten(), encoder_hidden_states, encoder_hidden_states_image,
+        timestep_seq_len=timestep.shape[1] if per_token else None)
+    if per_token:  # sharded as the tokens they modulate
+        temb = shard(temb, p, rank, dim=1, stream="image")
+        timestep_proj = shard(timestep_proj.unflatten(2, (6, -1)), p, rank, dim=1, stream="image")
+    else:
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))
     if image is not None:  # I2V: the image context goes in front of the text, as diffusers does
         text = torch.cat([image, text], dim=1)
 
@@ -114,7 +121,11 @@ def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: tor
     finally:
         processor.key_mask = None
 
-    shift, scale = (transformer.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+    if per_token:
+        shift, scale = (transformer.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).chunk(2, dim=2)
+        shift, scale = shift.squeeze(2), scale.squeeze(2)
+    else:
+        shift, scale = (transformer.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
     x = (transformer.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
     x = transformer.proj_out(x)
     parts = [torch.empty_like(x) for _ in range(mesh.degree)]

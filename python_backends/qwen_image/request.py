@@ -24,10 +24,10 @@ from PIL import Image
 
 from ditserve.flux.limits import MAX_PROMPT_CHARS, MAX_SIZE, MAX_STEPS, MIN_SIZE
 from ditserve.flux.request import FluxRequestCheck, GenerationParams
-from ditserve.images import ImageLimits, images_field
+from ditserve.images import ImageInputOptions, images_field, resize_for_vae
 from ditserve.loading import Checkpoint
 from ditserve.qwen_image.checkpoint import IMAGE_PAD
-from ditserve.stage import Outputs, RequestError, Row, Runtime, text_field
+from ditserve.stage import Outputs, RequestError, Row, text_field
 
 DEFAULT_STEPS = 50
 DEFAULT_TRUE_CFG = 4.0
@@ -76,19 +76,16 @@ VISION_PLACEHOLDERS = (IMAGE_PAD, "<|video_pad|>")
 
 
 @dataclasses.dataclass(frozen=True)
-class EditRequestOptions:
+class EditRequestOptions(ImageInputOptions):
     # QwenImageEditPipeline resizes the input image to about this many pixels, keeping its aspect
     # ratio (fixed 1024 * 1024 there): the VAE and Qwen2.5-VL see it at that size, and it is the
     # default output size. Smaller is faster and departs from the reference pipeline.
     condition_area: int = 1024 * 1024
-    max_image_bytes: int = ImageLimits.max_bytes
-    max_image_pixels: int = ImageLimits.max_pixels
 
     def __post_init__(self):
+        super().__post_init__()
         if not MIN_SIZE**2 <= self.condition_area <= MAX_SIZE**2:
             raise ValueError(f"parameter condition_area: must be in [{MIN_SIZE**2}, {MAX_SIZE**2}], got {self.condition_area}")
-        if self.max_image_bytes < 1 or self.max_image_pixels < 1:
-            raise ValueError("parameters max_image_bytes and max_image_pixels must be positive")
 
 
 def condition_size(area: int, width: int, height: int) -> tuple[int, int]:
@@ -108,12 +105,8 @@ class QwenImageEditRequestCheck(QwenImageRequestCheck):
     inputs = (*QwenImageRequestCheck.inputs, "INPUT_IMAGE")
     outputs = (*QwenImageRequestCheck.outputs, "CONDITION_IMAGE")
 
-    def __init__(self, runtime: Runtime, options: EditRequestOptions | None = None):
-        super().__init__(runtime, options)
-        self.limits = ImageLimits(max_bytes=self.options.max_image_bytes, max_pixels=self.options.max_image_pixels)
-
     def condition_image(self, row: Row) -> Image.Image:
-        (image,) = images_field(row, "INPUT_IMAGE", max_images=MAX_INPUT_IMAGES, limits=self.limits)
+        (image,) = images_field(row, "INPUT_IMAGE", max_images=MAX_INPUT_IMAGES, limits=self.options.limits)
         width, height = condition_size(self.options.condition_area, *image.size)
         if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):
             raise RequestError(
@@ -121,8 +114,7 @@ class QwenImageEditRequestCheck(QwenImageRequestCheck):
                 f"aspect ratio of {image.width}x{image.height} is too extreme: resized to about "
                 f"{self.options.condition_area} pixels it would be {width}x{height}, outside [{MIN_SIZE}, {MAX_SIZE}]",
             )
-        # VaeImageProcessor.resize with its default resample (Lanczos).
-        return image.resize((width, height), Image.Resampling.LANCZOS)
+        return resize_for_vae(image, width, height)
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
         results: list[Outputs | RequestError] = []

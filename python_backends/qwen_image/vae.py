@@ -9,6 +9,7 @@ import torch
 
 from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.vae import FluxVaeDecoder, VaeOptions, unpack_latents
+from ditserve.images import vae_pixels
 from ditserve.loading import Checkpoint
 from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, run_by_shape, tensor_field
 
@@ -74,8 +75,7 @@ class QwenImageVaeEncoder(Stage):
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        # VaeImageProcessor's arithmetic in fp32 (uint8 / 255, then 2x - 1), then the compute dtype.
-        images = (2.0 * (pixels.permute(0, 3, 1, 2).float() / 255.0) - 1.0).to(self.runtime.dtype)[:, :, None]
+        images = vae_pixels(pixels).to(self.runtime.dtype)[:, :, None]
         latents = torch.cat(
             [
                 self.vae.encode(chunk).latent_dist.mode()

@@ -1,4 +1,4 @@
-"""The built-in Wan text-to-video checkpoints: Wan at toy size, random weights, diffusers format.
+"""The built-in Wan checkpoints: Wan at toy size, random weights, diffusers format.
 
 Built like the other built-ins (``ditserve.checkpoints``): deterministically, on first use, under
 ``$DITSERVE_CACHE/checkpoints/<name>-<tag>``, atomically under a lock, then loaded with
@@ -7,8 +7,17 @@ Built like the other built-ins (``ditserve.checkpoints``): deterministically, on
 * ``tiny-wan-t2v``    -- Wan 2.1 T2V style: one ``WanTransformer3DModel`` (2 layers, 2 heads x 16).
 * ``tiny-wan2.2-t2v`` -- Wan 2.2 A14B style: two experts, ``transformer`` for the high-noise steps and
   ``transformer_2`` for the rest, switching at ``boundary_ratio`` (0.875, as A14B T2V).
+* ``tiny-wan-i2v``    -- Wan 2.1 I2V style (``WanImageToVideoPipeline``): the transformer takes the noise
+  latents with the 4 mask and 16 condition channels (36 in) and a CLIP image context (``image_dim``,
+  ``added_kv_proj_dim``); a tiny ``CLIPVisionModel`` (2 layers of width 32, 32x32 pixels in 8x8 patches:
+  17 tokens) with its ``CLIPImageProcessor`` (OpenAI CLIP's normalisation, bicubic resize to 32, crop).
+* ``tiny-wan2.2-i2v`` -- Wan 2.2 I2V A14B style: two 36-channel experts without image context or CLIP,
+  ``boundary_ratio`` 0.9 (as A14B I2V).
+* ``tiny-wan2.2-ti2v`` -- Wan 2.2 TI2V-5B style (``WanPipeline`` with ``expand_timesteps``, served by both
+  wan_t2v and wan_i2v as diffusers' TI2V checkpoint is): the Wan 2.2 VAE (48 latent channels, residual
+  blocks, 2x2 pixel patches: spatial factor 16) and a 48-channel transformer, ``flow_shift`` 5.0.
 
-Both have a tiny ``UMT5EncoderModel`` (2 layers of width 32) with the FLUX built-ins' T5-layout
+All have a tiny ``UMT5EncoderModel`` (2 layers of width 32) with the FLUX built-ins' T5-layout
 Unigram tokenizer (UMT5's own layout: ``<pad>`` 0, ``</s>`` 1), ``AutoencoderKLWan`` (temporal
 factor 4, spatial factor 8, 16 latent channels) and ``UniPCMultistepScheduler`` with Wan's flow
 settings (``flow_prediction``, flow sigmas, ``flow_shift`` 3.0), the scheduler WanPipeline's
@@ -96,11 +105,87 @@ _COMMON = MappingProxyType(
     }
 )
 
+# The image-to-video presets: WanImageToVideoPipeline, optional parts of the transformer config
+# ("transformer", applied over _TRANSFORMER) and of the VAE config, CLIP where Wan 2.1 I2V has it.
+_I2V_TRANSFORMER = MappingProxyType(dict(in_channels=36))  # noise 16 + mask 4 (temporal factor) + condition 16
+_CLIP_VISION = MappingProxyType(
+    dict(  # CLIPVisionConfig: ViT-H/14's layout at toy size; hidden_size is the transformer's image_dim
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+        hidden_act="gelu",
+    )
+)
+_CLIP_PROCESSOR = MappingProxyType(
+    dict(  # CLIPImageProcessor as saved with Wan2.1-I2V (OpenAI CLIP's), at the vision model's 32 pixels
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        resample=3,  # bicubic
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+)
+_WAN22_VAE = MappingProxyType(
+    dict(  # the Wan 2.2 VAE (TI2V-5B) at toy size: 48 latent channels, 2x2 pixel patches, residual blocks
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=48,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=1,
+        attn_scales=[],
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_temporal=4,
+        scale_factor_spatial=16,
+        # Not 0 and 1: the normalisation is part of what the parity tests check.
+        latents_mean=[round((i % 7 - 3) / 10, 2) for i in range(48)],
+        latents_std=[round(1 + (i % 5) / 4, 2) for i in range(48)],
+    )
+)
+
 PRESETS: MappingProxyType[str, MappingProxyType] = MappingProxyType(
     {
         "tiny-wan-t2v": MappingProxyType({**_COMMON, "transformers": ("transformer",), "boundary_ratio": None}),
         "tiny-wan2.2-t2v": MappingProxyType(
             {**_COMMON, "transformers": ("transformer", "transformer_2"), "boundary_ratio": 0.875}
+        ),
+        "tiny-wan-i2v": MappingProxyType(
+            {
+                **_COMMON,
+                "pipeline": "WanImageToVideoPipeline",
+                "transformers": ("transformer",),
+                "boundary_ratio": None,
+                "transformer": MappingProxyType({**_I2V_TRANSFORMER, "image_dim": 32, "added_kv_proj_dim": 32}),
+                "image_encoder": _CLIP_VISION,
+                "image_processor": _CLIP_PROCESSOR,
+            }
+        ),
+        "tiny-wan2.2-i2v": MappingProxyType(
+            {
+                **_COMMON,
+                "pipeline": "WanImageToVideoPipeline",
+                "transformers": ("transformer", "transformer_2"),
+                "boundary_ratio": 0.9,
+                "transformer": _I2V_TRANSFORMER,
+            }
+        ),
+        "tiny-wan2.2-ti2v": MappingProxyType(
+            {
+                **_COMMON,
+                "vae": _WAN22_VAE,
+                "scheduler": MappingProxyType({**_COMMON["scheduler"], "flow_shift": 5.0}),
+                "transformers": ("transformer",),
+                "boundary_ratio": None,
+                "expand_timesteps": True,
+                "transformer": MappingProxyType(dict(in_channels=48, out_channels=48)),
+            }
         ),
     }
 )
@@ -166,7 +251,8 @@ def pipeline_parts(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if len(tokenizer) > configs["text_encoder"]["vocab_size"]:
         vocab_size = configs["text_encoder"]["vocab_size"]
         raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {vocab_size}")
-    transformer = configs.get("transformer", _TRANSFORMER)
+    # The built-ins override a few keys of the tiny transformer; the full presets give all of them.
+    transformer = {**_TRANSFORMER, **configs.get("transformer", {})}
     models = {  # built in this order: the seeds follow it; the weights also depend on the component name
         "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**configs["text_encoder"])),
         "vae": lambda: AutoencoderKLWan(**configs["vae"]),
@@ -177,6 +263,13 @@ def pipeline_parts(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         "tokenizer": tokenizer,
         "boundary_ratio": configs["boundary_ratio"],
     }
+    if "expand_timesteps" in configs:
+        parts["expand_timesteps"] = configs["expand_timesteps"]
+    if "image_encoder" in configs:
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        models["image_encoder"] = lambda: CLIPVisionModel(CLIPVisionConfig(**configs["image_encoder"]))
+        parts["image_processor"] = CLIPImageProcessor(**configs["image_processor"])
     return parts, models
 
 
@@ -193,10 +286,11 @@ def build_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, **bui
     ``ditserve.checkpoints.save_by_component`` (default: on the CPU in float32, as the built-ins)."""
 
     def write(tmp: Path) -> None:
-        from diffusers import WanPipeline
+        import diffusers
 
         t0 = time.perf_counter()
-        save_by_component(tmp, WanPipeline, *pipeline_parts(name), seed=seed, **build)
+        pipeline = getattr(diffusers, preset(name).get("pipeline", "WanPipeline"))
+        save_by_component(tmp, pipeline, *pipeline_parts(name), seed=seed, **build)
         logger.info("built %s in %.1fs", name, time.perf_counter() - t0)
 
     return _build_atomically(Path(out_dir).expanduser().absolute(), write)

@@ -14,11 +14,19 @@ unconditional rows together in one transformer forward per step. With ``cfg_para
 of that batch are computed each on its CFG branch of the worker group (``GroupedDenoiser.branches``);
 with ``sp_degree`` > 1 every forward runs sequence-parallel over the video tokens
 (``ditserve.parallel.wan``), both experts included.
+
+Image-to-video (``WanImageDenoiser``, as ``WanImageToVideoPipeline``): each request brings CONDITION from
+``ditserve.wan.image_encoder``, concatenated to the noise latents along channels in every transformer
+call, and, for Wan 2.1 I2V, IMAGE_EMBEDS, the CLIP context of both predictions. Wan 2.2 TI2V checkpoints
+(``expand_timesteps``) take a timestep per video token instead of one per video, in WanPipeline and
+WanImageToVideoPipeline alike: with an image, its latent frame replaces the first noise frame in every
+call and at the end, and its tokens' timestep is 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -50,6 +58,8 @@ class WanRequest:
     prompt_embeds: torch.Tensor  # (L, D), padding zeroed, as the transformer takes it
     negative_embeds: torch.Tensor  # (L, D)
     params: VideoParams
+    condition: Optional[torch.Tensor] = None  # image-to-video: fp32 (4 + C, f, h, w), or (C, 1, h, w) for TI2V
+    image_embeds: Optional[torch.Tensor] = None  # Wan 2.1 I2V: (tokens, D) CLIP context
 
 
 class WanDenoiser(GroupedDenoiser):
@@ -70,8 +80,6 @@ class WanDenoiser(GroupedDenoiser):
         super().__init__(runtime, options, rank=rank)
         runtime = self.runtime  # the parallel group may have moved rank 0 to its first GPU
         checkpoint = Checkpoint(runtime.model_path)
-        if checkpoint.index.get("expand_timesteps"):
-            raise ConfigError("model_path: Wan 2.2 TI2V checkpoints (expand_timesteps) are not supported")
         self.transformer = checkpoint.load("transformer", runtime)
         self.scheduler_class = checkpoint.component_class("scheduler")
         self.scheduler_config = checkpoint.load("scheduler").config
@@ -79,8 +87,21 @@ class WanDenoiser(GroupedDenoiser):
         # The low-noise expert: loaded only where the pipeline would use it.
         self.transformer_2 = checkpoint.load("transformer_2", runtime) if self.boundary_ratio is not None else None
         self.geometry = VideoGeometry.read(checkpoint)
-        self.latent_channels = self.transformer.config.in_channels
+        self.latent_channels = checkpoint.config("vae")["z_dim"]
+        self.expand_timesteps = bool(checkpoint.index.get("expand_timesteps"))
+        channels, what = self.transformer_inputs()
+        if self.transformer.config.in_channels != channels:
+            raise ConfigError(f"model_path: this denoiser needs a transformer taking {channels} input channels ({what}), "
+                              f"got {self.transformer.config.in_channels}: {self.wrong_checkpoint}")
         self.start_parallel()
+
+    # Said when the transformer's input channels are another pipeline's.
+    wrong_checkpoint = "an image-to-video checkpoint goes to wan_i2v"
+
+    def transformer_inputs(self) -> tuple[int, str]:
+        """The transformer's input channels in this pipeline, and what they are: the noise latents alone
+        (text-to-video, and TI2V, whose image latents replace a latent frame)."""
+        return self.latent_channels, "the VAE's latents"
 
     # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
 
@@ -137,7 +158,7 @@ class WanDenoiser(GroupedDenoiser):
 
     @torch.inference_mode()
     def denoise(self, requests: list[WanRequest]) -> list[torch.Tensor]:
-        """Denoise requests of one group key: per request (C, latent frames, H/8, W/8) fp32."""
+        """Denoise requests of one group key: per request (C, latent frames, H/s, W/s) fp32."""
         device, dtype = self.runtime.device, self.runtime.dtype
         first = requests[0].params
         spatial, temporal = self.geometry.spatial_factor, self.geometry.temporal_factor
@@ -156,6 +177,21 @@ class WanDenoiser(GroupedDenoiser):
             expert: torch.tensor([getattr(requests[i].params, field) for i in guided], device=device, dtype=dtype).view(-1, 1, 1, 1, 1)
             for expert, field in ((self.transformer, "guidance"), (self.transformer_2, "guidance_2")) if expert is not None
         }
+        condition = torch.stack([r.condition for r in requests]) if requests[0].condition is not None else None
+        image = torch.stack([r.image_embeds for r in requests]) if requests[0].image_embeds is not None else None
+        frame_mask, token_mask = self.timestep_masks(shape, condition is not None)
+
+        def model_input(latents: torch.Tensor) -> torch.Tensor:
+            if condition is None:
+                return latents.to(dtype)
+            if frame_mask is not None:  # TI2V: the image's latent frame in place of the first noise frame
+                return ((1 - frame_mask) * condition + frame_mask * latents).to(dtype)
+            return torch.cat([latents, condition], dim=1).to(dtype)
+
+        def timesteps(t: torch.Tensor, batch: int) -> torch.Tensor:
+            if token_mask is None:
+                return t.expand(batch)
+            return (token_mask * t).unsqueeze(0).expand(batch, -1)  # TI2V: (batch, video tokens)
 
         scheduler = self.scheduler_class.from_config(self.scheduler_config)
         scheduler.set_timesteps(first.steps, device=device)
@@ -164,27 +200,88 @@ class WanDenoiser(GroupedDenoiser):
         mesh = self.parallel.mesh if self.parallel is not None else None
         cfg_parallel = self.parallel is not None and self.parallel.config.cfg_parallel
 
-        def forward(transformer: torch.nn.Module, hidden: torch.Tensor, text: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            inputs = dict(hidden_states=hidden, timestep=t.expand(hidden.shape[0]), encoder_hidden_states=text)
+        def forward(transformer: torch.nn.Module, hidden: torch.Tensor, text: torch.Tensor,
+                    image: Optional[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+            inputs = dict(hidden_states=hidden, timestep=timesteps(t, hidden.shape[0]), encoder_hidden_states=text,
+                          encoder_hidden_states_image=image)
             if mesh is not None:
                 return sp_forward(transformer, mesh, **inputs)
             return transformer(**inputs, return_dict=False)[0]
 
+        like = torch.empty(latents.shape, device=device, dtype=dtype)  # a prediction's shape and dtype (CFG parallel)
         for t in scheduler.timesteps:
-            hidden = latents.to(dtype)
+            hidden = model_input(latents)
             transformer = self.expert(t)
             if cfg_parallel:  # each CFG branch computes its half of the batch below
                 prediction, unconditional = self.branches(
-                    lambda: forward(transformer, hidden, text[:n], t),
-                    (lambda: forward(transformer, hidden[guided], text[n:], t)) if guided else None,
-                    like=hidden,
-                    negative_like=hidden[guided] if guided else None,
+                    lambda: forward(transformer, hidden, text[:n], image, t),
+                    (lambda: forward(transformer, hidden[guided], text[n:], image[guided] if image is not None else None, t))
+                    if guided else None,
+                    like=like,
+                    negative_like=like[guided] if guided else None,
                 )
             else:
-                hidden = torch.cat([hidden, hidden[guided]])
-                prediction = forward(transformer, hidden, text, t)
+                both = torch.cat([hidden, hidden[guided]])
+                context = torch.cat([image, image[guided]]) if image is not None else None
+                prediction = forward(transformer, both, text, context, t)
                 prediction, unconditional = prediction[:n], prediction[n:]
             if guided:
                 prediction[guided] = unconditional + scales[transformer] * (prediction[guided] - unconditional)
             latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+        if frame_mask is not None and condition is not None:
+            latents = (1 - frame_mask) * condition + frame_mask * latents
         return list(latents.float())
+
+    def timestep_masks(self, shape: tuple[int, ...], conditioned: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """TI2V (expand_timesteps): the latent mask, (1, 1, f, h, w) fp32, 0 on the image's frame when there
+        is one, and its value per video token, by which every token's timestep is t x mask. (None, None)
+        for the other checkpoints. The pipelines take the token values at stride 2, Wan's patch; here at the
+        transformer's patch size."""
+        if not self.expand_timesteps:
+            return None, None
+        mask = torch.ones(1, 1, *shape[2:], device=self.runtime.device, dtype=torch.float32)
+        if conditioned:
+            mask[:, :, 0] = 0
+        p_t, p_h, p_w = self.transformer.config.patch_size
+        return mask, mask[0, 0, ::p_t, ::p_h, ::p_w].flatten()
+
+
+class WanImageDenoiser(WanDenoiser):
+    """The Wan denoiser of wan_i2v: each request also brings the image's CONDITION and IMAGE_EMBEDS
+    (``ditserve.wan.image_encoder``; IMAGE_EMBEDS is empty where the transformer takes no image context)."""
+
+    inputs = (*WanDenoiser.inputs, "CONDITION", "IMAGE_EMBEDS")
+    wrong_checkpoint = "a text-to-video checkpoint goes to wan_t2v"
+
+    def transformer_inputs(self) -> tuple[int, str]:
+        if self.expand_timesteps:
+            return super().transformer_inputs()
+        # WanImageToVideoPipeline: [noise latents, mask (one channel per frame of the temporal factor), image latents].
+        return 2 * self.latent_channels + self.geometry.temporal_factor, "the VAE's latents, the frame mask and the image latents"
+
+    def parse(self, row: Row) -> WanRequest:
+        request = super().parse(row)
+        params, geometry = request.params, self.geometry
+        latent = (params.height // geometry.spatial_factor, params.width // geometry.spatial_factor)
+        if self.expand_timesteps:
+            expected = (self.latent_channels, 1, *latent)
+        else:
+            frames = (params.num_frames - 1) // geometry.temporal_factor + 1
+            expected = (self.latent_channels + geometry.temporal_factor, frames, *latent)
+        # fp32, as the pipeline mixes it with the fp32 latents; the transformer input is cast afterwards.
+        condition = tensor_field(row, "CONDITION", 4, self.runtime.device, torch.float32)
+        if tuple(condition.shape) != expected:
+            raise RequestError("CONDITION", f"expected shape {expected} for this size and frame count, got {tuple(condition.shape)}")
+        embeds = tensor_field(row, "IMAGE_EMBEDS", 2, self.runtime.device, self.runtime.dtype)
+        image_dim = self.transformer.config.image_dim
+        if image_dim is None:
+            if embeds.numel():
+                raise RequestError("IMAGE_EMBEDS", "this checkpoint's transformer takes no image context; expected it empty")
+            embeds = None
+        elif embeds.shape[-1] != image_dim or not embeds.shape[0]:
+            raise RequestError("IMAGE_EMBEDS", f"expected (tokens, {image_dim}), got shape {tuple(embeds.shape)}")
+        return dataclasses.replace(request, condition=condition, image_embeds=embeds)
+
+    def group_key(self, request: WanRequest) -> tuple:
+        tokens = request.image_embeds.shape[0] if request.image_embeds is not None else 0
+        return (*super().group_key(request), tokens)

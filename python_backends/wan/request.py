@@ -1,4 +1,5 @@
-"""wan_request: validate a text-to-video request and fill in WanPipeline's defaults.
+"""wan_request: validate a text-to-video request and fill in WanPipeline's defaults; wan_i2v_request:
+the same plus the input image of image-to-video.
 
 FLUX's request check (``FluxRequestCheck``) with the video parameters: its checks and messages for
 the fields the pipelines share (sizes, steps, guidance, seed, prompts), plus NUM_FRAMES, which must
@@ -8,16 +9,25 @@ and FPS for the MP4. The size multiple is the VAE's spatial factor times the tra
 (on above 1, with NEGATIVE_PROMPT or the empty prompt as the negative); GUIDANCE_SCALE_2 is Wan 2.2's
 scale for the low-noise expert (default: GUIDANCE_SCALE; refused for one-expert checkpoints, as
 WanPipeline refuses it). Guidance is on for the whole request when GUIDANCE_SCALE > 1, as in WanPipeline.
+
+``WanImageRequestCheck`` (WanImageToVideoPipeline: the same fields and defaults) adds IMAGE, decoded and
+validated once here (``ditserve.images``) and passed on as pixels: resized to HEIGHT x WIDTH as
+``video_processor.preprocess`` resizes it (Lanczos, aspect ratio not kept), for the VAE; and as sent,
+for CLIP's own image processor, where the checkpoint conditions on a CLIP embedding (Wan 2.1 I2V).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import ClassVar
 
+import numpy as np
 import torch
+from PIL import Image
 
 from ditserve.flux.request import FluxRequestCheck, GenerationParams
+from ditserve.images import ImageInputOptions, images_field, resize_for_vae
 from ditserve.loading import Checkpoint
 from ditserve.flux.limits import MAX_GUIDANCE
 from ditserve.stage import Outputs, RequestError, Row, float_field, int_field
@@ -118,3 +128,43 @@ class WanRequestCheck(FluxRequestCheck):
         if "GUIDANCE_SCALE_2" in row and self.geometry.experts == 1:  # WanPipeline raises the same
             raise RequestError("GUIDANCE_SCALE_2", "applies only to two-expert (Wan 2.2 A14B) checkpoints")
         return VideoParams.parse(row, self.geometry)
+
+
+def uses_clip(checkpoint: Checkpoint) -> bool:
+    """Whether the transformer takes a CLIP image context (Wan 2.1 I2V), as WanImageToVideoPipeline
+    decides: by the transformer's ``image_dim`` (plain JSON, like VideoGeometry.read)."""
+    return checkpoint.config("transformer").get("image_dim") is not None
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image).copy())  # (H, W, 3) uint8
+
+
+class WanImageRequestCheck(WanRequestCheck):
+    """wan_request's checks plus IMAGE (one encoded PNG, JPEG or WebP) -> CONDITION_IMAGE (HEIGHT, WIDTH, 3)
+    uint8 for the VAE, and CLIP_IMAGE: the decoded image as sent (h, w, 3) uint8 for CLIP, or (0, 0, 3)
+    for checkpoints without an image encoder, which would not use it (an ensemble's tensors cannot be
+    optional between steps, and an empty one costs nothing)."""
+
+    Options = ImageInputOptions
+    inputs = (*WanRequestCheck.inputs, "IMAGE")
+    outputs = (*WanRequestCheck.outputs, "CONDITION_IMAGE", "CLIP_IMAGE")
+
+    def configure(self, checkpoint: Checkpoint) -> None:
+        super().configure(checkpoint)
+        self.clip = uses_clip(checkpoint)
+
+    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
+        results = super().execute(rows)
+        for i, (row, checked) in enumerate(zip(rows, results)):
+            if isinstance(checked, RequestError):
+                continue
+            try:
+                # WanImageToVideoPipeline conditions on one image (a list there is a batch of videos).
+                (image,) = images_field(row, "IMAGE", max_images=1, limits=self.options.limits)
+            except RequestError as error:
+                results[i] = error
+                continue
+            checked["CONDITION_IMAGE"] = _pixels(resize_for_vae(image, int(checked["WIDTH"]), int(checked["HEIGHT"])))
+            checked["CLIP_IMAGE"] = _pixels(image) if self.clip else torch.zeros((0, 0, 3), dtype=torch.uint8)
+        return results

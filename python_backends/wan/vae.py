@@ -11,6 +11,14 @@ from ditserve.loading import Checkpoint
 from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, run_by_shape, tensor_field
 
 
+def latent_normalisation(config, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / std) of the VAE's latent channels, (1, C, 1, 1, 1) each, as the Wan pipelines compute them
+    (their ``latents_std`` is 1 / std)."""
+    shape = (1, config.z_dim, 1, 1, 1)
+    mean = torch.tensor(config.latents_mean).view(shape).to(device, dtype)
+    return mean, (1.0 / torch.tensor(config.latents_std)).view(shape).to(device, dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class VaeOptions:
     # Videos per VAE decode call. The Wan VAE decodes a video frame chunk by frame chunk with a
@@ -35,10 +43,7 @@ class WanVaeDecoder(Stage):
     def __init__(self, runtime: Runtime, options: VaeOptions | None = None):
         super().__init__(runtime, options)
         self.vae = Checkpoint(runtime.model_path).load("vae", runtime)
-        config = self.vae.config
-        shape = (1, config.z_dim, 1, 1, 1)
-        self.latents_mean = torch.tensor(config.latents_mean).view(shape).to(runtime.device, runtime.dtype)
-        self.latents_inverse_std = (1.0 / torch.tensor(config.latents_std)).view(shape).to(runtime.device, runtime.dtype)
+        self.latents_mean, self.latents_inverse_std = latent_normalisation(self.vae.config, runtime.device, runtime.dtype)
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
         return run_by_shape(rows, self.parse, lambda latents: [{"PIXELS": v} for v in self.decode(torch.stack(latents))])
