@@ -170,7 +170,7 @@ class WanDenoiser(GroupedDenoiser):
                 return sp_forward(transformer, mesh, **inputs)
             return transformer(**inputs, return_dict=False)[0]
 
-        for t in scheduler.timesteps:
+        for t in self.steps(scheduler.timesteps):
             hidden = latents.to(dtype)
             transformer = self.expert(t)
             if cfg_parallel:  # each CFG branch computes its half of the batch below
