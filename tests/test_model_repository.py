@@ -3,6 +3,7 @@ stream model that agrees with its ensemble (no server needed)."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -94,14 +95,16 @@ def test_edit_request_stage_defaults_are_the_pipelines():
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
 def test_every_pipeline_streams_through_its_stream_model(pipeline):
     """<ensemble>_stream: decoupled, the ensemble's inputs, outputs (plus STEP, TOTAL_STEPS) and batch
-    size (the check it runs at load), the two-line model.py; and a denoiser among the steps to report."""
+    size (the check it runs at load), the two-line model.py; and a denoiser whose loop reports steps."""
     name = stream_model(pipeline.name)
     config = load_config(name)
     assert config["name"] == name and config["backend"] == "python"
     StreamPlan.read(REPOSITORY, pipeline.name).check(config)  # raises on any mismatch
     assert "dynamic_batching" not in config  # its stage models batch; the stream model only waits on them
     assert (REPOSITORY / name / "1" / "model.py").read_text().count("TritonStreamModel") == 2
-    assert any(issubclass(spec.stage, GroupedDenoiser) for spec in pipeline.stages)
+    (denoiser,) = [spec.stage for spec in pipeline.stages if issubclass(spec.stage, GroupedDenoiser)]
+    # What reports the steps (run through a server for every pipeline in test_client_cli.py, not for a new one).
+    assert "in self.steps(" in inspect.getsource(denoiser.denoise), f"{denoiser.__name__}'s loop must iterate self.steps(...)"
 
 
 def test_only_the_stream_models_are_decoupled():
