@@ -1,6 +1,9 @@
 """``ditserve generate | edit | video`` (one subcommand per row of ``PIPELINES``, options
 generated from its fields, OpenAI names) and ``ditserve openai`` (the gateway).
 
+While a request runs, stderr shows the denoising steps (``step 3/28``) when the server can stream
+them: over gRPC, with the ensemble's stream model loaded (``ditserve.streaming``); otherwise an
+elapsed-time spinner saying why there are no steps (``ditserve.client.terminal``).
 Any failure ends with exit code 1 and one line on stderr saying why.
 """
 
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 
 # Standard library only: `ditserve serve` builds this parser too.
+from ditserve.client.terminal import Spinner, StepBar
 from ditserve.client.video_jobs import MAX_VIDEO_JOBS
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
@@ -89,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from ditserve.client import PIPELINES, Client, ModelNotLoaded, RequestError, TritonUnavailable
     from ditserve.client.download import read_image
+    from ditserve.streaming import stream_model
 
     pipeline = PIPELINES[args.kind]
     fields = {name: getattr(args, name) for name in pipeline.fields}
@@ -98,8 +103,18 @@ def _run(args: argparse.Namespace) -> int:
             fields["image"] = [read_image(source, "image") for source in fields["image"]]
         model = args.model or pipeline.model_for(fields)
         client = Client(url, protocol=args.protocol, timeout_s=args.timeout)
-        # Of a video only the MP4 is written: its decoded frames would be most of the transfer.
-        result = client.run(args.kind, model, outputs=("VIDEO",) if args.kind == "video" else None, **fields)
+        label, note = f"ditserve {args.kind}", None
+        if client.streams(model):
+            display = StepBar(sys.stderr, label)
+            options = {"progress": display.update}
+        else:
+            note = ("per-step progress needs --protocol grpc" if args.protocol == "http"
+                    else f"no per-step progress: {stream_model(model)} is not loaded")
+            display, options = Spinner(sys.stderr, label, note), {}
+        with display:
+            # Of a video only the MP4 is written: its decoded frames would be most of the transfer.
+            result = client.run(args.kind, model, outputs=("VIDEO",) if args.kind == "video" else None,
+                                **options, **fields)
     except ModelNotLoaded as error:
         return _fail(args.kind, f"not available: ensemble {error.model} is not loaded on the server at {url}")
     except InferenceServerException as error:  # the server refused the request
@@ -118,7 +133,8 @@ def _run(args: argparse.Namespace) -> int:
             path = args.output_dir / f"{model}_{i}.{extension}"
             path.write_bytes(payload)
             print(f"wrote {path}", file=info)
-    print(f"latency {result.latency_s * 1000:.0f} ms over {args.protocol}; server compute per stage:", file=info)
+    why = f" ({note})" if note else ""
+    print(f"latency {result.latency_s * 1000:.0f} ms over {args.protocol}{why}; server compute per stage:", file=info)
     for model, ms in result.stage_ms.items():
         print(f"  {model:<20} {ms:8.1f} ms", file=info)
     return 0

@@ -208,7 +208,8 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
 
         async def render() -> bytes:
             try:
-                return (await run("video", model, body, outputs=("VIDEO",))).mp4
+                streamed = {"progress": job.on_progress} if await triton["client"].streams(model) else {}
+                return (await run("video", model, body, outputs=("VIDEO",), **streamed)).mp4
             except ApiError as error:
                 raise JobError(error.code or error.type, error.message) from error
             except (TritonUnavailable, ModelNotLoaded) as error:

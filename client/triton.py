@@ -4,6 +4,10 @@ asyncio (``AsyncClient``).
 Requests use OpenAI-style field names (``n``, ``size``, ``seed``, ...), mapped to ensemble
 tensors and checked by ``ditserve.client.pipelines.PIPELINES`` before anything is sent. The
 two classes share everything but the awaits.
+
+With ``progress=callback`` a request goes over gRPC streaming to the ensemble's stream model
+(``<ensemble>_stream``, ``ditserve.streaming``), which answers the same outputs after one
+``Progress`` per denoising step. Triton's HTTP endpoint serves no streaming (decoupled) models.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import contextlib
 import dataclasses
 import importlib
 import io
+import queue
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,6 +27,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from ditserve.client.pipelines import PIPELINES, Pipeline, Tensor
+from ditserve.streaming import STEP, TOTAL_STEPS, stream_model
 
 
 class ModelNotLoaded(LookupError):
@@ -57,6 +63,15 @@ class VideoResult:
 
 
 Result = GenerateResult | VideoResult
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    step: int  # denoising steps done
+    total: int  # the request's denoising steps
+
+
+OnProgress = Callable[[Progress], None]
 # A checked request, ready to send: (pipeline, model, inputs, requested outputs).
 Request = tuple[Pipeline, str, list, list]
 
@@ -137,16 +152,37 @@ def _result(pipeline: Pipeline, response, latency_s: float, stage_ms: dict[str, 
 
 # The request logic is written once as a generator that yields the server calls it needs, as
 # (method name, args, kwargs), and gets their answers back; Client runs the calls directly,
-# AsyncClient awaits them.
+# AsyncClient awaits them. A name starting with "_" is a method of the client itself.
 Call = tuple[str, tuple, dict]
 Steps = Generator[Call, Any, Any]
 
 
+def _callee(client: _Base, name: str) -> Callable:
+    return getattr(client if name.startswith("_") else client.server, name)
+
+
+def _streamed(result, error, progress: OnProgress):
+    """One answer of a stream: reports a progress answer and returns None; returns the final one."""
+    if error is not None:
+        raise error
+    step = result.as_numpy(STEP)
+    if step is None:  # the ensemble's outputs
+        return result
+    progress(Progress(int(step[0][0]), int(result.as_numpy(TOTAL_STEPS)[0][0])))  # row 0: one row per request
+    return None
+
+
 class _Requests(_Base):
-    def _run(self, request: Request) -> Steps:
+    def _run(self, request: Request, progress: OnProgress | None) -> Steps:
         pipeline, model, inputs, outputs = request
-        if not (yield from self._is_ready(model)):
-            raise ModelNotLoaded(model, self.url)
+        target = model
+        if progress is not None:
+            if self.protocol != "grpc":
+                raise ValueError("progress: per-step progress streams over gRPC; Triton's HTTP endpoint serves no "
+                                 "streaming (decoupled) models")
+            target = stream_model(model)
+        if not (yield from self._is_ready(target)):
+            raise ModelNotLoaded(target, self.url)
         stages = []
         if self.stage_timings:
             stages = _stage_models((yield "get_model_config", (model,), self._json), model)
@@ -159,7 +195,11 @@ class _Requests(_Base):
 
         before = yield from compute_ns()
         start = time.perf_counter()
-        response = yield "infer", (model, inputs), {"outputs": outputs, **self._infer_kwargs}
+        if progress is None:
+            response = yield "infer", (model, inputs), {"outputs": outputs, **self._infer_kwargs}
+        else:  # one of the client's own methods: streaming differs between the sync and asyncio clients
+            step_outputs = [self.triton.InferRequestedOutput(name) for name in (STEP, TOTAL_STEPS)]
+            response = yield "_stream_infer", (target, inputs, outputs + step_outputs, progress), {}
         latency = time.perf_counter() - start
         after = yield from compute_ns()
         return _result(pipeline, response, latency, {m: (after[m] - before[m]) / 1e6 for m in stages})
@@ -179,6 +219,9 @@ class _Requests(_Base):
     def _is_ready(self, model: str) -> Steps:
         return (yield "is_model_ready", (model,), {})
 
+    def _streams(self, model: str) -> Steps:
+        return self.protocol == "grpc" and (yield from self._is_ready(stream_model(model)))
+
 
 class Client(_Requests):
     """Synchronous client; one per thread (tritonclient's HTTP client is not thread-safe)."""
@@ -191,9 +234,20 @@ class Client(_Requests):
             try:
                 name, args, kwargs = next(steps)
                 while True:
-                    name, args, kwargs = steps.send(getattr(self.server, name)(*args, **kwargs))
+                    name, args, kwargs = steps.send(_callee(self, name)(*args, **kwargs))
             except StopIteration as done:
                 return done.value
+
+    def _stream_infer(self, model: str, inputs: list, outputs: list, progress: OnProgress):
+        answers: queue.Queue = queue.Queue()
+        self.server.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=self.timeout_s)
+        try:
+            self.server.async_stream_infer(model, inputs, outputs=outputs)
+            while (final := _streamed(*answers.get(), progress)) is None:
+                pass
+            return final
+        finally:
+            self.server.stop_stream()
 
     def generate(self, prompt: str, negative_prompt: str | None = None, *, model: str | None = None, **fields) -> GenerateResult:
         """Text to images: ``generate("a cat", n=2, size="512x512", seed=3)``."""
@@ -208,10 +262,16 @@ class Client(_Requests):
         the server (only the MP4 comes back)."""
         return self.run("video", model, outputs=None if frames else ("VIDEO",), prompt=prompt, **fields)
 
-    def run(self, kind: str, model: str | None = None, *, outputs: tuple[str, ...] | None = None, **fields) -> Result:
+    def run(self, kind: str, model: str | None = None, *, outputs: tuple[str, ...] | None = None,
+            progress: OnProgress | None = None, **fields) -> Result:
         """One request of a kind in PIPELINES ("generate", "edit", "video"); ``outputs``: a subset
-        of the row's outputs (default: all)."""
-        return self._drive(self._run(self._request(kind, model, outputs, fields)))
+        of the row's outputs (default: all); ``progress``: called with a ``Progress`` after each
+        denoising step (gRPC only; the ensemble's stream model must be loaded: ``streams``)."""
+        return self._drive(self._run(self._request(kind, model, outputs, fields), progress))
+
+    def streams(self, model: str) -> bool:
+        """Whether requests to ensemble ``model`` can report progress: gRPC, and its stream model is loaded."""
+        return self._drive(self._streams(model))
 
     def loaded_ensembles(self) -> list[str]:
         """Names of the ensembles the server has loaded and ready (what can be generated with)."""
@@ -232,9 +292,26 @@ class AsyncClient(_Requests):
             try:
                 name, args, kwargs = next(steps)
                 while True:
-                    name, args, kwargs = steps.send(await getattr(self.server, name)(*args, **kwargs))
+                    name, args, kwargs = steps.send(await _callee(self, name)(*args, **kwargs))
             except StopIteration as done:
                 return done.value
+
+    async def _stream_infer(self, model: str, inputs: list, outputs: list, progress: OnProgress):
+        import grpc  # with the gRPC protocol only
+
+        async def one_request():
+            yield {"model_name": model, "inputs": inputs, "outputs": outputs}
+
+        answers = self.server.stream_infer(one_request(), stream_timeout=self.timeout_s)
+        try:
+            async for result, error in answers:
+                if (final := _streamed(result, error, progress)) is not None:
+                    return final
+        except grpc.RpcError as error:  # the sync client's stream and the aio unary calls convert these; its stream does not
+            raise InferenceServerException(msg=error.details(), status=str(error.code())) from error
+        finally:
+            answers.cancel()  # the request has ended (or failed): close the stream now
+        raise InferenceServerException(msg=f"{model}: the stream ended without a final response")
 
     async def generate(self, prompt: str, negative_prompt: str | None = None, *, model: str | None = None, **fields) -> GenerateResult:
         return await self.run("generate", model, prompt=prompt, negative_prompt=negative_prompt, **fields)
@@ -245,10 +322,14 @@ class AsyncClient(_Requests):
     async def video(self, prompt: str, *, model: str | None = None, frames: bool = True, **fields) -> VideoResult:
         return await self.run("video", model, outputs=None if frames else ("VIDEO",), prompt=prompt, **fields)
 
-    async def run(self, kind: str, model: str | None = None, *, outputs: tuple[str, ...] | None = None, **fields) -> Result:
+    async def run(self, kind: str, model: str | None = None, *, outputs: tuple[str, ...] | None = None,
+                  progress: OnProgress | None = None, **fields) -> Result:
         # In a thread: checking an input image decodes it (up to 4096x4096), which would stall the loop.
         request = await asyncio.to_thread(self._request, kind, model, outputs, fields)
-        return await self._drive(self._run(request))
+        return await self._drive(self._run(request, progress))
+
+    async def streams(self, model: str) -> bool:
+        return await self._drive(self._streams(model))
 
     async def loaded_ensembles(self) -> list[str]:
         return await self._drive(self._loaded_ensembles())

@@ -41,10 +41,17 @@ class VideoJob:
     error: JobError | None = None
     mp4: bytes | None = None
     task: asyncio.Task | None = None
+    # Percent of the denoising steps done, while the job runs: reported when the gateway streams the
+    # request (gRPC, the stream model loaded), else 0 until the job ends.
+    progress: int = 0
 
     @property
     def finished(self) -> bool:
         return self.status in ("completed", "failed")
+
+    def on_progress(self, progress) -> None:  # a ditserve.client.Progress
+        # At most 99 until completed: decoding and encoding the video follow the last step.
+        self.progress = min(99, 100 * progress.step // max(progress.total, 1))
 
     def json(self) -> dict[str, Any]:
         return {
@@ -52,8 +59,7 @@ class VideoJob:
             "object": "video",
             "model": self.model,
             "status": self.status,
-            # No per-step progress yet: 0 until the job ends.
-            "progress": 100 if self.finished else 0,
+            "progress": 100 if self.finished else self.progress,
             "created_at": self.created_at,
             "completed_at": self.completed_at,
             "expires_at": None,  # kept until deleted or replaced (see MAX_VIDEO_JOBS)

@@ -10,6 +10,11 @@ becomes rank 0 of a worker group; every chunk is sent to all ranks and denoised 
 A model takes part through three hooks: ``check_parallel`` (refuse a layout at load),
 ``use_sequence_parallel`` (install its sequence-parallel attention on a mesh) and, in its loop,
 ``branches`` for the two CFG predictions and its own sequence-parallel forward.
+
+Progress: each model's loop iterates ``self.steps(timesteps)``, which after every step calls
+``on_step(done, total)``; ``execute`` sets it, on rank 0, while a chunk holds rows whose request asked
+for progress (request parameter ``progress``, sent by the stream models; ``ditserve.progress``), and
+leaves it None otherwise: then the loop only counts.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # Qwen-Image's is a copy
 
+from ditserve import progress
 from ditserve.parallel.group import ParallelConfig, ParallelContext, ParallelOptions, WorkerGroup
 from ditserve.parallel.usp import SPMesh
 from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage
@@ -52,6 +58,7 @@ class GroupedDenoiser(Stage):
 
     Options = DenoiserOptions
     outputs = ("LATENTS",)
+    request_parameters = (progress.PARAMETER,)
 
     def __init__(self, runtime: Runtime, options: Any = None, *, rank: int = 0):
         super().__init__(runtime, options)
@@ -62,6 +69,9 @@ class GroupedDenoiser(Stage):
             self.runtime = dataclasses.replace(runtime, device=self.parallel_config.devices[0])
         self.parallel: Optional[ParallelContext] = None
         self.workers: Optional[WorkerGroup] = None
+        # (steps done, total) -> the rows of the chunk being denoised that asked for progress; set
+        # by execute (on rank 0 only) while such a chunk runs.
+        self.on_step: Optional[Callable[[int, int], None]] = None
 
     # --- parallelism ---------------------------------------------------------------------
 
@@ -117,20 +127,43 @@ class GroupedDenoiser(Stage):
         frames, text length) extend it."""
         return (request.params.height, request.params.width, request.params.steps)
 
+    def steps(self, timesteps: Sequence) -> Iterator:
+        """The loop's timesteps (``for t in self.steps(scheduler.timesteps)``), reporting each step
+        once its body has run."""
+        on_step, total = self.on_step, len(timesteps)
+        for done, t in enumerate(timesteps, 1):
+            yield t
+            if on_step is not None:
+                on_step(done, total)
+
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
         results: list[Outputs | RequestError | None] = [None] * len(rows)
         groups: dict[tuple, list[tuple[int, Any]]] = defaultdict(list)
+        targets: dict[int, progress.Target] = {}
         for i, row in enumerate(rows):
             try:
                 request = self.parse(row)
+                target = progress_target(row)
             except RequestError as error:
                 results[i] = error
                 continue
+            if target is not None:
+                targets[i] = target
             groups[self.group_key(request)].append((i, request))
         for members in groups.values():
             for chunk in self._chunks(members):
-                for (i, _), latents in zip(chunk, self.dispatch([request for _, request in chunk])):
-                    results[i] = {"LATENTS": latents}
+                requests = [request for _, request in chunk]
+                listening = [targets[i] for i, _ in chunk if i in targets]
+                if listening:
+                    self.on_step = reporter = progress.Reporter(listening)
+                try:
+                    latents = self.dispatch(requests)
+                finally:
+                    if listening:
+                        self.on_step = None
+                        reporter.close()  # before the response: the listener reads up to this end
+                for (i, _), row_latents in zip(chunk, latents):
+                    results[i] = {"LATENTS": row_latents}
         return results
 
     def _chunks(self, members: list[tuple[int, Any]]) -> Iterator[list[tuple[int, Any]]]:
@@ -143,6 +176,17 @@ class GroupedDenoiser(Stage):
             images += member[1].params.num_images
         if chunk:
             yield chunk
+
+
+def progress_target(row: Row) -> Optional[progress.Target]:
+    """Where the row's progress goes (its request's ``progress`` parameter), None when nobody listens."""
+    parameter = row.get(progress.PARAMETER)
+    if parameter is None:
+        return None
+    try:
+        return progress.Target.parse(parameter.value, parameter.row)
+    except ValueError as error:
+        raise RequestError(progress.PARAMETER, str(error)) from None
 
 
 def flow_match_scheduler(scheduler_class: type, scheduler_config, steps: int, image_tokens: int, device):

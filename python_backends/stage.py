@@ -7,7 +7,9 @@ written as plain PyTorch so that it can be unit-tested without Triton. The Trito
 * a row is one batch element of one request: ``{input name: value}`` with the batch
   dimension removed. Numeric inputs are ``torch.Tensor`` (on the stage's device when the
   previous ensemble step left them there), string inputs are ``numpy`` object arrays of
-  ``bytes``. Optional inputs that were not sent are absent from the dict;
+  ``bytes``. Optional inputs that were not sent are absent from the dict. Triton request
+  parameters that the stage declares (``request_parameters``) are there too, as
+  ``RequestParameter``s, when the request has them;
 * ``Stage.execute(rows)`` returns one entry per row: a dict of outputs (batch dimension
   removed) or a ``RequestError`` that fails that row's request alone.
 
@@ -29,6 +31,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ditserve.model_config import ConfigError
+
 Row = Mapping[str, Any]
 Outputs = dict[str, "torch.Tensor | np.ndarray"]
 
@@ -39,10 +43,6 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
-
-
-class ConfigError(ValueError):
-    """A bad model parameter, found while the model loads."""
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,6 +109,15 @@ def parse_options(options_type: type, params: Mapping[str, str]):
         raise ConfigError(str(exc)) from None
 
 
+class RequestParameter(typing.NamedTuple):
+    """A request parameter (not a tensor) as one row of the request sees it. Parameters, unlike
+    optional inputs, do not keep Triton's dynamic batcher from batching requests that have them with
+    requests that do not."""
+
+    value: str | int | bool
+    row: int  # this row's position in its request: the rows of one request share the value
+
+
 @dataclasses.dataclass(frozen=True)
 class NoOptions:
     pass
@@ -120,6 +129,7 @@ class Stage(ABC):
     Options: ClassVar[type] = NoOptions
     inputs: ClassVar[tuple[str, ...]] = ()  # Triton tensor names; config.pbtxt must match
     outputs: ClassVar[tuple[str, ...]] = ()
+    request_parameters: ClassVar[tuple[str, ...]] = ()  # Triton request parameters the rows carry
 
     def __init__(self, runtime: Runtime, options: Any = None):
         self.runtime = runtime

@@ -23,11 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ditserve.stage import ConfigError, RequestError, Runtime, Stage, parse_options
-
-
-def config_parameters(config: dict[str, Any]) -> dict[str, str]:
-    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+from ditserve.model_config import ConfigError, config_parameters
+from ditserve.stage import RequestError, RequestParameter, Runtime, Stage, parse_options
 
 
 def check_io(stage_cls: type[Stage], config: dict[str, Any]) -> None:
@@ -79,8 +76,13 @@ def triton_model(stage_cls: type[Stage]) -> type:
                     else:
                         inputs[name] = torch.from_dlpack(tensor.to_dlpack())
                 batch = len(next(iter(inputs.values()))) if inputs else 1
+                parameters = {}
+                if stage_cls.request_parameters:
+                    sent = json.loads(request.parameters())
+                    parameters = {name: sent[name] for name in stage_cls.request_parameters if name in sent}
                 for b in range(batch):
-                    rows.append({name: value[b] for name, value in inputs.items()})
+                    rows.append({name: value[b] for name, value in inputs.items()}
+                                | {name: RequestParameter(value, b) for name, value in parameters.items()})
                     owners.append(index)
             return rows, owners
 

@@ -1,6 +1,6 @@
-"""ditserve.client (request table, sync and asyncio clients, URL downloads) and the `ditserve
-generate | edit | video` CLI, through the session's real tritonserver (tiny models, 64x64, 2 steps,
-5 frames)."""
+"""ditserve.client (request table, sync and asyncio clients, URL downloads, per-step progress over
+the stream models) and the `ditserve generate | edit | video` CLI, through the session's real
+tritonserver (tiny models, 64x64, 2 or 3 steps, 5 frames)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import http.server
 import io
 import json
 import math
+import queue
+import re
 import subprocess
 import sys
 import threading
@@ -20,8 +22,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from PIL import Image
 from test_qwen_image_edit_request import encode, gradient, png_declaring
+from tritonclient.utils import InferenceServerException
 
 from ditserve.cli import main
 from ditserve.client import PIPELINES, AsyncClient, Client, RequestError
@@ -37,6 +41,15 @@ VIDEO = ["--prompt", "a paper boat", "--size", "64x64", "--num-frames", "5", "--
 
 def urls(triton_server) -> dict[str, str]:
     return {"grpc": triton_server.grpc_url, "http": triton_server.http_url.removeprefix("http://")}
+
+
+def check_progress(kind: str, protocol: str, captured, steps: int) -> None:
+    """Over gRPC the CLI counts every step on stderr; over HTTP it says why it cannot."""
+    shown = re.findall(rf"^ditserve {kind}: step (\d+)/(\d+) ", captured.err, re.M)
+    if protocol == "grpc":
+        assert shown == [(str(i), str(steps)) for i in range(1, steps + 1)], captured.err
+    else:
+        assert shown == [] and "over http (per-step progress needs --protocol grpc)" in captured.out
 
 
 @pytest.mark.parametrize(
@@ -125,16 +138,18 @@ def test_sync_and_async_clients_over_both_protocols_give_the_same_images(triton_
 @pytest.mark.server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_cli_generate_writes_the_requested_images(triton_server, tmp_path, capsys, protocol):
+    """Over gRPC the CLI streams (flux_t2i_stream): the same images as the plain ensemble's."""
     argv = ["generate", "--prompt", "a red kite", "--n", "2", "--size", "80x64", "--seed", "7",
-            "--num-inference-steps", "2", "--url", urls(triton_server)[protocol], "--protocol", protocol,
+            "--num-inference-steps", "3", "--url", urls(triton_server)[protocol], "--protocol", protocol,
             "--output-dir", str(tmp_path)]
     assert main(argv) == 0
-    out = capsys.readouterr().out
-    assert "flux_denoiser" in out and f"over {protocol}" in out
+    captured = capsys.readouterr()
+    assert "flux_denoiser" in captured.out and f"over {protocol}" in captured.out
+    check_progress("generate", protocol, captured, steps=3)
     images = [Image.open(tmp_path / f"flux_t2i_{i}.png") for i in range(2)]
     assert [image.size for image in images] == [(80, 64), (80, 64)]
     expected = Client(urls(triton_server)["grpc"], protocol="grpc").generate("a red kite", n=2, seed=7, size="80x64",
-                                                                          num_inference_steps=2)
+                                                                          num_inference_steps=3)
     assert np.array_equal(np.stack([np.asarray(image) for image in images]), expected.pixels)
 
 
@@ -238,7 +253,9 @@ def test_cli_edit_writes_the_clients_image(triton_server, tmp_path, capsys, inpu
     argv = ["edit", *EDIT, "--image", image, "--url", urls(triton_server)[protocol], "--protocol", protocol,
             "--output-dir", str(tmp_path)]
     assert main(argv) == 0
-    assert "qwen_image_edit_vae_encoder" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "qwen_image_edit_vae_encoder" in captured.out
+    check_progress("edit", protocol, captured, steps=2)
     written = Image.open(tmp_path / "qwen_image_edit_0.png")
     assert written.size == (64, 64) and np.array_equal(np.asarray(written), edited)
 
@@ -256,7 +273,9 @@ def decode_mp4(data: bytes) -> tuple[list[np.ndarray], float, tuple[int, int]]:
 def test_cli_video_writes_an_mp4_of_the_requested_frames(triton_server, tmp_path, capsys, protocol):
     argv = ["video", *VIDEO, "--url", urls(triton_server)[protocol], "--protocol", protocol, "--output-dir", str(tmp_path)]
     assert main(argv) == 0
-    assert "wan_denoiser" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "wan_denoiser" in captured.out
+    check_progress("video", protocol, captured, steps=2)
     frames, fps, size = decode_mp4((tmp_path / "wan_t2v_0.mp4").read_bytes())
     assert (len(frames), fps, size) == (5, 8.0, (64, 64))
 
@@ -295,3 +314,108 @@ def test_client_video_returns_the_mp4_and_its_frames(triton_server):
     assert error < 6, error
     mp4_only = client.video("a paper boat", size="64x64", num_frames=5, fps=8, seed=2, num_inference_steps=2, frames=False)
     assert mp4_only.frames is None and len(decode_mp4(mp4_only.mp4)[0]) == 5
+
+
+# --- per-step progress through the stream models -----------------------------------------------------
+
+
+@pytest.mark.server
+def test_streamed_results_equal_plain_ones_and_count_the_steps(triton_server):
+    grpc_client = Client(urls(triton_server)["grpc"], protocol="grpc")
+    steps = []
+    video = dict(size="64x64", num_frames=5, fps=8, seed=2, num_inference_steps=3)
+    streamed = grpc_client.video("a paper boat", progress=lambda p: steps.append((p.step, p.total)), **video)
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    plain = grpc_client.video("a paper boat", **video)
+    assert np.array_equal(streamed.frames, plain.frames) and streamed.mp4 == plain.mp4
+
+    async def generate_streamed() -> tuple:
+        client, seen = AsyncClient(urls(triton_server)["grpc"], protocol="grpc"), []
+        try:
+            result = await client.generate("a lighthouse", seed=5, progress=seen.append, **SMALL)
+            return result, seen, await client.streams("flux_t2i")
+        finally:
+            await client.close()
+
+    result, seen, streams = asyncio.run(generate_streamed())
+    assert [(p.step, p.total) for p in seen] == [(1, 2), (2, 2)] and streams
+    assert np.array_equal(result.pixels, grpc_client.generate("a lighthouse", seed=5, **SMALL).pixels)
+    http_client = Client(urls(triton_server)["http"], protocol="http")
+    assert not http_client.streams("flux_t2i")
+    with pytest.raises(ValueError, match="gRPC"):
+        http_client.generate("a lighthouse", progress=print, **SMALL)
+
+
+def stream_answers(triton_server, requests: list[tuple[str, list]]) -> list[tuple[str, str]]:
+    """Send (request id, inputs) to flux_t2i_stream on one gRPC stream; every answer as (id, what), up to
+    the last request's final one."""
+    answers: queue.Queue = queue.Queue()
+    server = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    server.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=120)
+    try:
+        for request_id, inputs in requests:
+            server.async_stream_infer("flux_t2i_stream", inputs, request_id=request_id)
+        seen = []
+        while not seen or seen[-1] != (requests[-1][0], "final"):
+            result, error = answers.get(timeout=120)
+            if error is not None:
+                seen.append(("?", f"error {error.message()}"))  # an error answer carries no request id
+                continue
+            request_id = result.get_response().id
+            step = result.as_numpy("STEP")
+            seen.append((request_id, "final" if step is None else f"step {step[0][0]}/{result.as_numpy('TOTAL_STEPS')[0][0]}"))
+        return seen
+    finally:
+        server.stop_stream()
+
+
+def flux_inputs(**values) -> list:
+    types = {"PROMPT": ("BYTES", object), "SEED": ("INT64", np.int64)}
+    inputs = []
+    for name, value in values.items():
+        datatype, dtype = types.get(name, ("INT32", np.int32))
+        item = grpcclient.InferInput(name, [1, 1], datatype)
+        item.set_data_from_numpy(np.array([[value]], dtype=dtype))
+        inputs.append(item)
+    return inputs
+
+
+@pytest.mark.server
+def test_a_bad_request_over_the_stream_gets_one_error_naming_the_field(triton_server):
+    small = dict(PROMPT=b"a kite", WIDTH=64, NUM_INFERENCE_STEPS=2)
+    answers = stream_answers(triton_server, [("bad", flux_inputs(HEIGHT=72, **small)), ("good", flux_inputs(HEIGHT=64, **small))])
+    assert answers == [("?", "error HEIGHT: must be a multiple of 16 in [64, 4096], got 72"),
+                       ("good", "step 1/2"), ("good", "step 2/2"), ("good", "final")]
+    seen = []
+    with pytest.raises(InferenceServerException, match="NUM_IMAGES: must be an integer in"):
+        Client(triton_server.grpc_url, protocol="grpc").generate("a", NUM_IMAGES=9, progress=seen.append)
+    assert seen == []
+
+
+def denoiser_counts(server, model: str) -> np.ndarray:
+    stats = server.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return np.array([int(stats.get("execution_count", 0)), int(stats.get("inference_count", 0))])
+
+
+@pytest.mark.server
+def test_a_streamed_request_batched_with_a_plain_one(triton_server):
+    """While a long request holds the denoiser, a streamed and a plain request of one shape queue and
+    run as one batch; each gets its own answers."""
+    url = urls(triton_server)["grpc"]
+    alone = Client(url, protocol="grpc").generate("a red kite", seed=8, **SMALL).pixels
+    server = grpcclient.InferenceServerClient(url)
+    before = denoiser_counts(server, "flux_denoiser")
+    blocker = threading.Thread(target=lambda: Client(url, protocol="grpc").generate("a", size="128x128", num_inference_steps=60))
+    blocker.start()
+    time.sleep(0.3)
+    results, steps = {}, []
+    plain = threading.Thread(target=lambda: results.update(plain=Client(url, protocol="grpc").generate("a red kite", seed=8, **SMALL)))
+    plain.start()
+    streamed = Client(url, protocol="grpc").generate("a blue kite", seed=9, progress=steps.append, **SMALL)
+    plain.join()
+    blocker.join()
+    executions, inferences = denoiser_counts(server, "flux_denoiser") - before
+    assert (inferences, executions) == (3, 2), "the streamed and the plain request were not batched"
+    assert [(p.step, p.total) for p in steps] == [(1, 2), (2, 2)]
+    assert np.array_equal(results["plain"].pixels, alone)
+    assert np.array_equal(streamed.pixels, Client(url, protocol="grpc").generate("a blue kite", seed=9, **SMALL).pixels)

@@ -294,6 +294,19 @@ BAD_VIDEOS = [
 ]
 
 
+def test_video_job_progress_counts_the_steps_over_grpc(gateway):
+    """The gateway streams the job's request (gRPC, wan_t2v_stream loaded): progress rises with the steps."""
+    body = {"prompt": "a kite", "num_frames": 5, "fps": 8, **VIDEO, "num_inference_steps": 40}
+    video_id = httpx.post(f"{gateway}/videos", json=body).json()["id"]
+    seen, deadline = [], time.monotonic() + 300
+    while (video := httpx.get(f"{gateway}/videos/{video_id}").json())["status"] in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, video
+        seen.append(video["progress"])
+        time.sleep(0.01)
+    assert video["status"] == "completed" and video["progress"] == 100
+    assert seen == sorted(seen) and any(0 < p < 100 for p in seen), seen
+
+
 @pytest.mark.parametrize("fields,status,param", BAD_VIDEOS)
 def test_bad_video_requests_are_refused_before_a_job(gateway, fields, status, param):
     response = httpx.post(f"{gateway}/videos", json={"prompt": "a kite", **VIDEO} | fields)

@@ -1,15 +1,18 @@
-"""model_repository/ agrees with the Python stage lists of every pipeline (no server needed)."""
+"""model_repository/ agrees with the Python stage lists of every pipeline, and every pipeline has a
+stream model that agrees with its ensemble (no server needed)."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
-from google.protobuf import json_format, text_format
-from tritonclient.grpc import model_config_pb2
 
+from ditserve.denoising import GroupedDenoiser
 from ditserve.flux import FLUX_T2I
+from ditserve.model_config import read_config
 from ditserve.qwen_image import QWEN_IMAGE_EDIT, QWEN_IMAGE_T2I
+from ditserve.streaming import StreamPlan, stream_model
 from ditserve.triton_model import check_io
 from ditserve.wan import WAN_I2V, WAN_T2V
 
@@ -23,8 +26,7 @@ MODEL_PATHS = {"qwen_image_edit_": "tiny-qwen-image-edit", "qwen_image_": "tiny-
 
 
 def load_config(name: str) -> dict:
-    message = text_format.Parse((REPOSITORY / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return read_config(REPOSITORY, name)
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
@@ -97,3 +99,25 @@ def test_image_request_stage_defaults_are_the_pipelines(model):
     stage = next(s.stage for p in PIPELINES for s in p.stages if s.model == model)
     params = config_parameters(load_config(model))
     assert parse_options(stage.Options, params) == stage.Options()
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
+def test_every_pipeline_streams_through_its_stream_model(pipeline):
+    """<ensemble>_stream: decoupled, the ensemble's inputs, outputs (plus STEP, TOTAL_STEPS) and batch
+    size (the check it runs at load), the two-line model.py; and a denoiser whose loop reports steps."""
+    name = stream_model(pipeline.name)
+    config = load_config(name)
+    assert config["name"] == name and config["backend"] == "python"
+    StreamPlan.read(REPOSITORY, pipeline.name).check(config)  # raises on any mismatch
+    assert "dynamic_batching" not in config  # its stage models batch; the stream model only waits on them
+    assert (REPOSITORY / name / "1" / "model.py").read_text().count("TritonStreamModel") == 2
+    (denoiser,) = [spec.stage for spec in pipeline.stages if issubclass(spec.stage, GroupedDenoiser)]
+    # What reports the steps (run through a server for every pipeline in test_client_cli.py, not for a new one).
+    assert "in self.steps(" in inspect.getsource(denoiser.denoise), f"{denoiser.__name__}'s loop must iterate self.steps(...)"
+
+
+def test_only_the_stream_models_are_decoupled():
+    """A decoupled step would make Triton treat an ensemble as decoupled: no plain HTTP or gRPC ModelInfer."""
+    decoupled = {path.parent.name for path in REPOSITORY.glob("*/config.pbtxt")
+                 if load_config(path.parent.name).get("model_transaction_policy", {}).get("decoupled")}
+    assert decoupled == {stream_model(p.name) for p in PIPELINES}

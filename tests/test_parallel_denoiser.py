@@ -1,7 +1,7 @@
 """The FLUX denoiser as rank 0 of a worker group (gloo on CPU) gives the single-process result.
 
 Layouts: Ulysses 2, Ring 2, Ring 3, CFG parallel 2 and CFG parallel x Ring 2 (4 ranks), on joint
-sequences whose length does not divide the degree (USP 2x2 attention is tested on its own in
+sequences whose length does not divide the degree, with per-step progress (reported by rank 0 alone) (USP 2x2 attention is tested on its own in
 test_parallel_attention; a 4-rank group of whole denoisers costs 40 s on 2 cores). Faults: a worker killed mid-request fails that
 request with an error naming the worker, and the next request runs on a fresh group; close()
 leaves no worker behind. Bad parallel parameters fail at load, before any worker starts.
@@ -17,12 +17,14 @@ import numpy as np
 import pytest
 import torch
 from flux_reference import CPU_FP32, make_row
+from test_progress import listen
 
 from ditserve.flux import FLUX_T2I
 from ditserve.flux.denoiser import FluxDenoiser, FluxDenoiserOptions
 from ditserve.parallel.group import ParallelConfig, ParallelOptions, WorkerGroupError
 from ditserve.pipeline import LocalPipeline
-from ditserve.stage import ConfigError, Runtime
+from ditserve.progress import PARAMETER
+from ditserve.stage import ConfigError, RequestParameter, Runtime
 
 RUNTIME = Runtime(model_path="tiny", **CPU_FP32)
 # 64x80 has 20 image tokens, 80x80 has 25: with the prompt's tokens, one of the two joint lengths is
@@ -73,7 +75,9 @@ def test_layouts_equal_the_single_process_result(reference, options):
         if degree > 1:
             assert any((text_len + image) % degree for image in (20, 25)), "no case with padding"
         assert len(denoiser.workers.pids()) == denoiser.parallel_config.world_size - 1
-        assert_same(pipeline(ROWS), reference, str(options))
+        results, steps = listen(lambda name: pipeline([row | {PARAMETER: RequestParameter(name, i)} for i, row in enumerate(ROWS)]))
+        assert_same(results, reference, str(options))
+        assert sorted(steps) == [([0], 1, 2), ([0], 2, 2), ([1], 1, 2), ([1], 2, 2)]  # once per step: rank 0
     finally:
         denoiser.close()
 

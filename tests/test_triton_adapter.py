@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditserve.stage import ConfigError, RequestError, Stage
+from ditserve.stage import ConfigError, RequestError, RequestParameter, Stage
 from ditserve.triton_model import triton_model
 
 
@@ -123,3 +123,34 @@ def test_an_exception_fails_that_call_and_the_model_keeps_serving(pb):
 def test_config_that_does_not_match_the_stage_is_refused_at_load(pb):
     with pytest.raises(ConfigError, match="inputs"):
         load(config_inputs=("X", "Z"))
+
+
+class Recorder(Stage):
+    """Y = X; keeps the rows it saw, with the request parameter it declares."""
+
+    inputs = ("X",)
+    outputs = ("Y",)
+    request_parameters = ("progress",)
+
+    def execute(self, rows):
+        self.rows = rows
+        return [{"Y": row["X"]} for row in rows]
+
+
+class ParameterRequest(dict):
+    def __init__(self, tensors, parameters):
+        super().__init__(tensors)
+        self._parameters = parameters
+
+    def parameters(self):
+        return json.dumps(self._parameters)
+
+
+def test_declared_request_parameters_reach_each_row_with_its_position(pb):
+    model = triton_model(Recorder)()
+    config = {"name": "recorder", "input": [{"name": "X", "data_type": "TYPE_FP32"}],
+              "output": [{"name": "Y", "data_type": "TYPE_FP32"}], "parameters": {"device": {"string_value": "cpu"}}}
+    model.initialize({"model_config": json.dumps(config), "model_name": "recorder"})
+    model.execute([ParameterRequest(request(1.0), {}), ParameterRequest(request(2.0, 3.0), {"progress": "p", "other": 1})])
+    assert [row.get("progress") for row in model.stage.rows] == [None, RequestParameter("p", 0), RequestParameter("p", 1)]
+    assert all("other" not in row for row in model.stage.rows)

@@ -236,7 +236,7 @@ class FluxDenoiser(GroupedDenoiser):
             return self.transformer(**inputs, return_dict=False)[0]
 
         with self.attention_context():
-            for t in scheduler.timesteps:
+            for t in self.steps(scheduler.timesteps):
                 timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
                 negative_branch = None
                 if len(cfg_index):

@@ -200,7 +200,7 @@ class QwenImageDenoiser(GroupedDenoiser):
         scheduler = flow_match_scheduler(
             self.scheduler_class, self.scheduler_config, first.params.steps, latents.shape[1], self.runtime.device
         )
-        for t in scheduler.timesteps:
+        for t in self.steps(scheduler.timesteps):
             timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
             negative_branch = None
             if cfg_requests:

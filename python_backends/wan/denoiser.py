@@ -209,7 +209,7 @@ class WanDenoiser(GroupedDenoiser):
             return transformer(**inputs, return_dict=False)[0]
 
         like = torch.empty(latents.shape, device=device, dtype=dtype)  # a prediction's shape and dtype (CFG parallel)
-        for t in scheduler.timesteps:
+        for t in self.steps(scheduler.timesteps):
             hidden = model_input(latents)
             transformer = self.expert(t)
             if cfg_parallel:  # each CFG branch computes its half of the batch below

@@ -1,0 +1,3 @@
+from ditserve.streaming import TritonStreamModel
+
+TritonPythonModel = TritonStreamModel
