@@ -24,7 +24,7 @@ STAMPS        := $(VENV)/.stamps
 DEB_PACKAGES  := python3.11 python3.11-venv libpython3.11 libb64-0d ca-certificates
 
 # --timeout: a hung test fails after 15 minutes instead of stalling CI (pytest-timeout).
-PYTEST_ARGS   ?= -q --timeout=900
+PYTEST_ARGS   ?= -q --timeout=900 --durations=25
 
 .PHONY: all setup debs venv test demo perf clean help
 
