@@ -14,6 +14,7 @@ _EXPORTS = {
     "Client": "ditserve.client.triton",
     "GenerateResult": "ditserve.client.triton",
     "ModelNotLoaded": "ditserve.client.triton",
+    "Progress": "ditserve.client.triton",
     "TritonUnavailable": "ditserve.client.triton",
     "VideoResult": "ditserve.client.triton",
     "RequestError": "ditserve.stage",

@@ -72,6 +72,7 @@ class Progress:
 
 
 OnProgress = Callable[[Progress], None]
+
 # A checked request, ready to send: (pipeline, model, inputs, requested outputs).
 Request = tuple[Pipeline, str, list, list]
 

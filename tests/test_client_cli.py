@@ -405,9 +405,11 @@ def test_a_streamed_request_batched_with_a_plain_one(triton_server):
     alone = Client(url, protocol="grpc").generate("a red kite", seed=8, **SMALL).pixels
     server = grpcclient.InferenceServerClient(url)
     before = denoiser_counts(server, "flux_denoiser")
-    blocker = threading.Thread(target=lambda: Client(url, protocol="grpc").generate("a", size="128x128", num_inference_steps=60))
+    busy = threading.Event()  # the long request's first step is done: the denoiser is taken for ~150 more
+    blocker = threading.Thread(target=lambda: Client(url, protocol="grpc").generate(
+        "a", size="128x128", num_inference_steps=150, progress=lambda p: busy.set()))
     blocker.start()
-    time.sleep(0.3)
+    assert busy.wait(120)
     results, steps = {}, []
     plain = threading.Thread(target=lambda: results.update(plain=Client(url, protocol="grpc").generate("a red kite", seed=8, **SMALL)))
     plain.start()
