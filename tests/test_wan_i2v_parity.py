@@ -13,7 +13,6 @@ import torch
 from flux_reference import CPU_FP32, make_row
 from PIL import Image
 from test_qwen_image_edit_request import encode, half, noise, png_declaring
-from test_wan_parity import reference_frames
 
 from ditserve.checkpoints import resolve_model_path
 from ditserve.pipeline import LocalPipeline
@@ -41,6 +40,23 @@ def image_row(prompt: str, negative: str | None, image: bytes, **scalars) -> dic
     row = make_row(prompt, negative, **scalars)
     row["IMAGE"] = np.array([image], dtype=object)
     return row
+
+
+def reference_frames(pipe, prompt, negative, image: bytes, **kw) -> np.ndarray:
+    """WanImageToVideoPipeline's frames for the same request fields (the image decoded as the server does)."""
+    frames = pipe(
+        image=Image.open(io.BytesIO(image)).convert("RGB"),
+        prompt=prompt,
+        negative_prompt=negative,
+        height=kw["HEIGHT"],
+        width=kw["WIDTH"],
+        num_frames=kw["NUM_FRAMES"],
+        num_inference_steps=kw["NUM_INFERENCE_STEPS"],
+        generator=torch.Generator("cpu").manual_seed(kw["SEED"]),
+        output_type="np",
+        **({"guidance_scale": kw["GUIDANCE_SCALE"]} if "GUIDANCE_SCALE" in kw else {}),
+    ).frames
+    return (frames[0] * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
 
 
 class Models:
@@ -76,9 +92,7 @@ def ti2v():
 def assert_parity(models: Models, prompt, negative, image, scalars) -> np.ndarray:
     (result,) = models.ours([image_row(prompt, negative, image, **scalars)])
     assert not isinstance(result, RequestError), result
-    # The image decoded as the server does.
-    expected = reference_frames(models.reference, prompt, negative,
-                                image=Image.open(io.BytesIO(image)).convert("RGB"), **scalars)
+    expected = reference_frames(models.reference, prompt, negative, image, **scalars)
     frames = result["FRAMES"]
     assert frames.shape == expected.shape == (scalars["NUM_FRAMES"], scalars["HEIGHT"], scalars["WIDTH"], 3)
     assert frames.std() > 5, "video is flat: the test could not tell pipelines apart"

@@ -22,11 +22,9 @@ from ditserve.wan.denoiser import WanDenoiser
 from ditserve.wan.request import WanRequestCheck
 
 
-def reference_frames(pipe, prompt, negative=None, *, image=None, **kw) -> np.ndarray:
-    """WanPipeline's (or, with ``image``, WanImageToVideoPipeline's) frames for the same request fields,
-    as uint8 (F, H, W, 3)."""
+def reference_frames(pipe, prompt, negative=None, **kw) -> np.ndarray:
+    """WanPipeline's frames for the same request fields, as uint8 (F, H, W, 3)."""
     frames = pipe(
-        **({"image": image} if image is not None else {}),
         prompt=prompt,
         negative_prompt=negative,
         height=kw["HEIGHT"],
