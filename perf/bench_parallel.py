@@ -52,10 +52,16 @@ LAYOUTS = {  # name -> (denoiser options, true CFG)
     "1 GPU, true CFG": ({}, True),
     "CFG parallel 2": ({"cfg_parallel": True}, True),
     "1 GPU, SDPA": ({"attention_backend": "sdpa"}, False),
+    # The transformer call replayed as a CUDA graph (ditserve.cuda_graphs), collectives included.
+    "1 GPU, CUDA graphs": ({"cuda_graphs": True}, False),
+    "Ulysses 2, CUDA graphs": ({"sp_degree": 2, "cuda_graphs": True}, False),
+    "Ring 2, CUDA graphs": ({"sp_degree": 2, "ring_degree": 2, "cuda_graphs": True}, False),
+    "Ulysses 4": ({"sp_degree": 4}, False),
+    "Ulysses 4, CUDA graphs": ({"sp_degree": 4, "cuda_graphs": True}, False),
 }
 BASELINE = {False: "1 GPU", True: "1 GPU, true CFG"}
 # Qwen-Image has CFG parallelism only (its denoiser refuses sp_degree > 1).
-DEFAULT_LAYOUTS = {"flux": list(LAYOUTS), "qwen-image": ["1 GPU, true CFG", "CFG parallel 2"]}
+DEFAULT_LAYOUTS = {"flux": ["1 GPU", "Ulysses 2", "Ring 2", "Ulysses 2, cuDNN", "1 GPU, true CFG", "CFG parallel 2", "1 GPU, SDPA"], "qwen-image": ["1 GPU, true CFG", "CFG parallel 2"]}
 DEFAULT_PRESETS = {"flux": "flux.1-dev", "qwen-image": "qwen-image"}
 
 

@@ -30,6 +30,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # Qwen-Image's is a copy
 
 from ditserve import progress
+from ditserve.cuda_graphs import GraphedCall
 from ditserve.parallel.group import ParallelConfig, ParallelContext, ParallelOptions, WorkerGroup
 from ditserve.parallel.usp import SPMesh
 from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage
@@ -40,6 +41,9 @@ class DenoiserOptions(ParallelOptions):
     # Images per transformer forward. A group of rows larger than this runs in chunks of
     # whole rows; a single row is never split (its latents come from one seeded draw).
     max_batch_images: int = 8
+    # Replay the transformer call as a CUDA graph per input shape (ditserve.cuda_graphs): the
+    # sequence-parallel step is host-bound without it. Models that support it say so.
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.max_batch_images < 1:
@@ -72,6 +76,18 @@ class GroupedDenoiser(Stage):
         # (steps done, total) -> the rows of the chunk being denoised that asked for progress; set
         # by execute (on rank 0 only) while such a chunk runs.
         self.on_step: Optional[Callable[[int, int], None]] = None
+        self._graphed: list[GraphedCall] = []
+        if self.options.cuda_graphs and self.runtime.device.type != "cuda":
+            raise ConfigError(f"parameter cuda_graphs: needs a CUDA device, the model runs on {self.runtime.device}")
+
+    def graphed(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """fn, replayed as CUDA graphs when the cuda_graphs option is on (keyword tensor inputs,
+        one tensor out, no host synchronisation inside)."""
+        if not self.options.cuda_graphs:
+            return fn
+        call = GraphedCall(fn)
+        self._graphed.append(call)
+        return call
 
     # --- parallelism ---------------------------------------------------------------------
 
@@ -96,6 +112,8 @@ class GroupedDenoiser(Stage):
     def attach(self, context: Optional[ParallelContext]) -> None:
         """Called by the group with this rank's context when it (re)starts, with None when it stops."""
         self.parallel = context
+        for call in self._graphed:  # captured with the old group's communicators
+            call.clear()
         if context is not None and context.mesh is not None:
             self.use_sequence_parallel(context.mesh)
 

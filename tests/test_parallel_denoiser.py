@@ -128,6 +128,7 @@ def test_killed_worker_fails_the_request_and_the_group_restarts(reference):
     (dict(sp_degree=2, ring_degree=2, attention_backend="triton_fp8"),
      "parameter ring_degree: ring attention merges partial results by their log-sum-exp"),
     (dict(sp_degree=2, gpus="0,1"), "parameter gpus: set to '0,1' but the model runs on cpu"),
+    (dict(cuda_graphs=True), "parameter cuda_graphs: needs a CUDA device, the model runs on cpu"),
 ])
 def test_bad_layouts_fail_at_load(options, message):
     with pytest.raises(ConfigError, match=message):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+from typing import Optional
 
 import numpy as np
 import torch
@@ -96,6 +97,7 @@ class FluxDenoiser(GroupedDenoiser):
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
         self.attention_context = self._install_attention(self.options.attention_backend)
+        self.forward = self.graphed(self._forward)
         self.start_parallel()
         if self.options.warmup and runtime.device.type == "cuda" and rank == 0:  # workers warm up with rank 0
             self.warm_up()
@@ -172,6 +174,13 @@ class FluxDenoiser(GroupedDenoiser):
 
     # --- the denoising loop -----------------------------------------------------------
 
+    def _forward(self, **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        """One transformer call: sequence-parallel on the group's mesh when there is one."""
+        mesh = self.parallel.mesh if self.parallel is not None else None
+        if mesh is not None:
+            return sp_forward(self.transformer, mesh, **inputs)
+        return self.transformer(**inputs, return_dict=False)[0]
+
     @torch.inference_mode()
     def denoise(self, requests: list[FluxRequest]) -> list[torch.Tensor]:
         """Denoise requests of one (height, width, steps); packed latents per request, fp32.
@@ -226,14 +235,9 @@ class FluxDenoiser(GroupedDenoiser):
             self.scheduler_class, self.scheduler_config, first.params.steps, latents.shape[1], self.runtime.device
         )
 
-        mesh = self.parallel.mesh if self.parallel is not None else None
-
         def transformer(hidden, timestep, guidance, pooled, text):
-            inputs = dict(hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled,
-                          encoder_hidden_states=text, txt_ids=text_ids, img_ids=image_ids)
-            if mesh is not None:
-                return sp_forward(self.transformer, mesh, **inputs)
-            return self.transformer(**inputs, return_dict=False)[0]
+            return self.forward(hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled,
+                                encoder_hidden_states=text, txt_ids=text_ids, img_ids=image_ids)
 
         with self.attention_context():
             for t in self.steps(scheduler.timesteps):

@@ -389,6 +389,8 @@ class WorkerGroup:
         for proc in self.procs:
             proc.wait()
         self.procs = []
+        # Detach first: it drops CUDA graphs that captured the group's collectives, and NCCL's
+        # communicator teardown waits until such graphs are gone (it hung there, 2 H200, 2026-11-26).
+        self.stage.attach(None)
         if dist.is_initialized():
             dist.destroy_process_group()
-        self.stage.attach(None)

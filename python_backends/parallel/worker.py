@@ -8,9 +8,11 @@ request in flight and restarts the group.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -26,6 +28,9 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def main() -> None:
+    # `kill -USR1 <worker pid>` writes every thread's stack to the server log: the way to see where
+    # a rank waits when a group hangs inside a collective (no Python frame of its own shows that).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     stdin = sys.stdin.buffer
     spec = pickle.load(stdin)  # imports torch, which does not initialise CUDA
     threading.Thread(target=_exit_with_parent, args=(spec.parent_pid,), daemon=True).start()
@@ -49,6 +54,7 @@ def main() -> None:
         except EOFError:  # rank 0 stopped the group or is gone
             break
         stage.denoise(to_device(requests, stage.runtime.device))
+    stage.attach(None)  # before the teardown, as WorkerGroup.stop does on rank 0 (CUDA graphs)
     dist.destroy_process_group()
 
 
