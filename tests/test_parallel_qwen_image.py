@@ -1,7 +1,7 @@
 """Sequence-parallel Qwen-Image on gloo ranks (CPU, fp32) gives the one-process result.
 
-* The transformer alone (ditserve.parallel.qwen_image.sp_forward), in one 3-rank group: Ulysses 2
-  and Ring 2 on its first 2 ranks, Ring 3 on all three; joint lengths that do not divide the degree,
+* The transformer alone (ditserve.parallel.qwen_image.sp_forward), in one 4-rank group: Ulysses 2
+  and Ring 2 on its first 2 ranks, Ring 3 on its first three, USP 2x2 on all four; joint lengths that do not divide the degree,
   a batch of two texts of different lengths (text mask with padding), shards holding no text rows
   or no image rows, and Edit's two image grids (input image tokens after the noise tokens); the
   same for a zero_cond_t transformer (Qwen-Image-Edit-2511), whose per-token modulation index
@@ -86,7 +86,8 @@ def _checks() -> None:
     from ditserve.parallel import build_mesh
     from ditserve.parallel.qwen_image import sp_forward
 
-    assert dist.get_world_size() == 3  # one group for all layouts: each spawn costs ~10 s of imports
+    # One group for all layouts: each spawn costs ~10 s of imports (a 4th rank added no measurable time).
+    assert dist.get_world_size() == 4
     layouts = ((2, 1), (1, 2))
     # 5 + 6 = 11 tokens: rank 1 holds a padding row; masked text (5 and 2 real tokens).
     _expect_equal(_inputs((5, 2), [(2, 3)]), layouts, "text 5/2, grid 2x3")
@@ -98,9 +99,10 @@ def _checks() -> None:
     _expect_equal(_inputs((4, 1), [(3, 4)]), ((1, 3),), "text 4/1, grid 3x4")
 
     # zero_cond_t (Edit-2511): 4 noise then 6 condition tokens, modulated at t and at 0.
-    # 5 + 10 = 15 tokens, 8 a rank: rank 1 holds the last noise token, the condition tokens and a padding row.
+    # 5 + 10 = 15 tokens; 8 a rank on 2: rank 1 holds the last noise token, the condition tokens and a
+    # padding row; 4 a rank on 4 (USP 2x2): noise and condition tokens meet on rank 2, rank 3 a padding row.
     inputs = _inputs((5, 2), [(2, 2), (2, 3)])
-    zero_cond = _expect_equal(inputs, layouts, "zero_cond_t, text 5/2, grids 2x2 + 2x3", zero_cond_t=True)
+    zero_cond = _expect_equal(inputs, (*layouts, (2, 2)), "zero_cond_t, text 5/2, grids 2x2 + 2x3", zero_cond_t=True)
     with torch.inference_mode():  # zero_cond_t matters here, or the check above could not tell the two apart
         plain = _tiny_qwen()(**inputs, return_dict=False)[0]
     assert (zero_cond - plain).abs().max() > 100 * TOL
@@ -108,13 +110,13 @@ def _checks() -> None:
     _expect_equal(_inputs((4, 1), [(2, 2), (2, 3)]), ((1, 3),), "zero_cond_t, text 4/1, grids 2x2 + 2x3",
                   zero_cond_t=True)
 
-    mesh = build_mesh(1, 3)
+    mesh = build_mesh(2, 2)
     with pytest.raises(ValueError, match="install the sequence-parallel processors first"):
         sp_forward(_tiny_qwen(), mesh, **_inputs((3, 3), [(2, 2)]))
 
 
 def test_qwen_image_transformer_layouts(tmp_path):
-    run_group(3, tmp_path, _checks)
+    run_group(4, tmp_path, _checks)
 
 
 # --- the denoisers as rank 0 of a worker group --------------------------------------------------
