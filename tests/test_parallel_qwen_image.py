@@ -1,11 +1,11 @@
 """Sequence-parallel Qwen-Image on gloo ranks (CPU, fp32) gives the one-process result.
 
 * The transformer alone (ditserve.parallel.qwen_image.sp_forward), in one 4-rank group: Ulysses 2
-  and Ring 2 on its first 2 ranks, Ring 3 on its first three, USP 2x2 on all four; joint lengths that do not divide the degree,
-  a batch of two texts of different lengths (text mask with padding), shards holding no text rows
-  or no image rows, and Edit's two image grids (input image tokens after the noise tokens); the
-  same for a zero_cond_t transformer (Qwen-Image-Edit-2511), whose per-token modulation index
-  changes from noise to condition tokens inside a shard.
+  and Ring 2 on its first 2 ranks, Ring 3 on its first three, USP 2x2 (zero_cond_t) on all four;
+  joint lengths that do not divide the degree, a batch of two texts of different lengths (text mask
+  with padding), shards holding no text rows or no image rows, and Edit's two image grids (input
+  image tokens after the noise tokens); the same for a zero_cond_t transformer (Qwen-Image-Edit-2511),
+  whose per-token modulation index changes from noise to condition tokens inside a shard.
 * The denoisers as rank 0 of a worker group through the whole pipeline: Qwen-Image with Ulysses 2
   (a true-CFG row and a plain one, texts of different lengths) and Qwen-Image-Edit with a zero_cond_t
   transformer, with Ulysses 2 and with CFG parallel.
@@ -193,7 +193,8 @@ def test_denoiser_layouts_equal_the_single_process_result(variant, zero_cond_t, 
     model = request.getfixturevalue("zero_cond_t_edit") if zero_cond_t else "tiny-qwen-image"
     spec, name, rows, options = _variant(variant)
     reference, single_rows = _single_process(variant, model)
-    pipeline = LocalPipeline(spec, Runtime(model_path=model, **CPU_FP32), {**options, name: QwenDenoiserOptions(**layout)})
+    runtime = Runtime(model_path=model, **CPU_FP32)
+    pipeline = LocalPipeline(spec, runtime, {**options, name: QwenDenoiserOptions(**layout)})
     denoiser = dict(pipeline.stages)[name]
     try:
         assert denoiser.transformer.config.zero_cond_t == zero_cond_t

@@ -44,10 +44,11 @@ def _sdpa_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optiona
     """torch's own fused attention kernels with their log-sum-exp (F.scaled_dot_product_attention returns
     none): memory-efficient attention on CUDA, flash attention on CPU, in q's dtype with fp32 softmax
     statistics inside, like SDPA. The partial outputs are rounded to q's dtype once and merged in fp32:
-    a Qwen-Image-size attention (4,352 tokens, 24 heads of 128, text keys masked, random bf16 inputs, H200)
-    is off the fp64 result by 4.06e-3 relative L2 on Ring 2 and 4.05e-3 on Ring 4, against 3.72e-3 for
-    one-GPU SDPA and 3.38e-3 for blocks in fp32 torch maths, which took 3.68 ms a 2,176-token block (and
-    materialised its scores) where this takes 0.55 ms."""
+    for a Qwen-Image-size attention (4,352 tokens, 24 heads of 128, text keys masked, random fp32 inputs
+    rounded to bf16; H200) the relative L2 error against fp64 attention is 4.06e-3 on Ring 2 and 4.05e-3
+    on Ring 4, against 3.72e-3 for one SDPA call and 3.38e-3 for the blocks in fp32 torch maths used
+    before, which took 3.68 ms a 2,176-token block (and materialised its scores) where this takes 0.55 ms
+    (perf/bench_ring_block.py measures the same on this code)."""
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     bias = None
     if mask is not None:  # additive, of q's dtype, as both kernels take it
