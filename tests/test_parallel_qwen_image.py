@@ -1,15 +1,22 @@
 """Sequence-parallel Qwen-Image on gloo ranks (CPU, fp32) gives the one-process result.
 
-* The transformer alone (ditserve.parallel.qwen_image.sp_forward), in one 3-rank group: Ulysses 2
-  and Ring 2 on its first 2 ranks, Ring 3 on all three; joint lengths that do not divide the degree,
-  a batch of two texts of different lengths (text mask with padding), shards holding no text rows
-  or no image rows, and Edit's two image grids (input image tokens after the noise tokens).
-* The denoisers as rank 0 of a worker group (sp_degree 2) through the whole pipeline: Qwen-Image
-  (a true-CFG row and a plain one, texts of different lengths) and Qwen-Image-Edit.
+* The transformer alone (ditserve.parallel.qwen_image.sp_forward), in one 4-rank group: Ulysses 2
+  and Ring 2 on its first 2 ranks, Ring 3 on its first three, USP 2x2 (zero_cond_t) on all four;
+  joint lengths that do not divide the degree, a batch of two texts of different lengths (text mask
+  with padding), shards holding no text rows or no image rows, and Edit's two image grids (input
+  image tokens after the noise tokens); the same for a zero_cond_t transformer (Qwen-Image-Edit-2511),
+  whose per-token modulation index changes from noise to condition tokens inside a shard.
+* The denoisers as rank 0 of a worker group through the whole pipeline: Qwen-Image with Ulysses 2
+  (a true-CFG row and a plain one, texts of different lengths) and Qwen-Image-Edit with a zero_cond_t
+  transformer, with Ulysses 2 and with CFG parallel.
 * A bad layout fails at load with a ConfigError naming the parameter.
 """
 
 from __future__ import annotations
+
+import functools
+import json
+import shutil
 
 import pytest
 import torch
@@ -53,13 +60,14 @@ def _inputs(text_lens: tuple[int, int], grids: list[tuple[int, int]]) -> dict:
     )
 
 
-def _expect_equal(inputs: dict, layouts, what: str) -> None:
+def _expect_equal(inputs: dict, layouts, what: str, **config) -> torch.Tensor:
     """sp_forward on each (ulysses, ring) layout, over the first ulysses * ring ranks, equals the
-    one-process forward (ranks outside a layout's mesh only join the collective group creation)."""
+    one-process forward (ranks outside a layout's mesh only join the collective group creation);
+    returns that forward's output."""
     from ditserve.parallel import build_mesh
     from ditserve.parallel.qwen_image import set_sequence_parallel, sp_forward
 
-    model = _tiny_qwen()  # fresh: the reference must run diffusers' processors, not installed ones
+    model = _tiny_qwen(**config)  # fresh: the reference must run diffusers' processors, not installed ones
     with torch.inference_mode():
         reference = model(**inputs, return_dict=False)[0]
         for u, r in layouts:
@@ -71,13 +79,15 @@ def _expect_equal(inputs: dict, layouts, what: str) -> None:
             assert out.shape == reference.shape
             err = (out - reference).abs().max().item()
             assert err < TOL, f"Qwen-Image usp {u}x{r}, {what}: max abs err {err}"
+    return reference
 
 
 def _checks() -> None:
     from ditserve.parallel import build_mesh
-    from ditserve.parallel.qwen_image import set_sequence_parallel, sp_forward
+    from ditserve.parallel.qwen_image import sp_forward
 
-    assert dist.get_world_size() == 3  # one group for all layouts: each spawn costs ~10 s of imports
+    # One group for all layouts: each spawn costs ~10 s of imports (a 4th rank added no measurable time).
+    assert dist.get_world_size() == 4
     layouts = ((2, 1), (1, 2))
     # 5 + 6 = 11 tokens: rank 1 holds a padding row; masked text (5 and 2 real tokens).
     _expect_equal(_inputs((5, 2), [(2, 3)]), layouts, "text 5/2, grid 2x3")
@@ -88,15 +98,25 @@ def _checks() -> None:
     # Ring 3: 4 + 12 = 16 tokens, 6 a rank: ranks 1 and 2 hold no text rows, rank 2 two padding rows.
     _expect_equal(_inputs((4, 1), [(3, 4)]), ((1, 3),), "text 4/1, grid 3x4")
 
-    mesh = build_mesh(1, 3)
+    # zero_cond_t (Edit-2511): 4 noise then 6 condition tokens, modulated at t and at 0.
+    # 5 + 10 = 15 tokens; 8 a rank on 2: rank 1 holds the last noise token, the condition tokens and a
+    # padding row; 4 a rank on 4 (USP 2x2): noise and condition tokens meet on rank 2, rank 3 a padding row.
+    inputs = _inputs((5, 2), [(2, 2), (2, 3)])
+    zero_cond = _expect_equal(inputs, (*layouts, (2, 2)), "zero_cond_t, text 5/2, grids 2x2 + 2x3", zero_cond_t=True)
+    with torch.inference_mode():  # zero_cond_t matters here, or the check above could not tell the two apart
+        plain = _tiny_qwen()(**inputs, return_dict=False)[0]
+    assert (zero_cond - plain).abs().max() > 100 * TOL
+    # Ring 3: 4 + 10 = 14 tokens, 5 a rank: each rank a different mix of text, noise, condition and padding rows.
+    _expect_equal(_inputs((4, 1), [(2, 2), (2, 3)]), ((1, 3),), "zero_cond_t, text 4/1, grids 2x2 + 2x3",
+                  zero_cond_t=True)
+
+    mesh = build_mesh(2, 2)
     with pytest.raises(ValueError, match="install the sequence-parallel processors first"):
         sp_forward(_tiny_qwen(), mesh, **_inputs((3, 3), [(2, 2)]))
-    with pytest.raises(ValueError, match="zero_cond_t are not supported"):
-        set_sequence_parallel(_tiny_qwen(zero_cond_t=True), mesh)
 
 
 def test_qwen_image_transformer_layouts(tmp_path):
-    run_group(3, tmp_path, _checks)
+    run_group(4, tmp_path, _checks)
 
 
 # --- the denoisers as rank 0 of a worker group --------------------------------------------------
@@ -118,38 +138,80 @@ def _t2i_rows() -> list[dict]:
             make_row("a green field in the morning light", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=2, SEED=4)]
 
 
-@pytest.mark.parametrize("variant", ["t2i", "edit"])
-def test_denoiser_sequence_parallel_equals_the_single_process_result(variant):
+@pytest.fixture(scope="module")
+def zero_cond_t_edit(tmp_path_factory) -> str:
+    """tiny-qwen-image-edit with ``zero_cond_t`` in its transformer config, as Qwen-Image-Edit-2511's: the
+    same weights, since the flag adds none."""
+    from ditserve.checkpoints import resolve_model_path
+
+    path = tmp_path_factory.mktemp("qwen-edit-zero-cond-t") / "ckpt"
+    shutil.copytree(resolve_model_path("tiny-qwen-image-edit"), path)
+    config_file = path / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "zero_cond_t": True}))
+    return str(path)
+
+
+@functools.cache
+def _single_process(variant: str, model: str) -> tuple[list[dict], list[int]]:
+    """The one-process results of the variant's rows, and the joint rows of each transformer forward."""
     from flux_reference import CPU_FP32
 
     from ditserve.pipeline import LocalPipeline
-    from ditserve.qwen_image import QWEN_IMAGE_EDIT, QWEN_IMAGE_T2I
-    from ditserve.qwen_image.denoiser import QwenDenoiserOptions
-    from ditserve.qwen_image.request import EditRequestOptions
     from ditserve.stage import Runtime
 
+    spec, name, rows, options = _variant(variant)
+    single = LocalPipeline(spec, Runtime(model_path=model, **CPU_FP32), options)
+    joint_rows = _record_joint_rows(dict(single.stages)[name])
+    return single(rows), joint_rows
+
+
+def _variant(variant: str) -> tuple:
+    """(pipeline, denoiser name, rows, stage options) of a variant."""
+    from ditserve.qwen_image import QWEN_IMAGE_EDIT, QWEN_IMAGE_T2I
+    from ditserve.qwen_image.request import EditRequestOptions
+
     if variant == "t2i":
-        spec, model, name, rows, options = QWEN_IMAGE_T2I, "tiny-qwen-image", "qwen_image_denoiser", _t2i_rows(), {}
-    else:
-        spec, model, name, rows = QWEN_IMAGE_EDIT, "tiny-qwen-image-edit", "qwen_image_edit_denoiser", _edit_rows()
-        options = {"qwen_image_edit_request": EditRequestOptions(condition_area=64 * 64)}
+        return QWEN_IMAGE_T2I, "qwen_image_denoiser", _t2i_rows(), {}
+    return (QWEN_IMAGE_EDIT, "qwen_image_edit_denoiser", _edit_rows(),
+            {"qwen_image_edit_request": EditRequestOptions(condition_area=64 * 64)})
+
+
+# The Edit denoiser's sequence-parallel path is the same with and without zero_cond_t (the transformer
+# test covers both): one Edit case, with zero_cond_t, keeps this file's time down (~13 s a case).
+@pytest.mark.parametrize("variant,zero_cond_t,layout", [
+    ("t2i", False, dict(sp_degree=2)),
+    ("edit", True, dict(sp_degree=2)),
+    ("edit", True, dict(cfg_parallel=True)),
+], ids=["t2i-ulysses2", "edit-zero-cond-t-ulysses2", "edit-zero-cond-t-cfg-parallel"])
+def test_denoiser_layouts_equal_the_single_process_result(variant, zero_cond_t, layout, request):
+    from flux_reference import CPU_FP32
+
+    from ditserve.pipeline import LocalPipeline
+    from ditserve.qwen_image.denoiser import QwenDenoiserOptions
+    from ditserve.stage import Runtime
+
+    model = request.getfixturevalue("zero_cond_t_edit") if zero_cond_t else "tiny-qwen-image"
+    spec, name, rows, options = _variant(variant)
+    reference, single_rows = _single_process(variant, model)
     runtime = Runtime(model_path=model, **CPU_FP32)
-    single = LocalPipeline(spec, runtime, options)
-    single_rows = _record_joint_rows(dict(single.stages)[name])
-    reference = single(rows)
-    pipeline = LocalPipeline(spec, runtime, {**options, name: QwenDenoiserOptions(sp_degree=2)})
+    pipeline = LocalPipeline(spec, runtime, {**options, name: QwenDenoiserOptions(**layout)})
     denoiser = dict(pipeline.stages)[name]
     try:
-        shard_rows = _record_joint_rows(denoiser)
+        assert denoiser.transformer.config.zero_cond_t == zero_cond_t
+        rank0_rows = _record_joint_rows(denoiser)
         assert len(denoiser.workers.pids()) == 1
         results = pipeline(rows)
     finally:
         denoiser.close()
     for ours, ref in zip(results, reference):
         err = (ours["LATENTS"] - ref["LATENTS"]).abs().max().item()
-        assert err < 1e-4, f"{variant} sp_degree=2: latents differ by {err}"
-    # Rank 0 ran every forward (both CFG branches too) on its half of the joint sequence.
-    assert shard_rows == [-(-n // 2) for n in single_rows] and shard_rows, (shard_rows, single_rows)
+        assert err < 1e-4, f"{request.node.callspec.id}: latents differ by {err}"
+    if layout.get("cfg_parallel"):
+        # Rank 0 ran the positive forward of each step (the first of its pair), rank 1 the negative.
+        assert rank0_rows == single_rows[::2] and rank0_rows, (rank0_rows, single_rows)
+    else:
+        # Rank 0 ran every forward (both CFG branches too) on its half of the joint sequence.
+        assert rank0_rows == [-(-n // 2) for n in single_rows] and rank0_rows, (rank0_rows, single_rows)
 
 
 def _record_joint_rows(denoiser) -> list[int]:

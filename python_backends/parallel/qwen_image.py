@@ -15,6 +15,12 @@ For Qwen-Image-Edit the image stream is the noise tokens followed by the input i
 (``img_shapes`` with two grids): the rotary table lists both grids in that order, so sharding it as
 one image stream keeps every token's position.
 
+Transformers with ``zero_cond_t`` (Qwen-Image-Edit-2511) embed the timestep twice, the second time as 0,
+and modulate each image token with one of the two: the noise tokens (each sample's first grid) with the
+timestep, the condition-image tokens (the grids after it) with 0; the text stream and ``norm_out`` take
+the first. That choice is a per-token index over the image stream (``condition_index``), so it is
+sharded with the image tokens like the rotary table.
+
     mesh = build_mesh(ulysses_degree=2, ring_degree=1)      # on every rank
     set_sequence_parallel(transformer, mesh)
     out = sp_forward(transformer, mesh, hidden_states=..., encoder_hidden_states=...,
@@ -23,6 +29,7 @@ one image stream keeps every token's position.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -74,16 +81,20 @@ def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: s
     """Install the sequence-parallel processor on every block's attention; returns how many.
 
     Raises ValueError when ulysses_degree does not divide the head count (checked here, at load,
-    rather than in the first request), or for transformer variants sp_forward does not run.
+    rather than in the first request).
     """
-    config = transformer.config
-    if config.zero_cond_t:  # per-token modulation index: sp_forward does not shard it
-        raise ValueError("set_sequence_parallel: Qwen-Image transformers with zero_cond_t are not supported")
-    check_heads(config.num_attention_heads, mesh.layout.ulysses_degree)
+    check_heads(transformer.config.num_attention_heads, mesh.layout.ulysses_degree)
     processor = QwenSequenceParallelProcessor(mesh, backend)
     for block in transformer.transformer_blocks:
         block.attn.set_processor(processor)
     return len(transformer.transformer_blocks)
+
+
+def condition_index(img_shapes: list, device: torch.device) -> torch.Tensor:
+    """zero_cond_t's (B, image tokens) modulation index, as QwenImageTransformer2DModel.forward builds it:
+    0 for the tokens of each sample's first grid (noise), 1 for those of the grids after it (condition images)."""
+    rows = [[0] * math.prod(grids[0]) + [1] * sum(math.prod(grid) for grid in grids[1:]) for grids in img_shapes]
+    return torch.tensor(rows, dtype=torch.int, device=device)
 
 
 def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: torch.Tensor,
@@ -107,7 +118,13 @@ def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: tor
     x = transformer.img_in(shard(hidden_states, p, rank, dim=1, stream="image"))
     text = shard(encoder_hidden_states, p, rank, dim=1, stream="text")
     text = transformer.txt_in(transformer.txt_norm(text))
-    temb = transformer.time_text_embed(timestep.to(x.dtype), x)
+    timestep = timestep.to(x.dtype)
+    modulate_index = None
+    if transformer.config.zero_cond_t:
+        timestep = torch.cat([timestep, timestep * 0])  # temb: (2B, D), the second half at timestep 0
+        # Padding rows get index 0 (the `shard` pad value): computed, then dropped at gather.
+        modulate_index = shard(condition_index(img_shapes, x.device), p, rank, dim=1, stream="image")
+    temb = transformer.time_text_embed(timestep, x)
     img_freqs, txt_freqs = transformer.pos_embed(img_shapes, max_txt_seq_len=text_len, device=x.device)
     rotary = (shard(img_freqs, p, rank, dim=0, stream="image"), shard(txt_freqs, p, rank, dim=0, stream="text"))
 
@@ -123,7 +140,10 @@ def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: tor
 
     for block in transformer.transformer_blocks:
         text, x = block(hidden_states=x, encoder_hidden_states=text, encoder_hidden_states_mask=None, temb=temb,
-                        image_rotary_emb=rotary, joint_attention_kwargs={"attention_mask": mask})
+                        image_rotary_emb=rotary, joint_attention_kwargs={"attention_mask": mask},
+                        modulate_index=modulate_index)
+    if modulate_index is not None:
+        temb = temb.chunk(2)[0]  # the output norm is modulated by the timestep alone
     x = transformer.proj_out(transformer.norm_out(x, temb))
 
     # This rank's output holds only its image (and padding) rows; put zero rows in front for its text

@@ -124,9 +124,6 @@ class QwenImageDenoiser(GroupedDenoiser):
             check_heads(self.transformer.config.num_attention_heads, config.ulysses_degree)
         except ValueError as exc:
             raise ConfigError(f"parameter ulysses_degree: {exc}") from None
-        if config.sp_degree > 1 and self.transformer.config.zero_cond_t:
-            raise ConfigError("parameter sp_degree: sequence parallelism does not support Qwen-Image transformers "
-                              "with zero_cond_t")
 
     def use_sequence_parallel(self, mesh: SPMesh) -> None:
         set_sequence_parallel(self.transformer, mesh)

@@ -3,6 +3,12 @@
 Qwen-Image's stages where the logic is the same (VAE decoding, post-processing) and their Edit
 subclasses where it is not: the request check also decodes and resizes INPUT_IMAGE, the text encoder
 sees the image, the denoiser takes the image latents that the VAE encoder makes.
+
+These are ``QwenImageEditPipeline``'s semantics. Qwen-Image-Edit-2509 and -2511 checkpoints name
+``QwenImageEditPlusPipeline`` (diffusers 0.42.1): up to several input images, a "Picture N:" prompt
+template, the image seen by Qwen2.5-VL at about 384x384 pixels and by the VAE at about 1024x1024. That
+pipeline is not implemented here (and such a checkpoint is not refused at load). Its 2511 transformer
+config (``zero_cond_t``) runs in this denoiser, sequence-parallel included, as the transformer handles it.
 """
 
 from ditserve.pipeline import PipelineSpec, StageSpec
