@@ -41,9 +41,6 @@ class DenoiserOptions(ParallelOptions):
     # Images per transformer forward. A group of rows larger than this runs in chunks of
     # whole rows; a single row is never split (its latents come from one seeded draw).
     max_batch_images: int = 8
-    # Replay the transformer call as a CUDA graph per input shape (ditserve.cuda_graphs): the
-    # sequence-parallel step is host-bound without it. Models that support it say so.
-    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.max_batch_images < 1:
@@ -77,14 +74,14 @@ class GroupedDenoiser(Stage):
         # by execute (on rank 0 only) while such a chunk runs.
         self.on_step: Optional[Callable[[int, int], None]] = None
         self._graphed: list[GraphedCall] = []
-        if self.options.cuda_graphs and self.runtime.device.type != "cuda":
-            raise ConfigError(f"parameter cuda_graphs: needs a CUDA device, the model runs on {self.runtime.device}")
 
-    def graphed(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """fn, replayed as CUDA graphs when the cuda_graphs option is on (keyword tensor inputs,
-        one tensor out, no host synchronisation inside)."""
-        if not self.options.cuda_graphs:
+    def graphed(self, fn: Callable[..., torch.Tensor], enabled: bool) -> Callable[..., torch.Tensor]:
+        """fn, replayed as CUDA graphs when ``enabled`` (a model's ``cuda_graphs`` option; keyword tensor
+        inputs, one tensor out, no host synchronisation inside). Call it at load: it checks the device."""
+        if not enabled:
             return fn
+        if self.runtime.device.type != "cuda":
+            raise ConfigError(f"parameter cuda_graphs: needs a CUDA device, the model runs on {self.runtime.device}")
         call = GraphedCall(fn)
         self._graphed.append(call)
         return call

@@ -32,6 +32,10 @@ class FluxDenoiserOptions(DenoiserOptions):
     # "auto": triton on CUDA (compute capability >= 8.0), sdpa elsewhere; or "sdpa", "cudnn",
     # or a ditserve.kernels backend ("triton", "triton_fp8").
     attention_backend: str = "auto"
+    # Replay the transformer call as a CUDA graph per input shape (ditserve.cuda_graphs): the
+    # sequence-parallel step is host-bound without it (Ulysses 2 on 2 H200: 163.9 ms a step eager,
+    # 93.3 ms with graphs; perf/RESULTS.md).
+    cuda_graphs: bool = False
     # One denoising step at FluxPipeline's default size (and 512 text tokens) while the model
     # loads, on CUDA only: Triton autotunes the attention kernel per sequence length, and the
     # first 1024x1024 request after start-up took 19.2 s instead of 4.6 s (H100, 2026-11-26).
@@ -97,7 +101,7 @@ class FluxDenoiser(GroupedDenoiser):
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
         self.attention_context = self._install_attention(self.options.attention_backend)
-        self.forward = self.graphed(self._forward)
+        self.forward = self.graphed(self._forward, self.options.cuda_graphs)
         self.start_parallel()
         if self.options.warmup and runtime.device.type == "cuda" and rank == 0:  # workers warm up with rank 0
             self.warm_up()
