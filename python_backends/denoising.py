@@ -149,7 +149,7 @@ class GroupedDenoiser(Stage):
     def select_attention(self, head_dim: int) -> None:
         """Resolve and check ``attention_backend`` for a transformer of ``head_dim``; ConfigError names the
         parameter. Subclasses call it at load before reading the weights, then ``install_attention``."""
-        name = self.options.attention_backend
+        name = requested = self.options.attention_backend
         if name == "auto":
             name = self.auto_attention_backend(head_dim)
             # Workers build their stage from rank 0's options: they run what rank 0 chose.
@@ -163,7 +163,7 @@ class GroupedDenoiser(Stage):
         try:
             check_attention_backend(name, self.runtime, head_dim, masked=masked)
         except ValueError as exc:
-            chosen = f"auto chose {name!r}, which cannot run here: " if self.options.attention_backend != name else ""
+            chosen = f"auto chose {name!r}, which cannot run here: " if requested != name else ""
             raise ConfigError(f"parameter attention_backend: {chosen}{exc}") from None
 
     def install_attention(self) -> None:

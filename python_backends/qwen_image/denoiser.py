@@ -15,6 +15,9 @@ latent grid.
 
 Parallelism (``ditserve.denoising``): the true-CFG branches on a rank each (cfg_parallel), and the
 transformer sequence-parallel (sp_degree, ``ditserve.parallel.qwen_image``: Ulysses, Ring or both).
+Attention: parameter ``attention_backend`` (``ditserve.denoising``); the ditserve backends run through
+``ditserve.kernels.qwen_processor`` (QK RMSNorm and RoPE fused into the Triton kernel, the text mask as
+its key mask).
 """
 
 from __future__ import annotations

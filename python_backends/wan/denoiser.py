@@ -13,7 +13,9 @@ Requests of one (height, width, steps, frames, text length) run as one batch: co
 unconditional rows together in one transformer forward per step. With ``cfg_parallel`` the two halves
 of that batch are computed each on its CFG branch of the worker group (``GroupedDenoiser.branches``);
 with ``sp_degree`` > 1 every forward runs sequence-parallel over the video tokens
-(``ditserve.parallel.wan``), both experts included.
+(``ditserve.parallel.wan``), both experts included. Attention: parameter ``attention_backend``
+(``ditserve.denoising``) for both experts; the ditserve backends run through
+``ditserve.kernels.wan_processor`` (RoPE fused into the Triton kernel; Wan's across-heads QK norm cannot be).
 
 Image-to-video (``WanImageDenoiser``, as ``WanImageToVideoPipeline``): each request brings CONDITION from
 ``ditserve.wan.image_encoder``, concatenated to the noise latents along channels in every transformer
