@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ditserve.denoising import SDPA_BACKENDS, GroupedDenoiser, TransformerOptions
+from ditserve.denoising import GroupedDenoiser, TransformerOptions
 from ditserve.loading import Checkpoint
 from ditserve.parallel import SPMesh, check_heads
 from ditserve.parallel.group import ParallelConfig
@@ -112,15 +112,14 @@ class WanDenoiser(GroupedDenoiser):
     def experts(self) -> list[torch.nn.Module]:
         return [self.transformer] + ([self.transformer_2] if self.transformer_2 is not None else [])
 
-    @staticmethod
-    def _ring_on_cuda(config: Optional[ParallelConfig]) -> bool:
-        return config is not None and config.ring_degree > 1 and config.devices[0].type == "cuda"
-
     def auto_attention_backend(self, head_dim: int) -> str:
-        # diffusers' SDPA (our kernel at Wan's size is not measured yet: perf/README.md), except for ring
-        # attention on CUDA, whose blocks must return their log-sum-exp: the "sdpa" ring block materialises
-        # fp32 scores ((L/P)^2 per head: ~43 GB for one Wan 14B 480p block on 2 ranks), our kernel does not.
-        return "triton" if self._ring_on_cuda(self.parallel_config) else "sdpa"
+        # diffusers' SDPA (our kernel at Wan's size is not measured yet: perf/README.md), except for Ring
+        # attention on CUDA: its "sdpa" blocks run torch's memory-efficient kernel, the only one that returns
+        # their log-sum-exp (182 TFLOP/s at 1x40x32760x128 on an H100, shared/ENVIRONMENT.md), our kernel
+        # 498.6 (perf/RESULTS.md).
+        config = self.parallel_config
+        ring_on_cuda = config is not None and config.ring_degree > 1 and config.devices[0].type == "cuda"
+        return "triton" if ring_on_cuda else "sdpa"
 
     def set_attention_processors(self, backend: str) -> None:
         from ditserve.kernels.wan_processor import set_attention_backend
@@ -136,10 +135,6 @@ class WanDenoiser(GroupedDenoiser):
                 check_heads(transformer.config.num_attention_heads, config.ulysses_degree)
             except ValueError as exc:
                 raise ConfigError(f"parameter ulysses_degree: {exc}") from None
-        if self._ring_on_cuda(config) and self.attention_name in SDPA_BACKENDS:
-            raise ConfigError(f"parameter ring_degree: ring attention on CUDA with attention_backend {self.attention_name!r} "
-                              f"materialises fp32 scores ((L/P)^2 per head: ~43 GB for one Wan 14B 480p block on 2 ranks); "
-                              f"use attention_backend triton (or auto), or ulysses_degree instead")
 
     def use_sequence_parallel(self, mesh: SPMesh) -> None:
         for transformer in self.experts():
