@@ -20,34 +20,11 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
 
 from .attention import Prologue
+from .processors import key_padding_mask, norm_eps, norm_weight, set_processor
 from .registry import Backend, get_backend
 
 
-def _norm_weight(norm: torch.nn.Module, head_dim: int, like: torch.Tensor) -> torch.Tensor:
-    if not isinstance(norm, torch.nn.RMSNorm):
-        raise ValueError(f"ditserve FLUX processor: QK norm must be torch.nn.RMSNorm, got {type(norm).__name__}")
-    if norm.weight is None:
-        return torch.ones(head_dim, device=like.device, dtype=like.dtype)
-    return norm.weight
-
-
-def _eps(norm: torch.nn.RMSNorm, dtype: torch.dtype) -> float:
-    # torch.nn.RMSNorm with eps=None uses the input dtype's machine epsilon.
-    return float(norm.eps) if norm.eps is not None else float(torch.finfo(dtype).eps)
-
-
-def _key_padding_mask(mask: Optional[torch.Tensor], batch: int, length: int) -> Optional[torch.Tensor]:
-    """Accept a bool key-padding mask as (B, L) or broadcastable (B, 1, 1, L)."""
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool:
-        raise ValueError(f"ditserve FLUX processor: attention_mask must be bool (True = attend), got {mask.dtype}")
-    if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
-        mask = mask[:, 0, 0, :]
-    if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"ditserve FLUX processor: attention_mask must be (B, L) = ({batch}, {length}) or "
-                         f"(B, 1, 1, L), got {tuple(mask.shape)}")
-    return mask
+_WHO = "ditserve FLUX processor"
 
 
 class DitserveFluxAttnProcessor:
@@ -68,8 +45,9 @@ class DitserveFluxAttnProcessor:
         query, key, value, enc_q, enc_k, enc_v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         d = attn.head_dim
         query, key, value = (x.unflatten(-1, (-1, d)) for x in (query, key, value))
-        qw = _norm_weight(attn.norm_q, d, query)
-        kw = _norm_weight(attn.norm_k, d, key)
+        norms = [attn.norm_q, attn.norm_k]
+        qw = norm_weight(attn.norm_q, d, query, _WHO)
+        kw = norm_weight(attn.norm_k, d, key, _WHO)
         split = 0
         joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
         if joint:
@@ -78,12 +56,13 @@ class DitserveFluxAttnProcessor:
             query = torch.cat([enc_q, query], dim=1)
             key = torch.cat([enc_k, key], dim=1)
             value = torch.cat([enc_v, value], dim=1)
-            qw = torch.stack([_norm_weight(attn.norm_added_q, d, query), qw])
-            kw = torch.stack([_norm_weight(attn.norm_added_k, d, key), kw])
+            qw = torch.stack([norm_weight(attn.norm_added_q, d, query, _WHO), qw])
+            kw = torch.stack([norm_weight(attn.norm_added_k, d, key, _WHO), kw])
+            norms += [attn.norm_added_q, attn.norm_added_k]
         cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
-        prologue = Prologue(q_weight=qw, k_weight=kw, eps=_eps(attn.norm_q, query.dtype), norm_split=split,
+        prologue = Prologue(q_weight=qw, k_weight=kw, eps=norm_eps(norms, query.dtype, _WHO), norm_split=split,
                             cos=cos, sin=sin, interleaved=True, k_mode=self.k_mode)
-        mask = _key_padding_mask(attention_mask, key.shape[0], key.shape[1])
+        mask = key_padding_mask(attention_mask, key.shape[0], key.shape[1], _WHO)
 
         hidden_states = self.backend(query, key, value, mask=mask, prologue=prologue)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
@@ -108,12 +87,5 @@ def set_attention_backend(
     """
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    n = 0
-    for module in transformer.modules():
-        if isinstance(module, FluxAttention):
-            processor = FluxAttnProcessor() if name == "diffusers" else DitserveFluxAttnProcessor(name, k_mode)
-            module.set_processor(processor)
-            n += 1
-    if n == 0:
-        raise ValueError(f"set_attention_backend: {type(transformer).__name__} has no FluxAttention modules")
-    return n
+    processor = FluxAttnProcessor() if name == "diffusers" else DitserveFluxAttnProcessor(name, k_mode)
+    return set_processor(transformer, FluxAttention, processor)

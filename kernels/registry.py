@@ -53,28 +53,33 @@ class Backend:
             raise ValueError(f"{self.name}: q, k, v are on different devices")
         if not (q.dtype == k.dtype == v.dtype):
             raise ValueError(f"{self.name}: q, k, v have different dtypes {q.dtype}, {k.dtype}, {v.dtype}")
-        dev = q.device.type
-        if dev not in self.dtypes:
-            raise ValueError(f"{self.name}: device type '{dev}' not supported (supported: {sorted(self.dtypes)})")
-        if dev == "cpu" and self.cpu_needs_interpreter and not _attn.INTERPRET:
-            raise ValueError(f"{self.name}: on CPU this backend runs only in Triton's interpreter; set "
-                             "TRITON_INTERPRET=1 before importing ditserve.kernels")
-        if dev == "cuda" and torch.cuda.get_device_capability(q.device) < self.min_capability:
-            raise ValueError(f"{self.name}: needs CUDA compute capability >= {self.min_capability}, device has "
-                             f"{torch.cuda.get_device_capability(q.device)}")
-        if q.dtype not in self.dtypes[dev]:
-            raise ValueError(f"{self.name}: dtype {q.dtype} not supported on {dev} "
-                             f"(supported: {sorted(str(d) for d in self.dtypes[dev])})")
-        if q.shape[-1] not in self.head_dims:
-            raise ValueError(f"{self.name}: head dim {q.shape[-1]} not supported (supported: {sorted(self.head_dims)})")
+        self.check_config(q.device, q.dtype, q.shape[-1], masked=mask is not None)
         if mask is not None:
-            if not self.supports_mask:
-                raise ValueError(f"{self.name}: key-padding masks are not supported")
             if mask.dtype != torch.bool or tuple(mask.shape) != (k.shape[0], k.shape[1]):
                 raise ValueError(f"{self.name}: mask must be bool (B, Lk) = ({k.shape[0]}, {k.shape[1]}), got "
                                  f"{mask.dtype} {tuple(mask.shape)}")
             if mask.device != q.device:
                 raise ValueError(f"{self.name}: mask is on {mask.device}, q on {q.device}")
+
+    def check_config(self, device: torch.device, dtype: torch.dtype, head_dim: int, *, masked: bool = False) -> None:
+        """Raise ValueError naming the first constraint that attention on `device` in `dtype` with `head_dim`
+        (and a key-padding mask when `masked`) violates: what a model can check at load, before any tensor."""
+        dev = device.type
+        if dev not in self.dtypes:
+            raise ValueError(f"{self.name}: device type '{dev}' not supported (supported: {sorted(self.dtypes)})")
+        if dev == "cpu" and self.cpu_needs_interpreter and not _attn.INTERPRET:
+            raise ValueError(f"{self.name}: on CPU this backend runs only in Triton's interpreter; set "
+                             "TRITON_INTERPRET=1 before importing ditserve.kernels")
+        if dev == "cuda" and torch.cuda.get_device_capability(device) < self.min_capability:
+            raise ValueError(f"{self.name}: needs CUDA compute capability >= {self.min_capability}, device has "
+                             f"{torch.cuda.get_device_capability(device)}")
+        if dtype not in self.dtypes[dev]:
+            raise ValueError(f"{self.name}: dtype {dtype} not supported on {dev} "
+                             f"(supported: {sorted(str(d) for d in self.dtypes[dev])})")
+        if head_dim not in self.head_dims:
+            raise ValueError(f"{self.name}: head dim {head_dim} not supported (supported: {sorted(self.head_dims)})")
+        if masked and not self.supports_mask:
+            raise ValueError(f"{self.name}: key-padding masks are not supported")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
                  prologue: Optional[Prologue] = None) -> torch.Tensor:

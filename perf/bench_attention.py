@@ -1,7 +1,9 @@
 """Attention throughput on a CUDA GPU: ditserve's Triton kernels against torch SDPA (cuDNN, flash).
 
     python3 perf/bench_attention.py [--out DIR] [--quick]
-    python3 perf/bench_attention.py --flux-step [--out DIR]     # needs diffusers
+    python3 perf/bench_attention.py --step flux,qwen-image,wan-14b [--step-backends ...] [--out DIR]  # diffusers
+    TRITON_INTERPRET=1 python3 perf/bench_attention.py --step qwen-image,wan-14b --tiny --device cpu  # smoke test
+    python3 perf/bench_attention.py --flux-step [--out DIR]     # = --step flux
     python3 perf/bench_attention.py --compile-check [--quick]   # no GPU: sm_90 cross-compile + ptxas -v
 
 For each shape (B, H, L, D), bf16, random inputs: TFLOP/s = 4 * B * H * L^2 * D / median time
@@ -10,14 +12,22 @@ SDPA runs on contiguous (B, H, L, D), its best case. The quantised kernel is tim
 inputs (int8 Q.K^T default, and all-e4m3), and end to end with the Triton quantisation passes. Then the
 fused RMSNorm+RoPE prologue on the FLUX shape against diffusers' separate ops + cuDNN SDPA.
 Writes bench_attention.json to --out; prints a table last.
+
+--step: one transformer step of FLUX.1-dev, Qwen-Image (20.4B) and/or Wan2.1-T2V-14B at full size (random
+bf16 weights built on the GPU, one model at a time: 24, 41 and 29 GB) per attention backend, each backend
+through the model's processor (ditserve.kernels.*_processor), as the denoisers' attention_backend runs it.
+Writes bench_step.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import statistics
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -159,43 +169,126 @@ def prologue_rows(B: int, H: int, L: int, D: int) -> dict:
     return row
 
 
-def flux_step_rows(backends: list[str]) -> dict:
-    """One FLUX.1-dev-size transformer step (random bf16 weights), 1024x1024: 4096 image + 512 text tokens,
-    per attention backend (ditserve.kernels.flux_processor), against diffusers' own processor."""
-    from diffusers import FluxTransformer2DModel
+# One denoiser step of each model at its published size (random bf16 weights) and default resolution, or with
+# --tiny at the built-in checkpoints' size (a CPU smoke test: --tiny --device cpu, fp32, Triton's interpreter).
+STEP_MODELS = ("flux", "qwen-image", "wan-14b")
 
-    from ditserve.kernels.flux_processor import set_attention_backend
 
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = FluxTransformer2DModel(guidance_embeds=True).eval()
-    torch.set_default_dtype(torch.float32)
-    img, txt = 4096, 512
-    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(64.0), torch.arange(64.0), indexing="ij"), -1)
-    inputs = dict(
-        hidden_states=torch.randn(1, img, 64, device="cuda", dtype=torch.bfloat16),
-        encoder_hidden_states=torch.randn(1, txt, 4096, device="cuda", dtype=torch.bfloat16),
-        pooled_projections=torch.randn(1, 768, device="cuda", dtype=torch.bfloat16),
-        timestep=torch.tensor([0.5], device="cuda", dtype=torch.bfloat16),
-        guidance=torch.tensor([3.5], device="cuda", dtype=torch.bfloat16),
-        img_ids=ids.reshape(-1, 3).cuda(), txt_ids=torch.zeros(txt, 3, device="cuda"), return_dict=False,
-    )
-    row: dict = {"params_billion": sum(p.numel() for p in model.parameters()) / 1e9}
+def step_model(name: str, device: torch.device, dtype: torch.dtype, tiny: bool
+               ) -> tuple[str, torch.nn.Module, dict, Callable[[torch.nn.Module, str], int], float]:
+    """(description, transformer, one step's inputs, its set_attention_backend, FLOP of the step)."""
+    import bench_e2e  # perf/: the FLOP formulas of the end-to-end bench
+
+    def build(cls, config) -> torch.nn.Module:
+        torch.manual_seed(0)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with device:
+                return cls(**config).eval()
+        finally:
+            torch.set_default_dtype(previous)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    if name == "flux":  # 1024x1024: 4096 image + 512 text tokens
+        from diffusers import FluxTransformer2DModel
+
+        from ditserve.checkpoints import FULL_ARCH, TINY_ARCH
+        from ditserve.kernels.flux_processor import set_attention_backend
+
+        config = {**(TINY_ARCH if tiny else FULL_ARCH).transformer, "guidance_embeds": True}
+        model = build(FluxTransformer2DModel, config)
+        side, txt = (5, 7) if tiny else (64, 512)
+        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0),
+                                         indexing="ij"), -1).reshape(-1, 3)
+        inputs = dict(hidden_states=randn(1, side * side, config["in_channels"]),
+                      encoder_hidden_states=randn(1, txt, config["joint_attention_dim"]),
+                      pooled_projections=randn(1, config["pooled_projection_dim"]),
+                      timestep=torch.tensor([0.5], device=device, dtype=dtype),
+                      guidance=torch.tensor([3.5], device=device, dtype=dtype),
+                      img_ids=ids.to(device), txt_ids=torch.zeros(txt, 3, device=device))
+        flop = bench_e2e.flux_step_flops(config, side * side, txt)["total_flop"]
+        what = f"FLUX.1-dev{' (tiny)' if tiny else ''}, {side * side} + {txt} tokens"
+        return what, model, inputs, set_attention_backend, flop
+    if name == "qwen-image":  # 1024x1024: 4096 image + 256 text tokens, one prompt (no text padding)
+        from diffusers import QwenImageTransformer2DModel
+
+        from ditserve.kernels.qwen_processor import set_attention_backend
+        from ditserve.qwen_image.checkpoint import FULL, TINY
+
+        config = (TINY if tiny else FULL)["transformer"]
+        model = build(QwenImageTransformer2DModel, config)
+        side, txt = (5, 7) if tiny else (64, 256)
+        inputs = dict(hidden_states=randn(1, side * side, config["in_channels"]),
+                      encoder_hidden_states=randn(1, txt, config["joint_attention_dim"]),
+                      timestep=torch.tensor([0.5], device=device, dtype=dtype), img_shapes=[[(1, side, side)]])
+        flop = bench_e2e.dual_stream_step_flops(config, side * side, txt)["total_flop"]
+        what = f"Qwen-Image{' (tiny)' if tiny else ' (20.4B)'}, {side * side} + {txt} tokens"
+        return what, model, inputs, set_attention_backend, flop
+    if name == "wan-14b":  # 480x832, 81 frames: 21 x 30 x 52 = 32760 video tokens, 512 text tokens; one row
+        from diffusers import WanTransformer3DModel
+
+        from ditserve.kernels.wan_processor import set_attention_backend
+        from ditserve.wan.checkpoint import _TRANSFORMER, FULL_PRESETS  # the built-ins' transformer, and the 14B
+
+        config = dict(_TRANSFORMER if tiny else FULL_PRESETS["wan2.1-t2v-14b"]["transformer"])
+        model = build(WanTransformer3DModel, config)
+        (frames, height, width), txt = ((3, 10, 10), 16) if tiny else ((21, 60, 104), 512)
+        tokens = frames * (height // 2) * (width // 2)  # patch (1, 2, 2)
+        inputs = dict(hidden_states=randn(1, config["in_channels"], frames, height, width),
+                      encoder_hidden_states=randn(1, txt, config["text_dim"]),
+                      timestep=torch.tensor([500.0], device=device))
+        flop = bench_e2e.wan_forward_flops(config, tokens, txt)["total_flop"]
+        what = f"Wan2.1-T2V-14B{' (tiny)' if tiny else ''}, {tokens} + {txt} tokens"
+        return what, model, inputs, set_attention_backend, flop
+    raise ValueError(f"unknown step model {name!r}; known: {STEP_MODELS}")
+
+
+def step_rows(name: str, backends: list[str], runs: int, device: torch.device, tiny: bool) -> dict:
+    """One transformer step of `name` per attention backend: "diffusers" (diffusers' processors, torch's SDPA
+    dispatch), "cudnn" (the same restricted to cuDNN, as the denoisers' attention_backend=cudnn) and the
+    registry backends through our processors (fused prologue on "triton"). Median of `runs` timed steps after
+    one untimed step (Triton's autotuning), and the output's error against "diffusers"."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    what, model, inputs, set_attention_backend, flop = step_model(name, device, dtype, tiny)
+    row: dict = {"model": what, "params_billion": sum(p.numel() for p in model.parameters()) / 1e9,
+                 "step_tflop": flop / 1e12}
+
+    def timed() -> float:
+        if device.type != "cuda":
+            start = time.perf_counter()
+            model(**inputs, return_dict=False)
+            return (time.perf_counter() - start) * 1e3
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(**inputs, return_dict=False)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
     ref = None
     with torch.no_grad():
-        for name in ["diffusers", *backends]:
-            set_attention_backend(model, name)
+        for backend in ["diffusers", *backends]:
+            set_attention_backend(model, "diffusers" if backend == "cudnn" else backend)
+            context = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if backend == "cudnn" else contextlib.nullcontext()
             try:
-                out = model(**inputs)[0]
-                ms = do_bench(lambda: model(**inputs), warmup=500, rep=2000, return_mode="median")
-            except Exception as e:
-                row[name] = {"error": repr(e)[:500]}
-                print(f"flux step {name} failed: {e!r}"[:2000], flush=True)
+                with context:
+                    out = model(**inputs, return_dict=False)[0]
+                    times = [timed() for _ in range(runs)]
+            except Exception as e:  # one failing backend must not cost the rest of the run
+                row[backend] = {"error": repr(e)[:500]}
+                print(f"{name} step {backend} failed: {e!r}"[:2000], flush=True)
                 continue
             ref = out if ref is None else ref
-            row[name] = {"ms": ms, "rel_err_vs_diffusers": rel_err(out, ref)}
-            print(name, json.dumps(row[name]), flush=True)
+            ms = statistics.median(times)
+            row[backend] = {"ms": ms, "runs_ms": times, "tflops": flop / (ms * 1e-3) / 1e12,
+                            "rel_err_vs_diffusers": rel_err(out, ref)}
+            print(name, backend, json.dumps(row[backend]), flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
@@ -289,7 +382,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
-    ap.add_argument("--flux-step", action="store_true", help="only the FLUX transformer step (needs diffusers)")
+    ap.add_argument("--flux-step", action="store_true", help="= --step flux")
+    ap.add_argument("--step", default="", help=f"comma-separated transformer steps to time: {','.join(STEP_MODELS)}")
+    ap.add_argument("--step-backends", default="cudnn,sdpa,triton,triton_fp8",
+                    help="attention backends of --step, besides diffusers' own processors")
+    ap.add_argument("--step-runs", type=int, default=5, help="timed steps per backend (median)")
+    ap.add_argument("--tiny", action="store_true", help="--step at the built-in checkpoints' size (smoke test)")
+    ap.add_argument("--device", default="cuda", help="--step's device: cuda, or cpu with --tiny (fp32, needs "
+                    "TRITON_INTERPRET=1 for the triton backend)")
     ap.add_argument("--compile-check", action="store_true", help="cross-compile all Hopper configs (no GPU)")
     args = ap.parse_args()
     if args.compile_check:
@@ -297,12 +397,23 @@ def main() -> None:
         bad = [r for r in rows if "error" in r]
         print(f"{len(rows)} kernels compiled for sm_90, {len(bad)} failed")
         raise SystemExit(1 if bad else 0)
-    if args.flux_step:
-        row = flux_step_rows(["sdpa", "triton", "triton_fp8"])
+    steps = [s for s in args.step.split(",") if s] or (["flux"] if args.flux_step else [])
+    if steps:
+        device = torch.device(args.device)
+        backends = [b for b in args.step_backends.split(",") if b]
+        result = {"meta": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                           "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                           "triton": triton.__version__, "tiny": args.tiny}}
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench_flux_step.json").write_text(json.dumps(row, indent=1))
-        print(f"\nFLUX.1-dev-size step, 1024x1024, {torch.cuda.get_device_name()}, ms: "
-              + ", ".join(f"{k} {v['ms']:.1f}" for k, v in row.items() if isinstance(v, dict) and "ms" in v))
+        for name in steps:
+            result[name] = step_rows(name, backends, args.step_runs, device, args.tiny)
+            (Path(args.out) / "bench_step.json").write_text(json.dumps(result, indent=1))
+        print(f"\none transformer step, {result['meta']['device']}, ms (TFLOP/s; rel. error vs diffusers):")
+        for name in steps:
+            row = result[name]
+            cells = [f"{k} {v['ms']:.1f} ({v['tflops']:.0f}; {v['rel_err_vs_diffusers']:.1e})" if "ms" in v
+                     else f"{k} failed" for k, v in row.items() if isinstance(v, dict)]
+            print(f"{row['model']}: " + ", ".join(cells))
         return
     shapes = SHAPES[:2] if args.quick else SHAPES
     meta = {

@@ -11,6 +11,14 @@ A model takes part through three hooks: ``check_parallel`` (refuse a layout at l
 ``use_sequence_parallel`` (install its sequence-parallel attention on a mesh) and, in its loop,
 ``branches`` for the two CFG predictions and its own sequence-parallel forward.
 
+Attention (parameter ``attention_backend``, ``TransformerOptions``): one mechanism for every model.
+``select_attention`` resolves and checks the name at load, before the weights are read, against the
+registry's constraints (``ditserve.kernels.registry``: device, dtype, head dim, key masks) and the
+parallel layout (ring attention needs a backend that returns the log-sum-exp); ``install_attention``
+then puts the model's ditserve processors on its transformer(s) through the hook
+``set_attention_processors``, and the model's loop runs in ``attention_context()``. The
+sequence-parallel processors attend locally with ``sp_attention_backend``.
+
 Progress: each model's loop iterates ``self.steps(timesteps)``, which after every step calls
 ``on_step(done, total)``; ``execute`` sets it, on rank 0, while a chunk holds rows whose request asked
 for progress (request parameter ``progress``, sent by the stream models; ``ditserve.progress``), and
@@ -19,6 +27,7 @@ leaves it None otherwise: then the loop only counts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import abstractmethod
 from collections import defaultdict
@@ -28,16 +37,52 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # Qwen-Image's is a copy
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditserve import progress
 from ditserve.cuda_graphs import GraphedCall
+from ditserve.kernels.registry import get_backend
 from ditserve.parallel.group import ParallelConfig, ParallelContext, ParallelOptions, WorkerGroup
+from ditserve.parallel.ring import RING_BACKENDS
 from ditserve.parallel.usp import SPMesh
 from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage
 
 
 @dataclasses.dataclass(frozen=True)
-class DenoiserOptions(ParallelOptions):
+class TransformerOptions(ParallelOptions):
+    """The parameters of every denoiser's transformer: its parallel layout and its attention."""
+
+    # "auto": the model's choice (GroupedDenoiser.auto_attention_backend); "sdpa": diffusers' own
+    # processors on torch's SDPA dispatch (the reference); "cudnn": the same, SDPA restricted to cuDNN;
+    # or a ditserve.kernels.registry backend through the model's ditserve processors: "triton",
+    # "triton_fp8", "flash_attn" (when installed).
+    attention_backend: str = "auto"
+
+
+# The names that keep diffusers' own processors (torch SDPA); the others install ditserve's.
+SDPA_BACKENDS = ("sdpa", "cudnn")
+
+
+def check_attention_backend(name: str, runtime: Runtime, head_dim: int, *, masked: bool) -> None:
+    """ValueError when backend `name` cannot run a model of `head_dim` on `runtime` (with key-padding
+    masks when `masked`), naming the constraint."""
+    if name == "cudnn":
+        if runtime.device.type != "cuda":
+            raise ValueError("cudnn needs a CUDA device")
+        return
+    get_backend(name).check_config(runtime.device, runtime.dtype, head_dim, masked=masked)
+
+
+def attention_fits(name: str, runtime: Runtime, head_dim: int, *, masked: bool = False) -> bool:
+    try:
+        check_attention_backend(name, runtime, head_dim, masked=masked)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserOptions(TransformerOptions):
     # Images per transformer forward. A group of rows larger than this runs in chunks of
     # whole rows; a single row is never split (its latents come from one seeded draw).
     max_batch_images: int = 8
@@ -73,6 +118,7 @@ class GroupedDenoiser(Stage):
         # (steps done, total) -> the rows of the chunk being denoised that asked for progress; set
         # by execute (on rank 0 only) while such a chunk runs.
         self.on_step: Optional[Callable[[int, int], None]] = None
+        self.attention_name = "sdpa"  # set by select_attention
         self._graphed: list[GraphedCall] = []
 
     def graphed(self, fn: Callable[..., torch.Tensor], enabled: bool) -> Callable[..., torch.Tensor]:
@@ -85,6 +131,59 @@ class GroupedDenoiser(Stage):
         call = GraphedCall(fn)
         self._graphed.append(call)
         return call
+
+    # --- attention (parameter attention_backend) ------------------------------------------
+
+    # Whether the model's attention takes a key-padding mask (Qwen-Image: text padded to the longest
+    # row of a batch). With sequence parallelism every model's does (the shard padding).
+    attention_masked = False
+
+    def auto_attention_backend(self, head_dim: int) -> str:
+        """Hook: the backend "auto" stands for here (runtime, and on rank 0 the parallel layout)."""
+        return "sdpa"
+
+    def set_attention_processors(self, backend: str) -> None:
+        """Hook: install the model's ditserve processors, running registry backend ``backend``."""
+        raise ConfigError(f"{type(self).__name__}: parameter attention_backend: only {SDPA_BACKENDS} for this model")
+
+    def select_attention(self, head_dim: int) -> None:
+        """Resolve and check ``attention_backend`` for a transformer of ``head_dim``; ConfigError names the
+        parameter. Subclasses call it at load before reading the weights, then ``install_attention``."""
+        name = requested = self.options.attention_backend
+        if name == "auto":
+            name = self.auto_attention_backend(head_dim)
+            # Workers build their stage from rank 0's options: they run what rank 0 chose.
+            self.options = dataclasses.replace(self.options, attention_backend=name)
+        self.attention_name = name
+        config = self.parallel_config
+        if config is not None and config.ring_degree > 1 and self.sp_attention_backend not in RING_BACKENDS:
+            raise ConfigError(f"parameter ring_degree: ring attention merges partial results by their log-sum-exp, which "
+                              f"attention_backend {name!r} does not return; use one of {RING_BACKENDS}")
+        masked = self.attention_masked or (config is not None and config.sp_degree > 1)
+        try:
+            check_attention_backend(name, self.runtime, head_dim, masked=masked)
+        except ValueError as exc:
+            chosen = f"auto chose {name!r}, which cannot run here: " if requested != name else ""
+            raise ConfigError(f"parameter attention_backend: {chosen}{exc}") from None
+
+    def install_attention(self) -> None:
+        """Install the model's ditserve processors unless the backend is diffusers' own (SDPA_BACKENDS)."""
+        if self.attention_name not in SDPA_BACKENDS:
+            self.set_attention_processors(self.attention_name)
+
+    def attention_context(self) -> contextlib.AbstractContextManager:
+        """What the denoising loop runs in: with "cudnn", torch's SDPA restricted to cuDNN (611 against
+        flash's 327 TFLOP/s at FLUX's 1x24x4608x128 on an H100, shared/ENVIRONMENT.md): restricted, not
+        preferred, so a shape cuDNN cannot run fails loudly instead of silently running slower."""
+        if self.attention_name == "cudnn":
+            return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+        return contextlib.nullcontext()
+
+    @property
+    def sp_attention_backend(self) -> str:
+        """The registry backend of the sequence-parallel processors' local attention. "cudnn" is torch's
+        SDPA restricted by attention_context(), which also holds around the Ulysses attention."""
+        return "sdpa" if self.attention_name == "cudnn" else self.attention_name
 
     # --- parallelism ---------------------------------------------------------------------
 

@@ -101,6 +101,18 @@ def test_image_request_stage_defaults_are_the_pipelines(model):
     assert parse_options(stage.Options, params) == stage.Options()
 
 
+@pytest.mark.parametrize("spec", [s for s in STAGES if issubclass(s.stage, GroupedDenoiser)], ids=lambda s: s.model)
+def test_every_denoiser_config_chooses_its_attention_backend(spec):
+    """attention_backend in every denoiser's config.pbtxt, "auto" (each model resolves it at load), parsed
+    by the stage's options with its other parameters."""
+    from ditserve.stage import parse_options
+    from ditserve.triton_model import config_parameters
+
+    params = config_parameters(load_config(spec.model))
+    assert params.get("attention_backend") == "auto"
+    assert parse_options(spec.stage.Options, params).attention_backend == "auto"
+
+
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)
 def test_every_pipeline_streams_through_its_stream_model(pipeline):
     """<ensemble>_stream: decoupled, the ensemble's inputs, outputs (plus STEP, TOTAL_STEPS) and batch

@@ -7,31 +7,25 @@ guidance and true-CFG scale. The result must equal ``FluxPipeline`` for each row
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 from typing import Optional
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ditserve.denoising import DenoiserOptions, GroupedDenoiser, flow_match_scheduler
+from ditserve.denoising import DenoiserOptions, GroupedDenoiser, attention_fits, flow_match_scheduler
 from ditserve.flux.request import GenerationParams, latent_geometry
 from ditserve.loading import Checkpoint
 from ditserve.parallel import SPMesh, check_heads
 from ditserve.parallel.flux import set_sequence_parallel, sp_forward
 from ditserve.parallel.group import ParallelConfig
-from ditserve.parallel.ring import RING_BACKENDS
 from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
 class FluxDenoiserOptions(DenoiserOptions):
-    # "auto": triton on CUDA (compute capability >= 8.0), sdpa elsewhere; or "sdpa", "cudnn",
-    # or a ditserve.kernels backend ("triton", "triton_fp8").
-    attention_backend: str = "auto"
+    # attention_backend "auto" (DenoiserOptions): triton on CUDA where it fits, sdpa elsewhere.
     # Replay the transformer call as a CUDA graph per input shape (ditserve.cuda_graphs): the
     # sequence-parallel step is host-bound without it (Ulysses 2 on 2 H200: 163.9 ms a step eager,
     # 93.3 ms with graphs; perf/RESULTS.md).
@@ -95,12 +89,13 @@ class FluxDenoiser(GroupedDenoiser):
         super().__init__(runtime, options, rank=rank)
         runtime = self.runtime  # the parallel group may have moved rank 0 to its first GPU
         checkpoint = Checkpoint(runtime.model_path)
+        self.select_attention(checkpoint.config("transformer")["attention_head_dim"])
         self.transformer = checkpoint.load("transformer", runtime)
         self.scheduler_class = checkpoint.component_class("scheduler")
         self.scheduler_config = checkpoint.load("scheduler").config
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
-        self.attention_context = self._install_attention(self.options.attention_backend)
+        self.install_attention()
         self.forward = self.graphed(self._forward, self.options.cuda_graphs)
         self.start_parallel()
         if self.options.warmup and runtime.device.type == "cuda" and rank == 0:  # workers warm up with rank 0
@@ -115,31 +110,19 @@ class FluxDenoiser(GroupedDenoiser):
         (latents,) = self.dispatch([FluxRequest(embeds.to(self.runtime.dtype), pooled.to(self.runtime.dtype), None, None, params)])
         latents.cpu()  # wait for the GPU: the model is ready only once this step has run
 
-    def _install_attention(self, name: str):
-        """Returns the context the transformer runs in; installs kernel processors if asked."""
-        if name == "auto":
-            # Our Triton kernel with the fused norm+RoPE prologue: a FLUX.1-dev step at
-            # 1024x1024 took 151.3 ms against diffusers' 184.3 ms on an H100 (2026-11-26,
-            # perf/ATTENTION_NOTES.md). Elsewhere torch's SDPA, the reference.
-            cuda = self.runtime.device.type == "cuda"
-            name = "triton" if cuda and torch.cuda.get_device_capability(self.runtime.device) >= (8, 0) else "sdpa"
-        self.attention_name = name
-        if name == "sdpa":  # torch's own SDPA dispatch, as diffusers runs it
-            return contextlib.nullcontext
-        if name == "cudnn":
-            # SDPA restricted to cuDNN's kernel: 611 TFLOP/s against flash's 327 on the FLUX
-            # shape 1x24x4608x128 on an H100 (shared/ENVIRONMENT.md). Restricted, not preferred:
-            # a shape cuDNN cannot run fails loudly instead of silently running slower.
-            if self.runtime.device.type != "cuda":
-                raise ConfigError("parameter attention_backend: cudnn needs a CUDA device")
-            return functools.partial(sdpa_kernel, [SDPBackend.CUDNN_ATTENTION])
+    # --- attention (hooks of GroupedDenoiser) ----------------------------------------------
+
+    def auto_attention_backend(self, head_dim: int) -> str:
+        # Our Triton kernel with the fused norm+RoPE prologue: a FLUX.1-dev step at 1024x1024
+        # took 151.3 ms against diffusers' 184.3 ms on an H100 (2026-11-26,
+        # perf/ATTENTION_NOTES.md). Elsewhere torch's SDPA, the reference.
+        cuda = self.runtime.device.type == "cuda"
+        return "triton" if cuda and attention_fits("triton", self.runtime, head_dim) else "sdpa"
+
+    def set_attention_processors(self, backend: str) -> None:
         from ditserve.kernels.flux_processor import set_attention_backend
 
-        try:
-            set_attention_backend(self.transformer, name)
-        except ValueError as exc:
-            raise ConfigError(f"parameter attention_backend: {exc}") from None
-        return contextlib.nullcontext
+        set_attention_backend(self.transformer, backend)
 
     # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
 
@@ -150,16 +133,9 @@ class FluxDenoiser(GroupedDenoiser):
             check_heads(self.transformer.config.num_attention_heads, config.ulysses_degree)
         except ValueError as exc:
             raise ConfigError(f"parameter ulysses_degree: {exc}") from None
-        if config.ring_degree > 1 and self._sp_backend() not in RING_BACKENDS:
-            raise ConfigError(f"parameter ring_degree: ring attention merges partial results by their log-sum-exp, which "
-                              f"attention_backend {self.attention_name!r} does not return; use one of {RING_BACKENDS}")
-
-    def _sp_backend(self) -> str:
-        # cudnn is torch's SDPA restricted by a context, which also holds around the Ulysses attention.
-        return "sdpa" if self.attention_name == "cudnn" else self.attention_name
 
     def use_sequence_parallel(self, mesh: SPMesh) -> None:
-        set_sequence_parallel(self.transformer, mesh, self._sp_backend())
+        set_sequence_parallel(self.transformer, mesh, self.sp_attention_backend)
 
     # --- requests -------------------------------------------------------------------
 

@@ -15,6 +15,9 @@ latent grid.
 
 Parallelism (``ditserve.denoising``): the true-CFG branches on a rank each (cfg_parallel), and the
 transformer sequence-parallel (sp_degree, ``ditserve.parallel.qwen_image``: Ulysses, Ring or both).
+Attention: parameter ``attention_backend`` (``ditserve.denoising``); the ditserve backends run through
+``ditserve.kernels.qwen_processor`` (QK RMSNorm and RoPE fused into the Triton kernel, the text mask as
+its key mask).
 """
 
 from __future__ import annotations
@@ -36,16 +39,7 @@ from ditserve.qwen_image.request import latent_geometry, min_steps, parse_params
 from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
 
 
-@dataclasses.dataclass(frozen=True)
-class QwenDenoiserOptions(DenoiserOptions):
-    # Only torch's SDPA for now (diffusers' QwenDoubleStreamAttnProcessor2_0); our Triton kernel
-    # is FLUX's processor and does not take the text mask yet.
-    attention_backend: str = "auto"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.attention_backend not in ("auto", "sdpa"):
-            raise ValueError(f"parameter attention_backend: must be auto or sdpa, got {self.attention_backend!r}")
+QwenDenoiserOptions = DenoiserOptions  # the common denoiser parameters, attention_backend included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +99,7 @@ class QwenImageDenoiser(GroupedDenoiser):
         super().__init__(runtime, options, rank=rank)
         runtime = self.runtime  # the parallel group may have moved rank 0 to its first GPU
         checkpoint = Checkpoint(runtime.model_path)
+        self.select_attention(checkpoint.config("transformer")["attention_head_dim"])
         self.transformer = checkpoint.load("transformer", runtime)
         if self.transformer.config.guidance_embeds:
             raise ConfigError("model_path: guidance-distilled Qwen-Image transformers are not supported")
@@ -113,20 +108,30 @@ class QwenImageDenoiser(GroupedDenoiser):
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.min_steps = min_steps(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
+        self.install_attention()
         self.start_parallel()
+
+    # --- attention (hooks of GroupedDenoiser) ----------------------------------------------
+
+    # Rows of a batch have their own text lengths: the text is padded and masked (pad_texts). "auto" is
+    # GroupedDenoiser's sdpa: our kernel at Qwen-Image's size is not measured yet (perf/README.md).
+    attention_masked = True
+
+    def set_attention_processors(self, backend: str) -> None:
+        from ditserve.kernels.qwen_processor import set_attention_backend
+
+        set_attention_backend(self.transformer, backend)
 
     # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
 
     def check_parallel(self, config: ParallelConfig) -> None:
-        # Ring attention needs each block's log-sum-exp: Qwen-Image's only backend, torch SDPA, is
-        # "sdpa" in RING_BACKENDS, so every ring_degree is accepted.
         try:
             check_heads(self.transformer.config.num_attention_heads, config.ulysses_degree)
         except ValueError as exc:
             raise ConfigError(f"parameter ulysses_degree: {exc}") from None
 
     def use_sequence_parallel(self, mesh: SPMesh) -> None:
-        set_sequence_parallel(self.transformer, mesh)
+        set_sequence_parallel(self.transformer, mesh, self.sp_attention_backend)
 
     def parse(self, row: Row) -> QwenRequest:
         device, dtype = self.runtime.device, self.runtime.dtype
@@ -197,27 +202,28 @@ class QwenImageDenoiser(GroupedDenoiser):
         scheduler = flow_match_scheduler(
             self.scheduler_class, self.scheduler_config, first.params.steps, latents.shape[1], self.runtime.device
         )
-        for t in self.steps(scheduler.timesteps):
-            timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
-            negative_branch = None
-            if cfg_requests:
-                negative_images = None if image_tokens is None else image_tokens[cfg_index]
-                negative_branch = lambda: transformer(  # noqa: E731
-                    latents[cfg_index], timestep[cfg_index], negative, negative_mask, negative_images
+        with self.attention_context():
+            for t in self.steps(scheduler.timesteps):
+                timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
+                negative_branch = None
+                if cfg_requests:
+                    negative_images = None if image_tokens is None else image_tokens[cfg_index]
+                    negative_branch = lambda: transformer(  # noqa: E731
+                        latents[cfg_index], timestep[cfg_index], negative, negative_mask, negative_images
+                    )
+                prediction, negative_prediction = self.branches(
+                    lambda: transformer(latents, timestep, prompt, prompt_mask, image_tokens),
+                    negative_branch,
+                    like=latents,
+                    negative_like=latents[cfg_index] if cfg_requests else None,
                 )
-            prediction, negative_prediction = self.branches(
-                lambda: transformer(latents, timestep, prompt, prompt_mask, image_tokens),
-                negative_branch,
-                like=latents,
-                negative_like=latents[cfg_index] if cfg_requests else None,
-            )
-            if cfg_requests:
-                positive = prediction[cfg_index]
-                combined = negative_prediction + scales * (positive - negative_prediction)
-                positive_norm = torch.norm(positive, dim=-1, keepdim=True)
-                combined_norm = torch.norm(combined, dim=-1, keepdim=True)
-                prediction[cfg_index] = combined * (positive_norm / combined_norm)
-            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+                if cfg_requests:
+                    positive = prediction[cfg_index]
+                    combined = negative_prediction + scales * (positive - negative_prediction)
+                    positive_norm = torch.norm(positive, dim=-1, keepdim=True)
+                    combined_norm = torch.norm(combined, dim=-1, keepdim=True)
+                    prediction[cfg_index] = combined * (positive_norm / combined_norm)
+                latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
 
         grid = latents.float().view(latents.shape[0], latent_h // 2, latent_w // 2, latents.shape[-1])
         return list(grid.split(counts))

@@ -13,7 +13,9 @@ Requests of one (height, width, steps, frames, text length) run as one batch: co
 unconditional rows together in one transformer forward per step. With ``cfg_parallel`` the two halves
 of that batch are computed each on its CFG branch of the worker group (``GroupedDenoiser.branches``);
 with ``sp_degree`` > 1 every forward runs sequence-parallel over the video tokens
-(``ditserve.parallel.wan``), both experts included.
+(``ditserve.parallel.wan``), both experts included. Attention: parameter ``attention_backend``
+(``ditserve.denoising``) for both experts; the ditserve backends run through
+``ditserve.kernels.wan_processor`` (RoPE fused into the Triton kernel; Wan's across-heads QK norm cannot be).
 
 Image-to-video (``WanImageDenoiser``, as ``WanImageToVideoPipeline``): each request brings CONDITION from
 ``ditserve.wan.image_encoder``, concatenated to the noise latents along channels in every transformer
@@ -31,17 +33,17 @@ from typing import Optional
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ditserve.denoising import GroupedDenoiser
+from ditserve.denoising import GroupedDenoiser, TransformerOptions
 from ditserve.loading import Checkpoint
 from ditserve.parallel import SPMesh, check_heads
-from ditserve.parallel.group import ParallelConfig, ParallelOptions
+from ditserve.parallel.group import ParallelConfig
 from ditserve.parallel.wan import set_sequence_parallel, sp_forward
 from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
 from ditserve.wan.request import VideoGeometry, VideoParams
 
 
 @dataclasses.dataclass(frozen=True)
-class WanDenoiserOptions(ParallelOptions):
+class WanDenoiserOptions(TransformerOptions):
     max_batch_videos: int = 4  # videos per transformer forward (twice the rows with guidance); a video is never split
 
     def __post_init__(self):
@@ -80,6 +82,7 @@ class WanDenoiser(GroupedDenoiser):
         super().__init__(runtime, options, rank=rank)
         runtime = self.runtime  # the parallel group may have moved rank 0 to its first GPU
         checkpoint = Checkpoint(runtime.model_path)
+        self.select_attention(checkpoint.config("transformer")["attention_head_dim"])  # both experts': one architecture
         self.transformer = checkpoint.load("transformer", runtime)
         self.scheduler_class = checkpoint.component_class("scheduler")
         self.scheduler_config = checkpoint.load("scheduler").config
@@ -93,6 +96,7 @@ class WanDenoiser(GroupedDenoiser):
         if self.transformer.config.in_channels != channels:
             raise ConfigError(f"model_path: this denoiser needs a transformer taking {channels} input channels ({what}), "
                               f"got {self.transformer.config.in_channels}: {self.wrong_checkpoint}")
+        self.install_attention()
         self.start_parallel()
 
     # Said when the transformer's input channels are another pipeline's.
@@ -103,10 +107,27 @@ class WanDenoiser(GroupedDenoiser):
         (text-to-video, and TI2V, whose image latents replace a latent frame)."""
         return self.latent_channels, "the VAE's latents"
 
-    # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
+    # --- attention (hooks of GroupedDenoiser) ----------------------------------------------
 
     def experts(self) -> list[torch.nn.Module]:
         return [self.transformer] + ([self.transformer_2] if self.transformer_2 is not None else [])
+
+    def auto_attention_backend(self, head_dim: int) -> str:
+        # diffusers' SDPA (our kernel at Wan's size is not measured yet: perf/README.md), except for Ring
+        # attention on CUDA: its "sdpa" blocks run torch's memory-efficient kernel, the only one that returns
+        # their log-sum-exp (182 TFLOP/s at 1x40x32760x128 on an H100, shared/ENVIRONMENT.md), our kernel
+        # 498.6 (perf/RESULTS.md).
+        config = self.parallel_config
+        ring_on_cuda = config is not None and config.ring_degree > 1 and config.devices[0].type == "cuda"
+        return "triton" if ring_on_cuda else "sdpa"
+
+    def set_attention_processors(self, backend: str) -> None:
+        from ditserve.kernels.wan_processor import set_attention_backend
+
+        for transformer in self.experts():
+            set_attention_backend(transformer, backend)
+
+    # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
 
     def check_parallel(self, config: ParallelConfig) -> None:
         for transformer in self.experts():
@@ -114,29 +135,10 @@ class WanDenoiser(GroupedDenoiser):
                 check_heads(transformer.config.num_attention_heads, config.ulysses_degree)
             except ValueError as exc:
                 raise ConfigError(f"parameter ulysses_degree: {exc}") from None
-        if config.ring_degree > 1 and config.devices[0].type == "cuda":
-            # Ring blocks must return their log-sum-exp: on CUDA that is our Triton kernel, since the
-            # "sdpa" ring block materialises fp32 scores ((L/P)^2 per head: ~43 GB for one Wan 14B
-            # 480p block on 2 ranks).
-            from ditserve.kernels.registry import get_backend
-
-            triton = get_backend("triton")
-            head_dim = self.transformer.config.attention_head_dim
-            capability = torch.cuda.get_device_capability(config.devices[0])
-            dtype = self.runtime.dtype
-            if head_dim not in triton.head_dims or capability < triton.min_capability or dtype not in triton.dtypes["cuda"]:
-                raise ConfigError(f"parameter ring_degree: ring attention on CUDA runs on the Triton kernel, which needs "
-                                  f"head dim in {sorted(triton.head_dims)} (model: {head_dim}), compute capability >= "
-                                  f"{triton.min_capability} (device: {capability}) and a 16-bit dtype (model: {dtype}); "
-                                  f"use ulysses_degree instead")
-
-    def _sp_backend(self, mesh: SPMesh) -> str:
-        # Wan's own attention is torch SDPA; ring blocks on CUDA need the Triton kernel (check_parallel).
-        return "triton" if mesh.layout.ring_degree > 1 and self.runtime.device.type == "cuda" else "sdpa"
 
     def use_sequence_parallel(self, mesh: SPMesh) -> None:
         for transformer in self.experts():
-            set_sequence_parallel(transformer, mesh, self._sp_backend(mesh))
+            set_sequence_parallel(transformer, mesh, self.sp_attention_backend)
 
     # --- requests -------------------------------------------------------------------
 
@@ -209,25 +211,26 @@ class WanDenoiser(GroupedDenoiser):
             return transformer(**inputs, return_dict=False)[0]
 
         like = torch.empty(latents.shape, device=device, dtype=dtype)  # a prediction's shape and dtype (CFG parallel)
-        for t in self.steps(scheduler.timesteps):
-            hidden = model_input(latents)
-            transformer = self.expert(t)
-            if cfg_parallel:  # each CFG branch computes its half of the batch below
-                prediction, unconditional = self.branches(
-                    lambda: forward(transformer, hidden, text[:n], image, t),
-                    (lambda: forward(transformer, hidden[guided], text[n:], image[guided] if image is not None else None, t))
-                    if guided else None,
-                    like=like,
-                    negative_like=like[guided] if guided else None,
-                )
-            else:
-                both = torch.cat([hidden, hidden[guided]])
-                context = torch.cat([image, image[guided]]) if image is not None else None
-                prediction = forward(transformer, both, text, context, t)
-                prediction, unconditional = prediction[:n], prediction[n:]
-            if guided:
-                prediction[guided] = unconditional + scales[transformer] * (prediction[guided] - unconditional)
-            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+        with self.attention_context():
+            for t in self.steps(scheduler.timesteps):
+                hidden = model_input(latents)
+                transformer = self.expert(t)
+                if cfg_parallel:  # each CFG branch computes its half of the batch below
+                    prediction, unconditional = self.branches(
+                        lambda: forward(transformer, hidden, text[:n], image, t),
+                        (lambda: forward(transformer, hidden[guided], text[n:], image[guided] if image is not None else None, t))
+                        if guided else None,
+                        like=like,
+                        negative_like=like[guided] if guided else None,
+                    )
+                else:
+                    both = torch.cat([hidden, hidden[guided]])
+                    context = torch.cat([image, image[guided]]) if image is not None else None
+                    prediction = forward(transformer, both, text, context, t)
+                    prediction, unconditional = prediction[:n], prediction[n:]
+                if guided:
+                    prediction[guided] = unconditional + scales[transformer] * (prediction[guided] - unconditional)
+                latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
         if frame_mask is not None and condition is not None:
             latents = (1 - frame_mask) * condition + frame_mask * latents
         return list(latents.float())

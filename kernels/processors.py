@@ -1,0 +1,68 @@
+"""What ditserve's attention processors for diffusers' DiT attention modules share (FLUX:
+`flux_processor`, Qwen-Image: `qwen_processor`, Wan: `wan_processor`).
+
+Each processor is a drop-in for the model's diffusers processor (same inputs, same outputs) that hands
+the raw per-head Q, K, V to a registry backend (`ditserve.kernels.registry`), with the QK norm and the
+rotary embedding as a `Prologue` where the model's maths allows: the `triton` backend applies it inside
+the kernel, the others with torch first, so every backend computes the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+
+# QK norms the prologue can compute: a per-head RMSNorm with an optional weight and no bias.
+_RMS_NORMS = (torch.nn.RMSNorm, DiffusersRMSNorm)
+
+
+def norm_weight(norm: Optional[torch.nn.Module], head_dim: int, like: torch.Tensor, who: str) -> torch.Tensor:
+    """The (head_dim,) weight of a per-head QK RMSNorm (ones where it has none)."""
+    if not isinstance(norm, _RMS_NORMS) or getattr(norm, "bias", None) is not None:
+        raise ValueError(f"{who}: the QK norms must be RMSNorms without bias, got {type(norm).__name__}")
+    # torch.nn.RMSNorm keeps normalized_shape, diffusers' RMSNorm dim: the prologue normalises per head.
+    width = tuple(getattr(norm, "normalized_shape", None) or norm.dim)
+    if width != (head_dim,):
+        raise ValueError(f"{who}: QK norm over {width} features, not per head ({head_dim})")
+    if norm.weight is None:
+        return torch.ones(head_dim, device=like.device, dtype=like.dtype)
+    return norm.weight
+
+
+def norm_eps(norms: Sequence[torch.nn.Module], dtype: torch.dtype, who: str) -> float:
+    """The one eps of several QK RMSNorms (the prologue takes one); torch.nn.RMSNorm with eps=None uses the
+    input dtype's machine epsilon."""
+    values = {float(n.eps) if n.eps is not None else float(torch.finfo(dtype).eps) for n in norms}
+    if len(values) != 1:
+        raise ValueError(f"{who}: the fused prologue takes one eps, the QK norms have {sorted(values)}")
+    return values.pop()
+
+
+def key_padding_mask(mask: Optional[torch.Tensor], batch: int, length: int, who: str) -> Optional[torch.Tensor]:
+    """A bool key-padding mask (True = attend) as (B, L), from (B, L) or broadcastable (B, 1, 1, L)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{who}: the attention mask must be bool (True = attend), got {mask.dtype}")
+    if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+        mask = mask[:, 0, 0, :]
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"{who}: the attention mask must be (B, L) = ({batch}, {length}) or (B, 1, 1, L), got "
+                         f"{tuple(mask.shape)}")
+    return mask
+
+
+def set_processor(transformer: torch.nn.Module, kind: type, processor: object) -> int:
+    """Install `processor` (stateless: one instance serves every block) on every `kind` module of
+    `transformer`; returns how many."""
+    n = 0
+    for module in transformer.modules():
+        if isinstance(module, kind):
+            module.set_processor(processor)
+            n += 1
+    if n == 0:
+        raise ValueError(f"set_attention_backend: {type(transformer).__name__} has no {kind.__name__} modules")
+    return n
