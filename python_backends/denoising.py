@@ -138,8 +138,15 @@ class GroupedDenoiser(Stage):
     # row of a batch). With sequence parallelism every model's does (the shard padding).
     attention_masked = False
 
+    # Whether "auto" means our Triton kernel on CUDA where it fits, else torch's SDPA: set per model from
+    # a measured step (perf/RESULTS.md, "Attention backends per denoiser step").
+    auto_triton_on_cuda = False
+
     def auto_attention_backend(self, head_dim: int) -> str:
         """Hook: the backend "auto" stands for here (runtime, and on rank 0 the parallel layout)."""
+        if self.auto_triton_on_cuda and self.runtime.device.type == "cuda" and attention_fits(
+                "triton", self.runtime, head_dim, masked=self.attention_masked):
+            return "triton"
         return "sdpa"
 
     def set_attention_processors(self, backend: str) -> None:

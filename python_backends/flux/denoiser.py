@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ditserve.denoising import DenoiserOptions, GroupedDenoiser, attention_fits, flow_match_scheduler
+from ditserve.denoising import DenoiserOptions, GroupedDenoiser, flow_match_scheduler
 from ditserve.flux.request import GenerationParams, latent_geometry
 from ditserve.loading import Checkpoint
 from ditserve.parallel import SPMesh, check_heads
@@ -112,12 +112,9 @@ class FluxDenoiser(GroupedDenoiser):
 
     # --- attention (hooks of GroupedDenoiser) ----------------------------------------------
 
-    def auto_attention_backend(self, head_dim: int) -> str:
-        # Our Triton kernel with the fused norm+RoPE prologue: a FLUX.1-dev step at 1024x1024
-        # took 151.3 ms against diffusers' 184.3 ms on an H100 (2026-11-26,
-        # perf/ATTENTION_NOTES.md). Elsewhere torch's SDPA, the reference.
-        cuda = self.runtime.device.type == "cuda"
-        return "triton" if cuda and attention_fits("triton", self.runtime, head_dim) else "sdpa"
+    # "auto": our Triton kernel with the fused norm+RoPE prologue: a FLUX.1-dev step at 1024x1024
+    # took 151.3 ms against diffusers' 184.3 ms on an H100 (2026-11-26, perf/ATTENTION_NOTES.md).
+    auto_triton_on_cuda = True
 
     def set_attention_processors(self, backend: str) -> None:
         from ditserve.kernels.flux_processor import set_attention_backend

@@ -113,9 +113,11 @@ class QwenImageDenoiser(GroupedDenoiser):
 
     # --- attention (hooks of GroupedDenoiser) ----------------------------------------------
 
-    # Rows of a batch have their own text lengths: the text is padded and masked (pad_texts). "auto" is
-    # GroupedDenoiser's sdpa: our kernel at Qwen-Image's size is not measured yet (perf/README.md).
+    # Rows of a batch have their own text lengths: the text is padded and masked (pad_texts).
     attention_masked = True
+    # "auto": our Triton kernel with the fused QK RMSNorm + RoPE prologue: a Qwen-Image step (4096 + 256
+    # tokens) took 160.1 ms against 189.6 ms with diffusers' processor on an H100 (2026-11-26, perf/RESULTS.md).
+    auto_triton_on_cuda = True
 
     def set_attention_processors(self, backend: str) -> None:
         from ditserve.kernels.qwen_processor import set_attention_backend

@@ -113,7 +113,8 @@ class WanDenoiser(GroupedDenoiser):
         return [self.transformer] + ([self.transformer_2] if self.transformer_2 is not None else [])
 
     def auto_attention_backend(self, head_dim: int) -> str:
-        # diffusers' SDPA (our kernel at Wan's size is not measured yet: perf/README.md), except for Ring
+        # diffusers' SDPA (our kernel is 5.8% slower at Wan 14B's size: 3,600 vs 3,402 ms a step on an H100,
+        # 2026-11-26, perf/RESULTS.md), except for Ring
         # attention on CUDA: its "sdpa" blocks run torch's memory-efficient kernel, the only one that returns
         # their log-sum-exp (182 TFLOP/s at 1x40x32760x128 on an H100, shared/ENVIRONMENT.md), our kernel
         # 498.6 (perf/RESULTS.md).
