@@ -334,6 +334,11 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             f"--exit-timeout-secs={self.exit_timeout_secs}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            # Every config.pbtxt is complete and no model.py defines auto_complete_config, yet with
+            # auto-complete on the Python backend starts one extra stub per model only to look for
+            # it: a second interpreter importing torch/diffusers per model. Off, loading the whole
+            # repository took 121 s instead of 199 s (2 cores, 28 stubs; 156 s of CPU against 289 s).
+            "--disable-auto-complete-config",
         ]
         if backend_dir is not None:
             cmd.append(f"--backend-directory={backend_dir}")

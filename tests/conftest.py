@@ -7,6 +7,12 @@
   It yields a :class:`ditserve.server.TritonServer` (``.http_url``, ``.grpc_url``,
   ``.metrics_url``, ``.log_file``, ``.log_tail()``). Tests using it should be marked
   ``server``.
+- Loading that repository is the largest single cost of the suite (28 stub processes that
+  import torch and diffusers: about 2 minutes of both cores of the 2-core CI machine). So when
+  any selected test uses ``triton_server``, the server is started without waiting before the
+  first test, and the modules marked ``server`` run after all others: the repository loads
+  while the other tests run (they leave about one core idle), and ``triton_server`` only
+  waits for whatever is left.
 - Tests marked ``gpu`` are skipped when torch sees no CUDA device.
 
 Markers themselves are declared in pyproject.toml.
@@ -45,6 +51,9 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
         for item in gpu_items:
             item.add_marker(skip)
+    # Whole modules move, in their own order, so that module-scoped fixtures are built once.
+    server_modules = {item.module for item in items if item.get_closest_marker("server") is not None}
+    items.sort(key=lambda item: item.module in server_modules)
 
 
 @pytest.fixture
@@ -58,13 +67,19 @@ def free_port() -> int:
     return find_free_ports(1)[0]
 
 
-@pytest.fixture(scope="session")
-def triton_server(tmp_path_factory):
-    """A running tritonserver over the real model repository (tiny model, CPU, fp32)."""
+@pytest.fixture(scope="session", autouse=True)
+def _triton_server_process(request, tmp_path_factory):
+    """The shared server's process, started without waiting before the first test when any
+    selected test uses ``triton_server``; None when none does, the error when there is no
+    tritonserver."""
+    if not any("triton_server" in item.fixturenames for item in request.session.items):
+        yield None
+        return
     try:
         locate_tritonserver()
     except TritonServerError as err:
-        pytest.skip(f"no tritonserver available: {err}")
+        yield err
+        return
     log_dir = tmp_path_factory.mktemp("tritonserver")
     server = TritonServer(
         MODEL_REPOSITORY,
@@ -78,8 +93,25 @@ def triton_server(tmp_path_factory):
         log_file=log_dir / "tritonserver.log",
         startup_timeout=float(os.environ.get("DITSERVE_TEST_STARTUP_TIMEOUT", "600")),
     )
-    server.start()
+    server.start(wait=False)
     try:
         yield server
     finally:
-        server.stop()
+        # Killed, not stopped gracefully: the 28 stubs' interpreters take longer to tear down
+        # torch than tritonserver's 20 s exit timeout on 2 cores (22 s measured), and nothing is
+        # checked after the last test. test_server_lifecycle.py tests the graceful stop.
+        server.stop(timeout=0)
+
+
+@pytest.fixture(scope="session")
+def triton_server(_triton_server_process):
+    """A running tritonserver over the real model repository (tiny model, CPU, fp32)."""
+    if isinstance(_triton_server_process, TritonServerError):
+        pytest.skip(f"no tritonserver available: {_triton_server_process}")
+    server = _triton_server_process
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop(timeout=0)
+        raise
+    return server

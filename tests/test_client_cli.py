@@ -419,5 +419,9 @@ def test_a_streamed_request_batched_with_a_plain_one(triton_server):
     executions, inferences = denoiser_counts(server, "flux_denoiser") - before
     assert (inferences, executions) == (3, 2), "the streamed and the plain request were not batched"
     assert [(p.step, p.total) for p in steps] == [(1, 2), (2, 2)]
-    assert np.array_equal(results["plain"].pixels, alone)
-    assert np.array_equal(streamed.pixels, Client(url, protocol="grpc").generate("a blue kite", seed=9, **SMALL).pixels)
+    # Within 1/255, not equal: the two requests leave the denoiser together and may reach the VAE
+    # decoder together (timing), whose CPU convolutions are not bitwise batch-invariant (up to 1.5e-6
+    # apart, measured; 1/255 after rounding for one of three random latents).
+    streamed_alone = Client(url, protocol="grpc").generate("a blue kite", seed=9, **SMALL).pixels
+    for ours, expected in ((results["plain"].pixels, alone), (streamed.pixels, streamed_alone)):
+        assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1

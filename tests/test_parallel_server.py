@@ -126,5 +126,7 @@ def test_unload_and_stop_leave_no_worker(sp_server):
     assert wait_for(lambda: not worker_pids(sp_server)), f"workers left after unload: {worker_pids(sp_server)}"
     control.load_model("flux_denoiser")
     (worker,) = worker_pids(sp_server)
+    # An open keep-alive connection holds tritonserver's shutdown for its whole exit timeout (20 s).
+    control.close()
     sp_server.stop()
     assert wait_for(lambda: not os.path.exists(f"/proc/{worker}")), "a worker outlived the server"

@@ -160,11 +160,12 @@ def test_serve_starts_and_stops_cleanly(sig, tmp_path):
 
 
 def test_server_context_manager_passes_settings(tmp_path):
-    """TritonServer: port 0, explicit model loading, DITSERVE_* env reaches the model."""
+    """TritonServer: port 0, explicit model loading, DITSERVE_* env reaches the model, one stub
+    process per model instance (no auto-complete stub)."""
     tritonclient_http = pytest.importorskip("tritonclient.http")
     with TritonServer(FIXTURE_REPOSITORY, http_port=0, grpc_port=0, metrics_port=0,
                       host="127.0.0.1", models=["echo"], model_path="tiny-test",
-                      device="cpu", dtype="float32",
+                      device="cpu", dtype="float32", log_verbose=1,
                       log_file=tmp_path / "triton.log") as server:
         assert all(p > 0 for p in (server.http_port, server.grpc_port, server.metrics_port))
         assert server.is_ready()
@@ -183,6 +184,9 @@ def test_server_context_manager_passes_settings(tmp_path):
     assert session_processes(pid) == []
     log = (tmp_path / "triton.log").read_text()
     assert "--model-control-mode=explicit" in log and "--load-model=echo" in log
+    # With auto-complete on, the Python backend starts a second stub for the model to look for
+    # auto_complete_config (the load took 199 s instead of 121 s for the whole repository).
+    assert log.count("Starting Python backend stub") == 1, log
 
 
 def test_server_reports_early_death(tmp_path):
