@@ -23,8 +23,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads OpenMP, which reads it once; subprocesses (gloo workers, tritonserver's stubs)
+# inherit it. With OpenMP's default spin-waiting, a 2-thread torch op waits actively for a thread that
+# another process (the shared server loading, another rank, another test run) has taken off a core:
+# test_wan_i2v_parity took 44-50 s instead of 13-15 s with passive waiting at load 3.5 on 2 cores,
+# and passive waiting cost about 6% at load 1.6-2.0 (flux + qwen-image-edit parity 38.0 s
+# against 35.7 s). The server sets the same for its stubs (ditserve.server).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run only in Triton's interpreter, and triton reads this variable
 # when it is first imported (diffusers may import it before any kernel test does).
