@@ -43,22 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e  # noqa: E402  (checkpoint building, FLOP formulas, GPU info)
+from layouts import parse_layout  # noqa: E402
 
-LAYOUTS = {  # name -> (denoiser options, true CFG)
-    "1 GPU": ({}, False),
-    "Ulysses 2": ({"sp_degree": 2}, False),
-    "Ring 2": ({"sp_degree": 2, "ring_degree": 2}, False),
-    "Ulysses 2, cuDNN": ({"sp_degree": 2, "attention_backend": "cudnn"}, False),
-    "1 GPU, true CFG": ({}, True),
-    "CFG parallel 2": ({"cfg_parallel": True}, True),
-    "1 GPU, SDPA": ({"attention_backend": "sdpa"}, False),
-    # The transformer call replayed as a CUDA graph (ditserve.cuda_graphs), collectives included.
-    "1 GPU, CUDA graphs": ({"cuda_graphs": True}, False),
-    "Ulysses 2, CUDA graphs": ({"sp_degree": 2, "cuda_graphs": True}, False),
-    "Ring 2, CUDA graphs": ({"sp_degree": 2, "ring_degree": 2, "cuda_graphs": True}, False),
-    "Ulysses 4": ({"sp_degree": 4}, False),
-    "Ulysses 4, CUDA graphs": ({"sp_degree": 4, "cuda_graphs": True}, False),
-}
 BASELINE = {False: "1 GPU", True: "1 GPU, true CFG"}
 # Qwen-Image has CFG parallelism only (its denoiser refuses sp_degree > 1).
 DEFAULT_LAYOUTS = {"flux": ["1 GPU", "Ulysses 2", "Ring 2", "Ulysses 2, cuDNN", "1 GPU, true CFG", "CFG parallel 2", "1 GPU, SDPA"], "qwen-image": ["1 GPU, true CFG", "CFG parallel 2"]}
@@ -172,8 +158,9 @@ def main() -> int:
     p.add_argument("--n1", type=int, default=2)
     p.add_argument("--n2", type=int, default=6)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--layouts", default=None, help="semicolon-separated subset of: " + "; ".join(LAYOUTS)
-                   + " (default: all that the model supports)")
+    p.add_argument("--layouts", default=None, help="semicolon-separated layout names (perf/layouts.py: e.g. "
+                   "'1 GPU;Ulysses 4, CUDA graphs;USP 2x2;CFG parallel 2'; default: "
+                   "the model's DEFAULT_LAYOUTS)")
     p.add_argument("--profile", action="store_true", help="rank 0's top kernels over one N1-step run, per layout")
     p.add_argument("--device", default="cuda", help="cuda (rank 0 on cuda:0), or cpu for a smoke test with --preset tiny")
     p.add_argument("--out", default=None)
@@ -200,24 +187,27 @@ def main() -> int:
            "layouts": {}}
     latents = {}
     wanted = [name.strip() for name in args.layouts.split(";")] if args.layouts else DEFAULT_LAYOUTS[args.model]
+    try:
+        layouts = {name: parse_layout(name) for name in wanted}
+    except ValueError as exc:
+        p.error(str(exc))
     # Layouts sharing options run in one load ("1 GPU" and "1 GPU, true CFG").
     groups: dict[str, list[str]] = {}
-    for name in wanted:
-        options, _ = LAYOUTS[name]
-        groups.setdefault(json.dumps(options, sort_keys=True), []).append(name)
+    for name, layout in layouts.items():
+        groups.setdefault(json.dumps(layout.options, sort_keys=True), []).append(name)
     for key, names in groups.items():
         options = json.loads(key)
-        world = max(1, options.get("sp_degree", 1)) * (2 if options.get("cfg_parallel") else 1)
+        world = layouts[names[0]].gpus
         bench_e2e.log(f"layouts {names}: options {options}")
         try:
             if args.device == "cuda" and world > torch.cuda.device_count():
                 raise RuntimeError(f"needs {world} GPUs, {torch.cuda.device_count()} visible")
-            timed = time_layout(args, model_dir, options, [LAYOUTS[n][1] for n in names])
+            timed = time_layout(args, model_dir, options, [layouts[n].true_cfg for n in names])
             if "profile" in timed:
                 slug = re.sub(r"\W+", "_", names[0])
                 (out_dir / f"profile_{slug}.txt").write_text(timed.pop("profile"))
             for name in names:
-                cfg = LAYOUTS[name][1]
+                cfg = layouts[name].true_cfg
                 run = timed["runs"][cfg]
                 latents[name] = run.pop("latents")
                 res["layouts"][name] = {"gpus": world, "cfg": cfg, "load_s": timed["load_s"], **run}

@@ -8,6 +8,7 @@ median latency at the client, denoising time, per step, speed-up and scaling eff
 and server start-up. The first layout builds the checkpoint if it is missing; the others reuse it.
 
     python perf/bench_scaling_flux.py --layouts "sp 1;Ulysses 2;Ulysses 4;Ring 4;USP 2x2" --runs 3
+    python perf/bench_scaling_flux.py --layouts "sp 1, CUDA graphs;Ulysses 4, CUDA graphs" --runs 3
 
 Writes each layout's bench_flux.json under ``--out``/<layout>/ and bench_scaling_flux.json/.md to ``--out``
 (default $OUT, else out/bench).
@@ -23,22 +24,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+from layouts import parse_layout
+
 HERE = Path(__file__).resolve().parent
 
 
 def layout_sets(name: str) -> tuple[int, list[str]]:
-    """(GPUs, bench_flux --set arguments) of 'sp 1', 'Ulysses N', 'Ring N' or 'USP UxR'."""
-    kind, _, degree = name.strip().partition(" ")
-    if kind == "sp" and degree == "1":
-        return 1, []
-    if kind in ("Ulysses", "Ring") and degree.isdigit():
-        n = int(degree)
-        return n, [f"flux_denoiser.sp_degree={n}", f"flux_denoiser.{kind.lower()}_degree={n}"]
-    if kind == "USP" and re.fullmatch(r"\d+x\d+", degree):
-        u, r = (int(d) for d in degree.split("x"))
-        return u * r, [f"flux_denoiser.sp_degree={u * r}", f"flux_denoiser.ulysses_degree={u}",
-                       f"flux_denoiser.ring_degree={r}"]
-    raise ValueError(f"layout {name!r}: expected 'sp 1', 'Ulysses N', 'Ring N' or 'USP UxR'")
+    """(GPUs, bench_flux --set arguments) of a layout name (perf/layouts.py)."""
+    layout = parse_layout(name)
+    if layout.true_cfg:
+        raise ValueError(f"layout {name!r}: FLUX.1-dev runs without true CFG here")
+    sets = [f"flux_denoiser.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in layout.options.items()]
+    return layout.gpus, sets
 
 
 def main() -> int:
@@ -79,8 +76,8 @@ def main() -> int:
             print(f"== stopping after {name} failed", flush=True)
             break
 
-    base = rows.get("sp 1", {}).get("e2e_ms")
-    base_step = rows.get("sp 1", {}).get("step_ms")
+    first = next((r for r in rows.values() if r.get("gpus") == 1 and "error" not in r), {})  # the baseline
+    base, base_step = first.get("e2e_ms"), first.get("step_ms")
     lines = ["| layout | GPUs | end-to-end (ms) | speed-up | efficiency | denoising (ms) | per step (ms) | step speed-up | start-up (s) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, r in rows.items():

@@ -102,11 +102,14 @@ class FluxDenoiser(GroupedDenoiser):
             self.warm_up()
 
     def warm_up(self, text_tokens: int = 512) -> None:
+        # With CUDA graphs, enough steps to capture the step's graph too (eager calls, then capture),
+        # so that no request pays for it.
+        steps = 1 + max((call.warmup for call in self._graphed), default=0)
         config = self.transformer.config
         embeds = torch.randn(text_tokens, config.joint_attention_dim, device=self.runtime.device)
         pooled = torch.randn(config.pooled_projection_dim, device=self.runtime.device)
         size = self.default_size
-        params = GenerationParams(height=size, width=size, steps=1, guidance=3.5, true_cfg=1.0, seed=0, num_images=1)
+        params = GenerationParams(height=size, width=size, steps=steps, guidance=3.5, true_cfg=1.0, seed=0, num_images=1)
         (latents,) = self.dispatch([FluxRequest(embeds.to(self.runtime.dtype), pooled.to(self.runtime.dtype), None, None, params)])
         latents.cpu()  # wait for the GPU: the model is ready only once this step has run
 

@@ -1,0 +1,56 @@
+"""Parallel layouts by name, for the benchmarks: 'GPUs + denoiser options' from one readable string.
+
+    "1 GPU" / "sp 1"        one GPU
+    "Ulysses N"             sp_degree N, all Ulysses
+    "Ring N"                sp_degree N, all ring
+    "USP UxR"               sp_degree U*R: Ulysses U x ring R
+    "CFG parallel 2"        cfg_parallel (implies true CFG)
+
+followed by any of ", true CFG", ", CUDA graphs", ", cuDNN", ", SDPA" (e.g. "Ulysses 4, CUDA graphs").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+MODIFIERS = {"CUDA graphs": {"cuda_graphs": True}, "cuDNN": {"attention_backend": "cudnn"},
+             "SDPA": {"attention_backend": "sdpa"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    name: str
+    options: dict  # denoiser options (FluxDenoiserOptions fields)
+    true_cfg: bool
+
+    @property
+    def gpus(self) -> int:
+        return self.options.get("sp_degree", 1) * (2 if self.options.get("cfg_parallel") else 1)
+
+
+def parse_layout(name: str) -> Layout:
+    base, *mods = [part.strip() for part in name.split(",")]
+    options: dict = {}
+    true_cfg = False
+    if base in ("1 GPU", "sp 1"):
+        pass
+    elif base == "CFG parallel 2":
+        options["cfg_parallel"], true_cfg = True, True
+    elif m := re.fullmatch(r"(Ulysses|Ring) (\d+)", base):
+        n = int(m[2])
+        options.update(sp_degree=n, **({"ring_degree": n} if m[1] == "Ring" else {"ulysses_degree": n}))
+    elif m := re.fullmatch(r"USP (\d+)x(\d+)", base):
+        u, r = int(m[1]), int(m[2])
+        options.update(sp_degree=u * r, ulysses_degree=u, ring_degree=r)
+    else:
+        raise ValueError(f"layout {name!r}: expected '1 GPU', 'Ulysses N', 'Ring N', 'USP UxR' or 'CFG parallel 2', "
+                         f"then any of ', true CFG', {', '.join(repr(', ' + k) for k in MODIFIERS)}")
+    for mod in mods:
+        if mod == "true CFG":
+            true_cfg = True
+        elif mod in MODIFIERS:
+            options.update(MODIFIERS[mod])
+        else:
+            raise ValueError(f"layout {name!r}: unknown modifier {mod!r}")
+    return Layout(name, options, true_cfg)
