@@ -469,9 +469,10 @@ def _norm_weights(w: Optional[torch.Tensor], d: int, like: torch.Tensor) -> tupl
     return w[0], w[-1]
 
 
-def _launch_prologue(x: torch.Tensor, layout: str, w: Optional[torch.Tensor], p: Prologue) -> torch.Tensor:
+def _launch_prologue(x: torch.Tensor, layout: str, w: Optional[torch.Tensor], p: Prologue,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     B, H, L, D = dims(x, layout)
-    out = _alloc(tuple(x.shape), x, x.dtype)
+    out = _alloc(tuple(x.shape), x, x.dtype) if out is None else out
     w0, w1 = _norm_weights(w, D, x)
     cos = p.cos if p.cos is not None else x
     sin = p.sin if p.sin is not None else x
@@ -507,15 +508,21 @@ def _validate_prologue(p: Prologue, D: int, Lq: int, Lk: int, device: torch.devi
 
 def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str
                      ) -> Optional[tuple[TensorDescriptor, ...]]:
-    """2-D TMA views (token rows, row width) of q, k, v, or None when a tensor is not dense in its layout
-    (e.g. a slice along L of a BLHD tensor) or misaligned; the tuner then only times pointer loads."""
+    """2-D TMA views (token rows, row width) of q, k, v, or None when a tensor's token rows are not evenly
+    spaced or are misaligned; the tuner then only times pointer loads. BLHD rows may be wider than
+    H * D (Ulysses hands over Q, K and V interleaved per token: one (1, L, H, D) view each)."""
     descs = []
     for x in (q, k, v):
         B, H, L, D = dims(x, layout)
-        if not x.is_contiguous() or x.data_ptr() % 16 or (D * x.element_size()) % 16:
+        if layout == "BLHD":
+            row = x.stride(1)
+            dense = x.stride(3) == 1 and (H == 1 or x.stride(2) == D) and (B == 1 or x.stride(0) == L * row)
+            rows, width = B * L, H * D
+        else:
+            row, dense, rows, width = D, x.is_contiguous(), B * H * L, D
+        if not dense or x.data_ptr() % 16 or (row * x.element_size()) % 16:
             return None
-        rows, width = (B * L, H * D) if layout == "BLHD" else (B * H * L, D)
-        descs.append(TensorDescriptor(x, [rows, width], [width, 1], [1, D]))
+        descs.append(TensorDescriptor(x, [rows, width], [row, 1], [1, D]))
     return tuple(descs)
 
 
@@ -623,11 +630,15 @@ def attention(
 
 
 def norm_rope(x: torch.Tensor, prologue: Prologue, *, which: Literal["q", "k"] = "k",
-              layout: Layout = "BLHD") -> torch.Tensor:
-    """The prologue alone, as one kernel (what k_mode="prepass" runs on K)."""
+              layout: Layout = "BLHD", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The prologue alone, as one kernel (what k_mode="prepass" runs on K). out: where to write (x's
+    shape and dtype, any strides with a contiguous last dimension; e.g. a slice of a send buffer)."""
     B, H, L, D = dims(x, layout)
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1):
+        raise ValueError(f"norm_rope: out must have x's shape {tuple(x.shape)} and dtype {x.dtype} with a contiguous "
+                         f"last dimension, got {tuple(out.shape)}, {out.dtype}, strides {out.stride()}")
     p = _validate_prologue(prologue, D, L, L, x.device)
-    return _launch_prologue(_last_contiguous(x), layout, p.q_weight if which == "q" else p.k_weight, p)
+    return _launch_prologue(_last_contiguous(x), layout, p.q_weight if which == "q" else p.k_weight, p, out)
 
 
 def reference_prologue(x: torch.Tensor, prologue: Prologue, *, which: Literal["q", "k"],

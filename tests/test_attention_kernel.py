@@ -176,6 +176,30 @@ def test_norm_rope_kernel_matches_reference(interleaved):
     assert rel_err(got, reference_prologue(x.double(), p, which="k")) < 1e-6
 
 
+def interleaved_qkv(L: int, H: int, D: int, dtype, device="cpu") -> tuple[torch.Tensor, ...]:
+    """Q, K, V as Ulysses hands them over: (1, L, H, D) views of one (1, L, 3, H, D) buffer."""
+    buf = torch.randn(1, L, 3, H, D, dtype=dtype, device=device)
+    return buf[:, :, 0], buf[:, :, 1], buf[:, :, 2]
+
+
+@interp
+def test_attention_and_prologue_take_token_interleaved_views():
+    """Strided inputs (token stride 3 * H * D) give what contiguous ones give, and norm_rope writes
+    into a strided `out` (a send-buffer slice) without touching its neighbours."""
+    L, H, D = 113, 2, 16
+    q, k, v = interleaved_qkv(L, H, D, torch.float32)
+    assert not q.is_contiguous()
+    got = attention(q, k, v)
+    assert rel_err(got, ref_attention(q, k, v)[0]) < 1e-5
+    p = make_prologue(L, D, norm=True, rope=True, interleaved=True, k_mode="prepass", split=30)
+    buf = torch.full((1, L, 2, H, D), float("nan"))
+    norm_rope(q, p, which="q", out=buf[:, :, 1])
+    assert buf[:, :, 0].isnan().all()
+    assert rel_err(buf[:, :, 1], reference_prologue(q.double(), p, which="q")) < 1e-6
+    with pytest.raises(ValueError, match="norm_rope: out must have"):
+        norm_rope(q, p, which="q", out=buf[:, :, 1, :, :8])
+
+
 @interp
 @pytest.mark.parametrize("D,dtype", [(64, torch.float16), (16, torch.float32)])
 def test_lse_merge_of_two_key_halves_equals_full(D, dtype):
@@ -364,6 +388,23 @@ def test_gpu_bf16_prologue_matches_fp64(k_mode, D, interleaved):
     ref, _ = ref_attention(reference_prologue(q.double(), p, which="q"),
                            reference_prologue(k.double(), p, which="k"), v)
     assert rel_err(out, ref) <= 1e-2
+
+
+@gpu
+def test_gpu_token_interleaved_views_match_fp64():
+    """The Ulysses receive layout at FLUX's size on 4 GPUs (6 heads a rank): TMA descriptors with a row
+    stride of 3 * H * D, and the prologue writing into a send-buffer slice."""
+    L, H, D = 4608, 6, 128
+    q, k, v = interleaved_qkv(L, H, D, torch.bfloat16, "cuda")
+    assert A._tma_descriptors(q, k, v, "BLHD") is not None
+    out = attention(q, k, v)
+    check_finite(out)
+    assert rel_err(out, ref_attention(q, k, v)[0]) <= 1e-2
+    p = make_prologue(L, D, norm=True, rope=True, interleaved=True, k_mode="prepass", split=512, device="cuda")
+    buf = torch.zeros(1, L, 3, H, D, dtype=torch.bfloat16, device="cuda")
+    norm_rope(k, p, which="k", out=buf[:, :, 1])
+    assert rel_err(buf[:, :, 1], reference_prologue(k.double(), p, which="k")) <= 1e-2
+    assert not buf[:, :, 0].any() and not buf[:, :, 2].any()
 
 
 @gpu

@@ -49,16 +49,24 @@ def run_group(world: int, tmp_path, checks: Callable[[], None]) -> None:
                        start_method="forkserver")
 
 
-def _expect_equal(name: str, attn: Callable, text_len: int, image_len: int, heads: int, seed: int) -> None:
-    """attn(q, k, v, mask) on this rank's shard, gathered over the default group, equals full SDPA.
-    The shard index is the global rank (USP's layout keeps it so: SPMesh.rank)."""
+def _scale_qk(index: int, x: torch.Tensor, out: torch.Tensor) -> None:
+    """A ulysses.Prepare whose effect the reference can apply: Q x 2, K x 3 (no symmetry hides a mix-up)."""
+    out.copy_(x * (2.0, 3.0)[index])
+
+
+def _expect_equal(name: str, attn: Callable, text_len: int, image_len: int, heads: int, seed: int,
+                  batch: int = 2, prepared: bool = False) -> None:
+    """attn(q, k, v, mask) on this rank's shard, gathered over the default group, equals full SDPA
+    (of Q x 2 and K x 3 when `prepared`: attn applies _scale_qk). The shard index is the global rank
+    (USP's layout keeps it so: SPMesh.rank). Batch 1 takes Ulysses' no-copy path, batch 2 its copies."""
     degree, rank = dist.get_world_size(), dist.get_rank()
     g = torch.Generator().manual_seed(seed)
     p = plan(text_len, image_len, degree)
-    q, k, v = (torch.randn(2, p.total, heads, 8, generator=g) for _ in range(3))
-    mask = torch.rand(2, p.total, generator=g) > 0.3
+    q, k, v = (torch.randn(batch, p.total, heads, 8, generator=g) for _ in range(3))
+    mask = torch.rand(batch, p.total, generator=g) > 0.3
     mask[:, 0] = True  # SDPA gives NaN for a row with no key at all
-    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+    qr, kr = (q * 2, k * 3) if prepared else (q, k)
+    ref = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask[:, None, None, :]).transpose(1, 2)
     local = attn(*(shard(x, p, rank, dim=1) for x in (q, k, v)), local_key_mask(p, rank, mask))
     parts = [torch.empty_like(local) for _ in range(degree)]
@@ -81,6 +89,9 @@ def _check_schemes(ulysses_heads: int) -> None:
         assert mesh.rank == rank
         usp = lambda q, k, v, m: usp_attention(q, k, v, mesh, mask=m)
         _expect_equal(f"usp {u}x{r}", usp, 3, 2 * world + 1, heads=ulysses_heads, seed=7)
+        usp = lambda q, k, v, m: usp_attention(q, k, v, mesh, mask=m, prepare=_scale_qk)
+        _expect_equal(f"usp {u}x{r}, prepared, batch 1", usp, 3, 2 * world + 1, heads=ulysses_heads, seed=8,
+                      batch=1, prepared=True)
 
 
 def _checks_2() -> None:
@@ -100,6 +111,8 @@ def _checks_4() -> None:
     usp = lambda q, k, v, m: usp_attention(q, k, v, mesh, mask=m)
     _expect_equal("usp 2x2", usp, 3, 10, heads=4, seed=11)
     _expect_equal("usp 2x2", usp, 0, 17, heads=2, seed=12)
+    usp = lambda q, k, v, m: usp_attention(q, k, v, mesh, mask=m, prepare=_scale_qk)
+    _expect_equal("usp 2x2, prepared, batch 1", usp, 3, 10, heads=4, seed=13, batch=1, prepared=True)
 
 
 def test_two_ranks(tmp_path):

@@ -16,6 +16,7 @@ per-row prologue needs.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
@@ -34,8 +35,8 @@ class SequenceParallelBackend:
     """Has a registry Backend's call signature; attends this rank's shard over the whole sequence.
 
     The prologue (QK RMSNorm + RoPE) runs before any communication (our Triton kernel on CUDA, torch
-    on CPU): ring blocks from other ranks arrive already normalised and rotated,
-    and each rank knows only its own rows' tables.
+    on CPU), written straight into the Ulysses send buffer: ring blocks from other ranks arrive
+    already normalised and rotated, and each rank knows only its own rows' tables.
     """
 
     def __init__(self, mesh: SPMesh, backend: str = "sdpa") -> None:
@@ -44,15 +45,19 @@ class SequenceParallelBackend:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
                  prologue: Optional[Prologue] = None) -> torch.Tensor:
-        if prologue is not None:
-            if q.is_cuda:
-                # One Triton kernel per tensor instead of ~15 fp32 torch ops: those took ~25 ms of
-                # a 118 ms Ulysses-2 step (FLUX.1-dev 1024x1024, H200, 2026-11-26 profile).
-                q, k = norm_rope(q, prologue, which="q"), norm_rope(k, prologue, which="k")
-            else:
-                q = reference_prologue(q, prologue, which="q").to(q.dtype)
-                k = reference_prologue(k, prologue, which="k").to(k.dtype)
-        return usp_attention(q, k, v, self.mesh, mask=mask, backend=self.backend)
+        prepare = None if prologue is None else functools.partial(write_prologue, prologue)
+        return usp_attention(q, k, v, self.mesh, mask=mask, backend=self.backend, prepare=prepare)
+
+
+def write_prologue(prologue: Prologue, index: int, x: torch.Tensor, out: torch.Tensor) -> None:
+    """ulysses.Prepare: Q (index 0) or K (1) normalised and rotated into `out`."""
+    which = "qk"[index]
+    if x.is_cuda:
+        # One Triton kernel instead of ~15 fp32 torch ops: those took ~25 ms of a 118 ms Ulysses-2
+        # step (FLUX.1-dev 1024x1024, H200, 2026-11-26 profile).
+        norm_rope(x, prologue, which=which, out=out)
+    else:
+        out.copy_(reference_prologue(x, prologue, which=which))
 
 
 def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: str = "sdpa") -> int:

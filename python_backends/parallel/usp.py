@@ -10,7 +10,6 @@ contiguous chunk of its Ulysses group, for its share of the heads, and the ring 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .ring import ring_attention
-from .ulysses import ulysses_attention
+from .ulysses import Prepare, ulysses_attention
 
 
 @dataclass(frozen=True)
@@ -84,16 +83,25 @@ def build_mesh(ulysses_degree: int, ring_degree: int, first_rank: int = 0) -> Op
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: SPMesh, *,
-                  mask: Optional[torch.Tensor] = None, backend: str = "sdpa") -> torch.Tensor:
+                  mask: Optional[torch.Tensor] = None, backend: str = "sdpa",
+                  prepare: Optional[Prepare] = None) -> torch.Tensor:
     """Attention of this rank's (B, L/P, H, D) shard (P = mesh.degree) over the whole sequence.
 
     mask: this rank's (B, L/P) key mask, True = attend. ulysses_degree 1 is pure ring attention,
-    ring_degree 1 pure Ulysses.
+    ring_degree 1 pure Ulysses. prepare (ulysses.Prepare): what to apply to Q and K before any
+    communication, written into the all_to_all's send buffer (pure ring: into fresh tensors).
     """
-    if mesh.layout.ring_degree == 1:
-        return ulysses_attention(q, k, v, mesh.ulysses_group, mask=mask, backend=backend)
-    ring = functools.partial(ring_attention, group=mesh.ring_group, backend=backend)
-    if mesh.layout.ulysses_degree == 1:
-        return ring(q, k, v, mask=mask)
-    return ulysses_attention(q, k, v, mesh.ulysses_group, mask=mask,
-                             attend=lambda q, k, v, m: ring(q, k, v, mask=m))
+    if mesh.layout.ulysses_degree == 1:  # pure ring: no all_to_all to write the prepared Q and K into
+        if prepare is not None:
+            q, k = (_prepared(n, x, prepare) for n, x in enumerate((q, k)))
+        return ring_attention(q, k, v, mesh.ring_group, mask=mask, backend=backend)
+    attend = None
+    if mesh.layout.ring_degree > 1:
+        attend = lambda q, k, v, m: ring_attention(q, k, v, mesh.ring_group, mask=m, backend=backend)  # noqa: E731
+    return ulysses_attention(q, k, v, mesh.ulysses_group, mask=mask, backend=backend, attend=attend, prepare=prepare)
+
+
+def _prepared(n: int, x: torch.Tensor, prepare: Prepare) -> torch.Tensor:
+    out = torch.empty_like(x)
+    prepare(n, x, out)
+    return out
