@@ -57,8 +57,24 @@ class DitserveQwenAttnProcessor:
             raise ValueError(f"{_WHO}: needs encoder_hidden_states (the text stream)")
         if attention_mask is not None:
             raise ValueError(f"{_WHO}: takes the text mask as encoder_hidden_states_mask, not an attention_mask")
-        d = attn.inner_dim // attn.heads
         batch, text_len = encoder_hidden_states.shape[:2]
+        mask = key_padding_mask(encoder_hidden_states_mask, batch, text_len, _WHO)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(batch, hidden_states.shape[1])], dim=1)
+        return self.joint_attention(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+
+    def joint_attention(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        key_mask: Optional[torch.Tensor],
+        image_rotary_emb: Optional[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The joint [text, image] attention with `key_mask`, a bool (B, text + image) key mask (True = attend)
+        or None. Either stream may be empty (a sequence-parallel shard holding only text or only image rows)."""
+        d = attn.inner_dim // attn.heads
+        text_len = encoder_hidden_states.shape[1]
 
         def joint(text_proj: torch.nn.Module, image_proj: torch.nn.Module) -> torch.Tensor:
             return torch.cat([text_proj(encoder_hidden_states), image_proj(hidden_states)], dim=1).unflatten(-1, (-1, d))
@@ -72,11 +88,8 @@ class DitserveQwenAttnProcessor:
         cos, sin = rope_tables(*image_rotary_emb) if image_rotary_emb is not None else (None, None)
         prologue = Prologue(q_weight=qw, k_weight=kw, eps=norm_eps(norms, query.dtype, _WHO), norm_split=text_len,
                             cos=cos, sin=sin, interleaved=True, k_mode=self.k_mode)
-        mask = key_padding_mask(encoder_hidden_states_mask, batch, text_len, _WHO)
-        if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(batch, hidden_states.shape[1])], dim=1)
 
-        out = self.backend(query, key, value, mask=mask, prologue=prologue).flatten(2, 3).to(query.dtype)
+        out = self.backend(query, key, value, mask=key_mask, prologue=prologue).flatten(2, 3).to(query.dtype)
         text_out, image_out = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
         image_out = attn.to_out[0](image_out.contiguous())
         if len(attn.to_out) > 1:

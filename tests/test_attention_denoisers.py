@@ -179,11 +179,12 @@ def test_sequence_parallel_processors_get_the_chosen_backend():
     qwen = _load("tiny-qwen-image", CPU_FP32, attention_backend="triton")
     qwen.use_sequence_parallel(ONE_RANK_MESH)
     processor = qwen.transformer.transformer_blocks[0].attn.processor
-    assert isinstance(processor, QwenSequenceParallelProcessor) and processor.backend == "triton"
+    assert isinstance(processor, QwenSequenceParallelProcessor) and processor.backend.backend == "triton"
     wan = _load("tiny-wan-t2v", CPU_FP32, attention_backend="triton")
     wan.use_sequence_parallel(ONE_RANK_MESH)
     block = wan.transformer.blocks[0]
-    assert isinstance(block.attn1.processor, WanSequenceParallelProcessor) and block.attn1.processor.backend == "triton"
+    assert isinstance(block.attn1.processor, WanSequenceParallelProcessor)
+    assert block.attn1.processor.backend.backend == "triton"
     assert block.attn2.processor.backend.name == "triton"  # cross-attention stays local: the installed processor
 
 
@@ -282,3 +283,90 @@ def test_processors_in_bf16_on_cuda_match_diffusers(model):
         out = transformer(**inputs, return_dict=False)[0].float()
     err = ((out - ref).norm() / ref.norm()).item()
     assert err < 1e-2, f"{model}: bf16 relative error {err}"
+
+
+# The processors on one attention module at head_dim 128 (triton_fp8 takes 64 and 128), bf16 on CUDA, with QK
+# norm weights around 1 (test_parallel_prologue._redraw_norms) so that the scores are not flat.
+def _qwen_attention(device: str = "cuda") -> tuple[torch.nn.Module, dict]:
+    """Block 0's joint attention and one call's inputs: 37 text tokens (row 1's padded after 20, a bool text
+    mask), a 15 x 20 image grid (300 tokens), Qwen-Image's own rotary tables."""
+    from test_parallel_prologue import _redraw_norms
+
+    model = _tiny_qwen(attention_head_dim=128, axes_dims_rope=(32, 48, 48)).to(device, torch.bfloat16)
+    attn, g = model.transformer_blocks[0].attn, torch.Generator().manual_seed(21)
+    _redraw_norms(attn, g)
+    mask = torch.ones(2, 37, dtype=torch.bool)
+    mask[1, 20:] = False
+    img_shapes = [[(1, 15, 20)]] * 2
+    case = dict(hidden_states=torch.randn(2, 300, attn.inner_dim, generator=g),
+                encoder_hidden_states=torch.randn(2, 37, attn.inner_dim, generator=g))
+    case = {k: v.to(device, torch.bfloat16) for k, v in case.items()}
+    case.update(encoder_hidden_states_mask=mask.to(device),
+                image_rotary_emb=model.pos_embed(img_shapes, max_txt_seq_len=37, device=torch.device(device)))
+    return attn, case
+
+
+def _wan_attention(which: str, device: str = "cuda") -> tuple[torch.nn.Module, dict]:
+    """Block 0's self-attention (attn1, with Wan's rotary tables) or cross-attention (attn2, 17 image-context
+    tokens then 512 text tokens, as Wan 2.1 I2V) over a 3 x 10 x 11 latent grid (330 video tokens)."""
+    from test_parallel_prologue import _redraw_norms
+
+    model = _tiny_wan(attention_head_dim=128, image_dim=8, added_kv_proj_dim=256).to(device, torch.bfloat16)
+    g = torch.Generator().manual_seed(22)
+    latents = torch.randn(2, 4, 3, 20, 22, generator=g).to(device, torch.bfloat16)
+    hidden = torch.randn(2, 330, 256, generator=g).to(device, torch.bfloat16)
+    block = model.blocks[0]
+    if which == "self":
+        _redraw_norms(block.attn1, g)
+        return block.attn1, dict(hidden_states=hidden, rotary_emb=model.rope(latents))
+    _redraw_norms(block.attn2, g)
+    context = torch.randn(2, 17 + 512, 256, generator=g).to(device, torch.bfloat16)
+    return block.attn2, dict(hidden_states=hidden, encoder_hidden_states=context)
+
+
+def _joined(out) -> torch.Tensor:
+    """A processor's output as one fp32 tensor (Qwen-Image's (image, text) pair joined)."""
+    return torch.cat([x.float() for x in out], dim=1) if isinstance(out, tuple) else out.float()
+
+
+@pytest.mark.gpu
+def test_qwen_cudnn_with_a_text_mask_matches_sdpa():
+    """attention_backend "cudnn" with Qwen-Image's padded text: diffusers' processor (what one GPU runs) and our
+    processor on the sdpa backend (what the sequence-parallel processors attend with locally), both under
+    torch's SDPA restricted to cuDNN, run (cuDNN takes the key mask) and match our sdpa processor: relative
+    L2 error <= 1e-2."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ditserve.kernels.qwen_processor import DitserveQwenAttnProcessor
+
+    attn, case = _qwen_attention()
+    with torch.inference_mode():
+        ref = _joined(DitserveQwenAttnProcessor("sdpa")(attn, **case))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            outputs = {"diffusers": _joined(QwenDoubleStreamAttnProcessor2_0()(attn, **case)),
+                       "ours": _joined(DitserveQwenAttnProcessor("sdpa")(attn, **case))}
+    for name, out in outputs.items():
+        err = ((out - ref).norm() / ref.norm()).item()
+        assert err <= 1e-2, f"{name} processor on cuDNN: bf16 relative error {err}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["qwen-image", "wan-self", "wan-cross-i2v"])
+def test_processors_on_triton_fp8_match_sdpa(case):
+    """Our processors on triton_fp8 (the prologue applied with torch first, then the FP8 kernel) against the
+    same processors on sdpa: cosine similarity >= 0.999 (issue 5's FP8 target). Qwen-Image with its text mask;
+    Wan's self-attention with its rotary embedding, and its cross-attention (Lq != Lk) over text and image
+    context."""
+    from ditserve.kernels.qwen_processor import DitserveQwenAttnProcessor
+    from ditserve.kernels.wan_processor import DitserveWanAttnProcessor
+
+    if case == "qwen-image":
+        (attn, inputs), processor = _qwen_attention(), DitserveQwenAttnProcessor
+    else:
+        (attn, inputs), processor = _wan_attention(case.split("-")[1]), DitserveWanAttnProcessor
+    with torch.inference_mode():
+        ref = _joined(processor("sdpa")(attn, **inputs)).flatten()
+        out = _joined(processor("triton_fp8")(attn, **inputs)).flatten()
+    cosine = torch.nn.functional.cosine_similarity(out, ref, dim=0).item()
+    assert cosine >= 0.999, f"{case}: triton_fp8 cosine similarity {cosine}"

@@ -32,9 +32,10 @@ def _tiny_qwen(**config):
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(0)  # the same weights on every rank
-    model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
-                                        axes_dims_rope=(4, 6, 6), **config)
+    # config may override any of these (the GPU tests use head_dim 128, axes_dims_rope summing to it).
+    model = QwenImageTransformer2DModel(**{**dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                                  axes_dims_rope=(4, 6, 6)), **config})
     # Default init zeroes the modulation and output projections, which would hide a wrong attention.
     with torch.no_grad():
         for param in model.parameters():

@@ -31,9 +31,10 @@ def _tiny_wan(**config):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)  # the same weights on every rank
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
-                                  out_channels=4, text_dim=12, freq_dim=16, ffn_dim=32, num_layers=2,
-                                  rope_max_seq_len=32, **config)
+    # config may override any of these (the GPU tests use head_dim 128).
+    model = WanTransformer3DModel(**{**dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                            in_channels=4, out_channels=4, text_dim=12, freq_dim=16, ffn_dim=32,
+                                            num_layers=2, rope_max_seq_len=32), **config})
     # Default init zeroes no output projection here, but keep every weight random and O(1) so a wrong
     # attention or a misplaced shard cannot hide behind a small contribution.
     with torch.no_grad():

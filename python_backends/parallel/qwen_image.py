@@ -9,7 +9,8 @@ runs the blocks on its shard:
 * the two streams keep their own modulation, norms and MLPs (per token, no communication); a rank
   may hold no text rows or no image rows, and every per-token op takes an empty stream;
 * the joint attention runs through ``usp_attention``, its key mask the text mask (``encoder_hidden_states_mask``,
-  sharded with the text tokens) with the padding rows masked out;
+  sharded with the text tokens) with the padding rows masked out; Q and K are normalised and rotated
+  before the exchange by one prologue (``QwenSequenceParallelProcessor``), as FLUX's are;
 * norm_out / proj_out run on the image shard, then the image tokens are gathered.
 For Qwen-Image-Edit the image stream is the noise tokens followed by the input image's tokens
 (``img_shapes`` with two grids): the rotary table lists both grids in that order, so sharding it as
@@ -35,46 +36,40 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from diffusers.models.attention_processor import Attention
-from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
+from ditserve.kernels.processors import key_padding_mask
+from ditserve.kernels.qwen_processor import DitserveQwenAttnProcessor
+
+from .flux import SequenceParallelBackend
 from .shard import gather, local_key_mask, plan, shard
 from .ulysses import check_heads
-from .usp import SPMesh, usp_attention
+from .usp import SPMesh
 
 
-class QwenSequenceParallelProcessor:
-    """QwenDoubleStreamAttnProcessor2_0 on this rank's shard: the same per-stream projections, QK
-    RMSNorms and complex rotary embedding, then the joint [text, image] attention over the whole
-    sequence. Mirrors diffusers' processor because its attention call (``dispatch_attention_fn``)
-    has no seam for our process groups. ``attention_mask`` is this rank's (B, local_len) joint key
-    mask (True = attend), passed by ``sp_forward`` through the blocks' attention kwargs; the text
-    mask is part of it, so ``encoder_hidden_states_mask`` is None.
+class QwenSequenceParallelProcessor(DitserveQwenAttnProcessor):
+    """ditserve's Qwen-Image processor (ditserve.kernels.qwen_processor) on this rank's shard, its backend
+    swapped for FLUX's sequence-parallel one: the same projections, then the per-stream per-head QK RMSNorms
+    and the rotary embedding as one prologue (the rank's text row count as its norm split, the rank's rows of
+    the rotary table), applied before the exchange (our Triton prologue kernel on CUDA, torch on CPU), then
+    the joint [text, image] attention over the whole sequence.
+
+    ``attention_mask`` is this rank's (B, local_len) joint key mask (True = attend), passed by ``sp_forward``
+    through the blocks' attention kwargs; the text mask is part of it, so ``encoder_hidden_states_mask`` is None.
     """
 
     def __init__(self, mesh: SPMesh, backend: str = "sdpa") -> None:
-        self.mesh = mesh
-        self.backend = backend
+        super().__init__("sdpa")  # a placeholder registry backend, replaced (as FLUX's set_sequence_parallel does)
+        self.backend = SequenceParallelBackend(mesh, backend)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  encoder_hidden_states_mask: None = None, attention_mask: Optional[torch.Tensor] = None,
                  image_rotary_emb: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        img_freqs, txt_freqs = image_rotary_emb
-
-        def qkv(x, to_q, to_k, to_v, norm_q, norm_k, freqs):
-            q, k, v = (proj(x).unflatten(-1, (attn.heads, -1)) for proj in (to_q, to_k, to_v))
-            q, k = norm_q(q), norm_k(k)
-            if x.shape[1]:  # diffusers' rotary reshape cannot infer a size from 0 elements (an empty stream)
-                q, k = apply_rotary_emb_qwen(q, freqs, use_real=False), apply_rotary_emb_qwen(k, freqs, use_real=False)
-            return q, k, v
-
-        txt = qkv(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q,
-                  attn.norm_added_k, txt_freqs)
-        img = qkv(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, img_freqs)
-        q, k, v = (torch.cat(pair, dim=1) for pair in zip(txt, img))
-        out = usp_attention(q, k, v, self.mesh, mask=attention_mask, backend=self.backend).flatten(2, 3).to(q.dtype)
-        text_rows = encoder_hidden_states.shape[1]
-        img_out = attn.to_out[1](attn.to_out[0](out[:, text_rows:].contiguous()))
-        return img_out, attn.to_add_out(out[:, :text_rows].contiguous())
+        if encoder_hidden_states_mask is not None:
+            raise ValueError("Qwen-Image sequence-parallel processor: the text mask must come as part of the joint "
+                             "attention_mask (sp_forward builds it)")
+        batch, length = hidden_states.shape[0], encoder_hidden_states.shape[1] + hidden_states.shape[1]
+        mask = key_padding_mask(attention_mask, batch, length, "Qwen-Image sequence-parallel processor")
+        return self.joint_attention(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
 
 
 def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: str = "sdpa") -> int:

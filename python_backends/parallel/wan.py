@@ -5,7 +5,9 @@ The patch embedding, rotary tables and time/text embeddings are computed on the 
 tables depend on the whole latent grid; the embeddings are cheap). Every rank then runs the blocks
 on its shard of the video tokens (shard.plan with ``text_len=0``: contiguous rows, padding at the
 global end); all per-token work needs no communication:
-* self-attention (``attn1``) runs through ``usp_attention`` with padded keys masked out;
+* self-attention (``attn1``) runs through ``usp_attention`` with padded keys masked out, its rotary
+  embedding applied before the exchange by one prologue (``WanSequenceParallelProcessor``), as FLUX's
+  QK norm and rotary embedding are;
 * cross-attention (``attn2``) keeps diffusers' processor: every rank holds the whole text (and, for
   I2V checkpoints, the whole image context), and cross-attention is per query row;
 * image-to-video inputs need nothing more: the condition channels enter with the noise latents, so
@@ -25,44 +27,42 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
+from diffusers.models.transformers.transformer_wan import WanAttention
 
+from ditserve.kernels.wan_processor import DitserveWanAttnProcessor
+
+from .flux import SequenceParallelBackend
 from .shard import gather, local_key_mask, plan, shard
 from .ulysses import check_heads
-from .usp import SPMesh, usp_attention
+from .usp import SPMesh
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """WanAttnProcessor's rotary embedding (interleaved pairs; diffusers nests it in __call__, so it
-    cannot be imported): x (B, L, H, D), tables (1, L, 1, D) fp32, result in x's dtype."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+class WanSequenceParallelProcessor(DitserveWanAttnProcessor):
+    """The self-attention of a Wan block on this rank's shard: ditserve's Wan processor
+    (ditserve.kernels.wan_processor) with its backend swapped for FLUX's sequence-parallel one. The
+    projections and the QK RMSNorm run as there; the rotary embedding (interleaved pairs, the rank's rows of
+    the tables) goes to the backend as a prologue, which applies it before the exchange (our Triton prologue
+    kernel on CUDA, torch on CPU), then the attention runs over the whole sequence.
 
-
-class WanSequenceParallelProcessor:
-    """The self-attention of a Wan block on this rank's shard: WanAttnProcessor's projections, QK
-    RMSNorm (across heads, per token) and rotary embedding, then attention over the whole sequence.
+    Only the rotary embedding can go to the prologue: Wan's QK RMSNorm is across heads (one RMS over the
+    heads x head_dim features of a token, weights of that width), and the prologue normalises each head's row
+    on its own with one (head_dim,) weight; so the norm stays torch, on the projections before the heads split.
 
     One instance serves every ``attn1`` of a transformer; ``sp_forward`` sets ``key_mask`` (this
     rank's padding) for the duration of a forward, since the blocks pass no mask to ``attn1``.
     """
 
     def __init__(self, mesh: SPMesh, backend: str = "sdpa") -> None:
-        self.mesh = mesh
-        self.backend = backend
+        super().__init__("sdpa")  # a placeholder registry backend, replaced (as FLUX's set_sequence_parallel does)
+        self.backend = SequenceParallelBackend(mesh, backend)
         self.key_mask: Optional[torch.Tensor] = None
 
-    def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None,
+    def __call__(self, attn: WanAttention, hidden_states: torch.Tensor,
+                 encoder_hidden_states: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                  rotary_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        out = usp_attention(query, key, value, self.mesh, mask=self.key_mask, backend=self.backend)
-        out = out.flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("Wan sequence-parallel processor: self-attention only, its key mask set by sp_forward")
+        return super().__call__(attn, hidden_states, None, self.key_mask, rotary_emb)
 
 
 def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: str = "sdpa") -> int:
