@@ -16,48 +16,17 @@ per-row prologue needs.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
-from ditserve.kernels.attention import Prologue, norm_rope, reference_prologue
 from ditserve.kernels.flux_processor import DitserveFluxAttnProcessor
 
 from .shard import gather, local_key_mask, plan, shard
 from .ulysses import check_heads
-from .usp import SPMesh, usp_attention
-
-
-class SequenceParallelBackend:
-    """Has a registry Backend's call signature; attends this rank's shard over the whole sequence.
-
-    The prologue (QK RMSNorm + RoPE) runs before any communication (our Triton kernel on CUDA, torch
-    on CPU), written straight into the Ulysses send buffer: ring blocks from other ranks arrive
-    already normalised and rotated, and each rank knows only its own rows' tables.
-    """
-
-    def __init__(self, mesh: SPMesh, backend: str = "sdpa") -> None:
-        self.mesh = mesh
-        self.backend = backend
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
-                 prologue: Optional[Prologue] = None) -> torch.Tensor:
-        prepare = None if prologue is None else functools.partial(write_prologue, prologue)
-        return usp_attention(q, k, v, self.mesh, mask=mask, backend=self.backend, prepare=prepare)
-
-
-def write_prologue(prologue: Prologue, index: int, x: torch.Tensor, out: torch.Tensor) -> None:
-    """ulysses.Prepare: Q (index 0) or K (1) normalised and rotated into `out`."""
-    which = "qk"[index]
-    if x.is_cuda:
-        # One Triton kernel instead of ~15 fp32 torch ops: those took ~25 ms of a 118 ms Ulysses-2
-        # step (FLUX.1-dev 1024x1024, H200, 2026-11-26 profile).
-        norm_rope(x, prologue, which=which, out=out)
-    else:
-        out.copy_(reference_prologue(x, prologue, which=which))
+from .usp import SequenceParallelBackend, SPMesh
 
 
 def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: str = "sdpa") -> int:

@@ -40,10 +40,9 @@ from diffusers.models.attention_processor import Attention
 from ditserve.kernels.processors import key_padding_mask
 from ditserve.kernels.qwen_processor import DitserveQwenAttnProcessor
 
-from .flux import SequenceParallelBackend
 from .shard import gather, local_key_mask, plan, shard
 from .ulysses import check_heads
-from .usp import SPMesh
+from .usp import SequenceParallelBackend, SPMesh
 
 
 class QwenSequenceParallelProcessor(DitserveQwenAttnProcessor):

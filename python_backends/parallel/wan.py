@@ -31,10 +31,9 @@ from diffusers.models.transformers.transformer_wan import WanAttention
 
 from ditserve.kernels.wan_processor import DitserveWanAttnProcessor
 
-from .flux import SequenceParallelBackend
 from .shard import gather, local_key_mask, plan, shard
 from .ulysses import check_heads
-from .usp import SPMesh
+from .usp import SequenceParallelBackend, SPMesh
 
 
 class WanSequenceParallelProcessor(DitserveWanAttnProcessor):
