@@ -201,6 +201,19 @@ def test_attention_and_prologue_take_token_interleaved_views():
 
 
 @interp
+def test_registry_kernel_prologue_equals_the_torch_prologue():
+    """What triton_fp8 and flash_attn (CUDA-only) apply before attending: Q's and K's own weights."""
+    from ditserve.kernels import registry
+
+    L, D = 57, 16
+    q, k = torch.randn(1, L, 2, D), torch.randn(1, L, 2, D)
+    p = make_prologue(L, D, norm=True, rope=True, interleaved=True, k_mode="prepass", split=9)
+    for got, want in zip(registry._kernel_prologue(q, k, p), registry._unfused(q, k, p)):
+        assert rel_err(got, want) < 1e-6
+    assert registry._kernel_prologue(q, k, None) == (q, k)
+
+
+@interp
 @pytest.mark.parametrize("D,dtype", [(64, torch.float16), (16, torch.float32)])
 def test_lse_merge_of_two_key_halves_equals_full(D, dtype):
     B, H, Lq, Lk = 2, 2, 113, 257
