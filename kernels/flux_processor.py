@@ -20,19 +20,14 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
 
 from .attention import Prologue
-from .processors import key_padding_mask, norm_eps, norm_weight, set_processor
-from .registry import Backend, get_backend
+from .processors import BackendProcessor, key_padding_mask, norm_eps, norm_weight, set_processor
 
 
 _WHO = "ditserve FLUX processor"
 
 
-class DitserveFluxAttnProcessor:
+class DitserveFluxAttnProcessor(BackendProcessor):
     """Drop-in for FluxAttnProcessor: same inputs and outputs, attention through a ditserve backend."""
-
-    def __init__(self, backend: str = "triton", k_mode: Literal["inline", "prepass"] = "prepass") -> None:
-        self.backend: Backend = get_backend(backend)
-        self.k_mode = k_mode
 
     def __call__(
         self,

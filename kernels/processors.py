@@ -9,11 +9,26 @@ the kernel, the others with torch first, so every backend computes the same func
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import Literal, Optional, Union
 
 import torch
 from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+
+from .registry import get_backend
+
+# (q, k, v, *, mask=None, prologue=None) -> out, all (B, L, H, D): a registry Backend, or a callable
+# with its signature (the sequence-parallel one, ditserve.parallel.usp.SequenceParallelBackend).
+Attend = Callable[..., torch.Tensor]
+
+
+class BackendProcessor:
+    """Base of ditserve's processors: the backend they attend through (a registry name or an Attend) and
+    how the `triton` backend applies the K prologue (Prologue.k_mode)."""
+
+    def __init__(self, backend: Union[str, Attend] = "triton", k_mode: Literal["inline", "prepass"] = "prepass") -> None:
+        self.backend: Attend = get_backend(backend) if isinstance(backend, str) else backend
+        self.k_mode = k_mode
 
 # QK norms the prologue can compute: a per-head RMSNorm with an optional weight and no bias.
 _RMS_NORMS = (torch.nn.RMSNorm, DiffusersRMSNorm)

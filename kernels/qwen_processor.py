@@ -20,8 +20,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from .attention import Prologue
-from .processors import key_padding_mask, norm_eps, norm_weight, set_processor
-from .registry import Backend, get_backend
+from .processors import BackendProcessor, key_padding_mask, norm_eps, norm_weight, set_processor
 
 _WHO = "ditserve Qwen-Image processor"
 
@@ -35,13 +34,9 @@ def rope_tables(img_freqs: torch.Tensor, txt_freqs: torch.Tensor) -> tuple[torch
     return freqs.real.repeat_interleave(2, dim=-1), freqs.imag.repeat_interleave(2, dim=-1)
 
 
-class DitserveQwenAttnProcessor:
+class DitserveQwenAttnProcessor(BackendProcessor):
     """Drop-in for QwenDoubleStreamAttnProcessor2_0: same inputs and outputs, attention through a ditserve
     backend. Returns (image stream output, text stream output)."""
-
-    def __init__(self, backend: str = "triton", k_mode: Literal["inline", "prepass"] = "prepass") -> None:
-        self.backend: Backend = get_backend(backend)
-        self.k_mode = k_mode
 
     def __call__(
         self,

@@ -27,8 +27,7 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from .attention import Prologue
-from .processors import key_padding_mask, set_processor
-from .registry import Backend, get_backend
+from .processors import BackendProcessor, key_padding_mask, set_processor
 
 _WHO = "ditserve Wan processor"
 
@@ -47,12 +46,8 @@ def rope_tables(freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> tuple[torch
     return cos, sin
 
 
-class DitserveWanAttnProcessor:
+class DitserveWanAttnProcessor(BackendProcessor):
     """Drop-in for WanAttnProcessor: same inputs and outputs, attention through a ditserve backend."""
-
-    def __init__(self, backend: str = "triton", k_mode: Literal["inline", "prepass"] = "prepass") -> None:
-        self.backend: Backend = get_backend(backend)
-        self.k_mode = k_mode
 
     def __call__(
         self,

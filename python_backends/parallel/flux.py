@@ -39,9 +39,7 @@ def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: s
     n = 0
     for module in transformer.modules():
         if isinstance(module, FluxAttention):
-            processor = DitserveFluxAttnProcessor("sdpa")
-            processor.backend = SequenceParallelBackend(mesh, backend)
-            module.set_processor(processor)
+            module.set_processor(DitserveFluxAttnProcessor(SequenceParallelBackend(mesh, backend)))
             n += 1
     if n == 0:
         raise ValueError(f"set_sequence_parallel: {type(transformer).__name__} has no FluxAttention modules")

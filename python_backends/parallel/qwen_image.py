@@ -57,8 +57,7 @@ class QwenSequenceParallelProcessor(DitserveQwenAttnProcessor):
     """
 
     def __init__(self, mesh: SPMesh, backend: str = "sdpa") -> None:
-        super().__init__("sdpa")  # a placeholder registry backend, replaced (as FLUX's set_sequence_parallel does)
-        self.backend = SequenceParallelBackend(mesh, backend)
+        super().__init__(SequenceParallelBackend(mesh, backend))
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  encoder_hidden_states_mask: None = None, attention_mask: Optional[torch.Tensor] = None,

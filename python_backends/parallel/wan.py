@@ -52,8 +52,7 @@ class WanSequenceParallelProcessor(DitserveWanAttnProcessor):
     """
 
     def __init__(self, mesh: SPMesh, backend: str = "sdpa") -> None:
-        super().__init__("sdpa")  # a placeholder registry backend, replaced (as FLUX's set_sequence_parallel does)
-        self.backend = SequenceParallelBackend(mesh, backend)
+        super().__init__(SequenceParallelBackend(mesh, backend))
         self.key_mask: Optional[torch.Tensor] = None
 
     def __call__(self, attn: WanAttention, hidden_states: torch.Tensor,
