@@ -14,13 +14,14 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ditserve.denoising import DenoiserOptions, GroupedDenoiser, flow_match_scheduler
+from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler
 from ditserve.flux.request import GenerationParams, latent_geometry
+from ditserve.flux.text_encoder import TextEncoderOptions
 from ditserve.loading import Checkpoint
 from ditserve.parallel import SPMesh, check_heads
 from ditserve.parallel.flux import set_sequence_parallel, sp_forward
 from ditserve.parallel.group import ParallelConfig
-from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
+from ditserve.stage import ConfigError, RequestError, Row, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +31,6 @@ class FluxDenoiserOptions(DenoiserOptions):
     # sequence-parallel step is host-bound without it (Ulysses 2 on 2 H200: 163.9 ms a step eager,
     # 93.3 ms with graphs; perf/RESULTS.md).
     cuda_graphs: bool = False
-    # One denoising step at FluxPipeline's default size (and 512 text tokens) while the model
-    # loads, on CUDA only: Triton autotunes the attention kernel per sequence length, and the
-    # first 1024x1024 request after start-up took 19.2 s instead of 4.6 s (H100, 2026-11-26).
-    warmup: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +66,7 @@ def image_token_ids(grid_h: int, grid_w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(grid_h * grid_w, 3).to(device=device, dtype=dtype)
 
 
-class FluxDenoiser(GroupedDenoiser):
+class FluxDenoiser(TransformerDenoiser):
     Options = FluxDenoiserOptions
     inputs = (
         "PROMPT_EMBEDS",
@@ -85,33 +82,21 @@ class FluxDenoiser(GroupedDenoiser):
         "NUM_IMAGES",
     )
 
-    def __init__(self, runtime: Runtime, options: FluxDenoiserOptions | None = None, *, rank: int = 0):
-        super().__init__(runtime, options, rank=rank)
-        runtime = self.runtime  # the parallel group may have moved rank 0 to its first GPU
-        checkpoint = Checkpoint(runtime.model_path)
-        self.select_attention(checkpoint.config("transformer")["attention_head_dim"])
-        self.transformer = checkpoint.load("transformer", runtime)
-        self.scheduler_class = checkpoint.component_class("scheduler")
-        self.scheduler_config = checkpoint.load("scheduler").config
+    def load_components(self, checkpoint: Checkpoint) -> None:
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
-        self.install_attention()
         self.forward = self.graphed(self._forward, self.options.cuda_graphs)
-        self.start_parallel()
-        if self.options.warmup and runtime.device.type == "cuda" and rank == 0:  # workers warm up with rank 0
-            self.warm_up()
 
-    def warm_up(self, text_tokens: int = 512) -> None:
-        # With CUDA graphs, enough steps to capture the step's graph too (eager calls, then capture),
-        # so that no request pays for it.
-        steps = 1 + max((call.warmup for call in self._graphed), default=0)
+    def warmup_batches(self, steps: int) -> list[list[FluxRequest]]:
+        # FluxPipeline's defaults: its size, its text length (flux_text_encoder pads every prompt to
+        # max_sequence_length), no true CFG (a negative prompt would have that same length): the one
+        # attention shape of FLUX requests at that size.
         config = self.transformer.config
-        embeds = torch.randn(text_tokens, config.joint_attention_dim, device=self.runtime.device)
-        pooled = torch.randn(config.pooled_projection_dim, device=self.runtime.device)
+        embeds = self.warmup_tensor(TextEncoderOptions.max_sequence_length, config.joint_attention_dim)
+        pooled = self.warmup_tensor(config.pooled_projection_dim)
         size = self.default_size
         params = GenerationParams(height=size, width=size, steps=steps, guidance=3.5, true_cfg=1.0, seed=0, num_images=1)
-        (latents,) = self.dispatch([FluxRequest(embeds.to(self.runtime.dtype), pooled.to(self.runtime.dtype), None, None, params)])
-        latents.cpu()  # wait for the GPU: the model is ready only once this step has run
+        return [[FluxRequest(embeds, pooled, None, None, params)]]
 
     # --- attention (hooks of GroupedDenoiser) ----------------------------------------------
 

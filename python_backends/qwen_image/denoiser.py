@@ -28,18 +28,22 @@ import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ditserve.denoising import DenoiserOptions, GroupedDenoiser, flow_match_scheduler
+from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler
 from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.request import GenerationParams
 from ditserve.loading import Checkpoint
 from ditserve.parallel import SPMesh, check_heads
 from ditserve.parallel.group import ParallelConfig
 from ditserve.parallel.qwen_image import set_sequence_parallel, sp_forward
-from ditserve.qwen_image.request import latent_geometry, min_steps, parse_params
-from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
+from ditserve.qwen_image.request import DEFAULT_TRUE_CFG, latent_geometry, min_steps, parse_params
+from ditserve.qwen_image.text_encoder import TextEncoderOptions
+from ditserve.stage import ConfigError, RequestError, Row, tensor_field
 
 
 QwenDenoiserOptions = DenoiserOptions  # the common denoiser parameters, attention_backend included
+
+# The negative texts of the warm-up: short (as a negative prompt often is) and not a multiple of 16 tokens.
+WARMUP_NEGATIVE_TOKENS = 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +83,7 @@ def pad_texts(texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | N
     return out, (None if bool(mask.all()) else mask)
 
 
-class QwenImageDenoiser(GroupedDenoiser):
+class QwenImageDenoiser(TransformerDenoiser):
     Options = QwenDenoiserOptions
     inputs = (
         "PROMPT_EMBEDS",
@@ -95,21 +99,32 @@ class QwenImageDenoiser(GroupedDenoiser):
         "NUM_IMAGES",
     )
 
-    def __init__(self, runtime: Runtime, options: QwenDenoiserOptions | None = None, *, rank: int = 0):
-        super().__init__(runtime, options, rank=rank)
-        runtime = self.runtime  # the parallel group may have moved rank 0 to its first GPU
-        checkpoint = Checkpoint(runtime.model_path)
-        self.select_attention(checkpoint.config("transformer")["attention_head_dim"])
-        self.transformer = checkpoint.load("transformer", runtime)
+    def load_components(self, checkpoint: Checkpoint) -> None:
         if self.transformer.config.guidance_embeds:
             raise ConfigError("model_path: guidance-distilled Qwen-Image transformers are not supported")
-        self.scheduler_class = checkpoint.component_class("scheduler")
-        self.scheduler_config = checkpoint.load("scheduler").config
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.min_steps = min_steps(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
-        self.install_attention()
-        self.start_parallel()
+
+    def warmup_batches(self, steps: int) -> list[list[QwenRequest]]:
+        """QwenImagePipeline's default size with true CFG, in two batches that between them call the four
+        variants of our Triton kernel that requests call (Triton compiles each at its first call, ~10 s;
+        ditserve.denoising): without and with the key mask (a text alone is not padded, a batch of texts
+        of different lengths is), each at a sequence length that is a multiple of 16 (the positive texts:
+        the text encoder's max_sequence_length) and at one that is not (the negative texts, as most texts
+        are not)."""
+        params = GenerationParams(height=self.default_size, width=self.default_size, steps=max(steps, self.min_steps),
+                                  guidance=1.0, true_cfg=DEFAULT_TRUE_CFG, seed=0, num_images=1)
+
+        def request(text: int, negative: int) -> QwenRequest:
+            width = self.transformer.config.joint_attention_dim
+            return QwenRequest(self.warmup_tensor(text, width), self.warmup_tensor(negative, width), params)
+
+        longest = TextEncoderOptions.max_sequence_length
+        alone = [request(longest, WARMUP_NEGATIVE_TOKENS)]
+        if self.options.max_batch_images == 1:
+            return [alone]  # no batch pads a text
+        return [alone, [request(longest, WARMUP_NEGATIVE_TOKENS), request(longest // 2, WARMUP_NEGATIVE_TOKENS - 1)]]
 
     # --- attention (hooks of GroupedDenoiser) ----------------------------------------------
 
@@ -245,3 +260,12 @@ class QwenImageEditDenoiser(QwenImageDenoiser):
 
     def group_key(self, request: QwenRequest) -> tuple:
         return (*super().group_key(request), tuple(request.image_latents.shape))
+
+    def warmup_batches(self, steps: int) -> list[list[QwenRequest]]:
+        # Qwen-Image's batches with an input image of the default size (qwen_image_edit_request's default
+        # condition_area, 1024 x 1024, gives it for square images). Edit's texts hold the image's vision
+        # tokens, so they are longer; the kernel variants are the same.
+        grid = self.default_size // self.size_multiple
+        latents = self.warmup_tensor(grid, grid, 4 * self.latent_channels)
+        batches = super().warmup_batches(steps)
+        return [[dataclasses.replace(r, image_latents=latents) for r in batch] for batch in batches]

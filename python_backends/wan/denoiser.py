@@ -33,12 +33,14 @@ from typing import Optional
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ditserve.denoising import GroupedDenoiser, TransformerOptions
+from ditserve.denoising import AUTOTUNED_BACKENDS, TransformerDenoiser, TransformerOptions
 from ditserve.loading import Checkpoint
 from ditserve.parallel import SPMesh, check_heads
 from ditserve.parallel.group import ParallelConfig
 from ditserve.parallel.wan import set_sequence_parallel, sp_forward
-from ditserve.stage import ConfigError, RequestError, Row, Runtime, tensor_field
+from ditserve.stage import ConfigError, RequestError, Row, tensor_field
+from ditserve.wan.checkpoint import MAX_SEQUENCE_LENGTH
+from ditserve.wan.limits import DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_WIDTH
 from ditserve.wan.request import VideoGeometry, VideoParams
 
 
@@ -64,7 +66,7 @@ class WanRequest:
     image_embeds: Optional[torch.Tensor] = None  # Wan 2.1 I2V: (tokens, D) CLIP context
 
 
-class WanDenoiser(GroupedDenoiser):
+class WanDenoiser(TransformerDenoiser):
     Options = WanDenoiserOptions
     inputs = (
         "PROMPT_EMBEDS",
@@ -78,17 +80,11 @@ class WanDenoiser(GroupedDenoiser):
         "SEED",
     )
 
-    def __init__(self, runtime: Runtime, options: WanDenoiserOptions | None = None, *, rank: int = 0):
-        super().__init__(runtime, options, rank=rank)
-        runtime = self.runtime  # the parallel group may have moved rank 0 to its first GPU
-        checkpoint = Checkpoint(runtime.model_path)
-        self.select_attention(checkpoint.config("transformer")["attention_head_dim"])  # both experts': one architecture
-        self.transformer = checkpoint.load("transformer", runtime)
-        self.scheduler_class = checkpoint.component_class("scheduler")
-        self.scheduler_config = checkpoint.load("scheduler").config
+    def load_components(self, checkpoint: Checkpoint) -> None:
         self.boundary_ratio = checkpoint.index.get("boundary_ratio")
-        # The low-noise expert: loaded only where the pipeline would use it.
-        self.transformer_2 = checkpoint.load("transformer_2", runtime) if self.boundary_ratio is not None else None
+        # The low-noise expert: loaded only where the pipeline would use it. One architecture with the
+        # first: its attention is the one select_attention checked.
+        self.transformer_2 = checkpoint.load("transformer_2", self.runtime) if self.boundary_ratio is not None else None
         self.geometry = VideoGeometry.read(checkpoint)
         self.latent_channels = checkpoint.config("vae")["z_dim"]
         self.expand_timesteps = bool(checkpoint.index.get("expand_timesteps"))
@@ -96,8 +92,6 @@ class WanDenoiser(GroupedDenoiser):
         if self.transformer.config.in_channels != channels:
             raise ConfigError(f"model_path: this denoiser needs a transformer taking {channels} input channels ({what}), "
                               f"got {self.transformer.config.in_channels}: {self.wrong_checkpoint}")
-        self.install_attention()
-        self.start_parallel()
 
     # Said when the transformer's input channels are another pipeline's.
     wrong_checkpoint = "an image-to-video checkpoint goes to wan_i2v"
@@ -127,6 +121,23 @@ class WanDenoiser(GroupedDenoiser):
 
         for transformer in self.experts():
             set_attention_backend(transformer, backend)
+
+    # --- warm-up (hooks of TransformerDenoiser) -------------------------------------------
+
+    def needs_warmup(self) -> bool:
+        # Only where our kernels would compile and tune at the first request (auto picks triton for Ring
+        # attention on CUDA): a 14B step at the default size takes about 7 s (H100, perf/RESULTS.md), and
+        # diffusers' SDPA has nothing to tune.
+        return self.attention_name in AUTOTUNED_BACKENDS
+
+    def warmup_batches(self, steps: int) -> list[list[WanRequest]]:
+        # WanPipeline's defaults: size, frame count, guidance with a negative prompt, and text length
+        # (wan_text_encoder pads every prompt to it): the one self- and cross-attention shape of requests
+        # of that size (the first expert's steps; the second's are the same shapes).
+        text = self.warmup_tensor(MAX_SEQUENCE_LENGTH, self.transformer.config.text_dim)
+        params = VideoParams(height=DEFAULT_HEIGHT, width=DEFAULT_WIDTH, num_frames=DEFAULT_FRAMES, steps=steps,
+                             guidance=DEFAULT_GUIDANCE, guidance_2=DEFAULT_GUIDANCE, seed=0, fps=DEFAULT_FPS)
+        return [[WanRequest(text, text, params)]]
 
     # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
 
@@ -263,15 +274,32 @@ class WanImageDenoiser(WanDenoiser):
         # WanImageToVideoPipeline: [noise latents, mask (one channel per frame of the temporal factor), image latents].
         return 2 * self.latent_channels + self.geometry.temporal_factor, "the VAE's latents, the frame mask and the image latents"
 
-    def parse(self, row: Row) -> WanRequest:
-        request = super().parse(row)
-        params, geometry = request.params, self.geometry
+    def load_components(self, checkpoint: Checkpoint) -> None:
+        super().load_components(checkpoint)
+        # The CLIP context's tokens (the warm-up's): the vision model's patches and its class token.
+        vision = checkpoint.config("image_encoder") if self.transformer.config.image_dim is not None else None
+        self.image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1 if vision is not None else 0
+
+    def condition_shape(self, params: VideoParams) -> tuple[int, ...]:
+        """CONDITION's shape at the request's size and frame count (ditserve.wan.image_encoder)."""
+        geometry = self.geometry
         latent = (params.height // geometry.spatial_factor, params.width // geometry.spatial_factor)
         if self.expand_timesteps:
-            expected = (self.latent_channels, 1, *latent)
-        else:
-            frames = (params.num_frames - 1) // geometry.temporal_factor + 1
-            expected = (self.latent_channels + geometry.temporal_factor, frames, *latent)
+            return (self.latent_channels, 1, *latent)
+        frames = (params.num_frames - 1) // geometry.temporal_factor + 1
+        return (self.latent_channels + geometry.temporal_factor, frames, *latent)
+
+    def warmup_batches(self, steps: int) -> list[list[WanRequest]]:
+        def with_image(request: WanRequest) -> WanRequest:
+            condition = self.warmup_tensor(*self.condition_shape(request.params), dtype=torch.float32)
+            embeds = self.warmup_tensor(self.image_tokens, self.transformer.config.image_dim) if self.image_tokens else None
+            return dataclasses.replace(request, condition=condition, image_embeds=embeds)
+
+        return [[with_image(r) for r in batch] for batch in super().warmup_batches(steps)]
+
+    def parse(self, row: Row) -> WanRequest:
+        request = super().parse(row)
+        expected = self.condition_shape(request.params)
         # fp32, as the pipeline mixes it with the fp32 latents; the transformer input is cast afterwards.
         condition = tensor_field(row, "CONDITION", 4, self.runtime.device, torch.float32)
         if tuple(condition.shape) != expected:
