@@ -35,7 +35,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import attention as _attn
-from .attention import INTERPRET, Layout, _last_contiguous, _strides, dims, launch, mask_keys
+from .attention import INTERPRET, Layout, _last_contiguous, _strides, dims, launch, mask_keys, tune_length
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -232,7 +232,7 @@ def _attn_fwd_fp8_kernel(
     Qd, Kd, Vtd,
     sm_scale,
     stride_ob, stride_oh, stride_ol, stride_mb,
-    H, LQ, LK, LK_PAD, NKB,
+    H, LQ, LK, LK_PAD, NKB, LQ_TUNE, LK_TUNE,  # *_TUNE: autotuning keys only (attention.tune_length)
     HEAD_DIM: tl.constexpr,
     HAS_MASK: tl.constexpr,
     QK_INT8: tl.constexpr,
@@ -346,7 +346,7 @@ def prune_fp8_configs(configs: list[triton.Config], named_args: dict, **meta) ->
 
 
 _attn_fwd_fp8_tuned = triton.autotune(
-    configs=_fp8_configs(), key=["LQ", "LK", "HEAD_DIM", "HAS_MASK", "QK_INT8"],
+    configs=_fp8_configs(), key=["LQ_TUNE", "LK_TUNE", "HEAD_DIM", "HAS_MASK", "QK_INT8"],
     prune_configs_by={"early_config_prune": prune_fp8_configs},
 )(_attn_fwd_fp8_kernel)
 
@@ -372,7 +372,7 @@ def attention_fp8_quantized(
     args = (t.q, t.k, t.vt, t.q_scale, t.k_scale, t.v_scale, t.q_dot_kmean, out, lse, mask_u8, *descs, s,
             *_strides(out, out_layout),
             mask_u8.stride(0) if mask is not None else 0,
-            H, Lq, Lk, t.vt.shape[-1], t.k_scale.shape[-1])
+            H, Lq, Lk, t.vt.shape[-1], t.k_scale.shape[-1], tune_length(Lq), tune_length(Lk))
     meta = dict(HEAD_DIM=D, HAS_MASK=mask is not None, QK_INT8=t.q.dtype == torch.int8, K_BLOCK=K_BLOCK)
     launch(_attn_fwd_fp8_kernel, _attn_fwd_fp8_tuned, INTERPRET_CONFIG_FP8, args, meta, Lq, B * H)
     return out, lse

@@ -457,3 +457,10 @@ def test_gpu_lse_merge():
     ref, ref_lse = ref_attention(q, k, v)
     assert rel_err(merged, ref) <= 1e-2
     assert (lse.double() - ref_lse).abs().max().item() < 5e-2
+
+
+def test_autotuning_is_keyed_on_length_buckets():
+    """New prompt lengths in one power-of-two bucket reuse the tuned config instead of re-tuning."""
+    assert [A.tune_length(n) for n in (1, 16, 17, 4103, 4608, 8192, 32760)] == [1, 16, 32, 8192, 8192, 8192, 32768]
+    for key in (A._TUNE_KEY, A8._attn_fwd_fp8_tuned.keys):
+        assert "LQ" not in key and "LK" not in key and {"LQ_TUNE", "LK_TUNE"} <= set(key)

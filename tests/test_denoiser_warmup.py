@@ -127,12 +127,12 @@ def test_warmup_leaves_later_requests_alone():
 
 @pytest.mark.gpu
 def test_qwen_image_loads_warm_on_cuda():
-    """On CUDA (auto: our Triton kernel) the load tunes the kernel for the warm-up's four (length, mask) keys:
+    """On CUDA (auto: our Triton kernel) the load tunes the kernel for the warm-up's (length bucket, mask) keys:
     1024 x 1024's 4096 image tokens plus 512 (positive texts) and 7 (negative texts) text tokens."""
     from ditserve.qwen_image.denoiser import WARMUP_NEGATIVE_TOKENS
 
     denoiser = _qwen(device=torch.device("cuda"), dtype=torch.bfloat16)
     assert denoiser.attention_name == "triton" and denoiser.default_size == 1024
-    tuned = {(key[0], key[3]) for key in A._attn_fwd_tuned.cache}  # (LQ, HAS_MASK), ditserve.kernels.attention
+    tuned = {(key[0], key[3]) for key in A._attn_fwd_tuned.cache}  # (LQ_TUNE, HAS_MASK): A._TUNE_KEY
     lengths = (4096 + 512, 4096 + WARMUP_NEGATIVE_TOKENS)
-    assert {(length, masked) for length in lengths for masked in (False, True)} <= tuned
+    assert {(A.tune_length(length), masked) for length in lengths for masked in (False, True)} <= tuned
