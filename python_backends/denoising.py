@@ -25,9 +25,10 @@ components through the hook ``load_components``, the attention processors, the w
 CUDA with parameter ``warmup``, denoises the model's warm-up batches (hook ``warmup_batches``) so that no
 request pays for what a first call costs. Triton compiles our attention kernel at the first call of each
 variant (key mask or not; sequence length a multiple of 16 or not, which Triton specialises on) and
-autotunes it at the first call of each exact sequence length: at Qwen-Image's 24 heads of 128 around 4,100
-tokens, 9-11 s a variant in a fresh process (16 s the first) and 0.8-1.4 s a length (H200, 2026-11-26;
-with Triton's disk cache from an earlier process, tuning only). CUDA graphs capture at their third call.
+autotunes it at the first call of each power-of-two length bucket (``kernels.attention.tune_length``): at
+Qwen-Image's 24 heads of 128 around 4,100 tokens, 9-11 s a variant in a fresh process (16 s the first) and
+0.8-1.4 s a tuning (H200, 2026-11-26; with Triton's disk cache from an earlier process, tuning only). CUDA
+graphs capture at their third call.
 
 Progress: each model's loop iterates ``self.steps(timesteps)``, which after every step calls
 ``on_step(done, total)``; ``execute`` sets it, on rank 0, while a chunk holds rows whose request asked
