@@ -115,11 +115,16 @@ class FluxPreset:
 
     def version_tag(self, seed: int = 0) -> str:
         """``v<FORMAT_VERSION>-<10 hex digits of the configs, seed and tokenizer recipe>``."""
-        payload = json.dumps(
-            {"configs": self.configs(), "seed": seed, "tokenizer_words": _WORDS},
-            sort_keys=True,
-        )
-        return f"v{FORMAT_VERSION}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+        return content_tag(FORMAT_VERSION, {"configs": self.configs(), "seed": seed, "tokenizer_words": _WORDS})
+
+
+def content_tag(format_version: int, payload: Mapping[str, Any]) -> str:
+    """``v<format_version>-<10 hex digits of the sha256 of payload as sorted JSON>``: the suffix of a
+    built-in's cache directory, so that a change to what ``payload`` holds (configs, seed, tokenizer
+    recipe) gives a new directory instead of a stale hit. Mappings (``MappingProxyType``, a
+    dataclass's ``vars``) serialise as dicts."""
+    text = json.dumps(payload, sort_keys=True, default=dict)
+    return f"v{format_version}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
 _VAE_BLOCKS = dict(
@@ -440,6 +445,12 @@ def reinit_parameters(module, seed: int, component: str) -> None:
                     p.normal_(0.0, 0.02, generator=gen)
 
 
+def check_vocab_size(tokenizer, vocab_size: int, component: str) -> None:
+    """Every id of the locally built ``tokenizer`` must index the embedding of model ``component``."""
+    if len(tokenizer) > vocab_size:
+        raise AssertionError(f"{component}: tokenizer has {len(tokenizer)} tokens > model vocab_size {vocab_size}")
+
+
 def build_pipeline_components(
     preset: str | FluxPreset, *, device: Any = "cpu", dtype: Any = "float32", seed: int = 0
 ) -> dict[str, Any]:
@@ -455,8 +466,7 @@ def build_pipeline_components(
     tokenizer = build_clip_tokenizer(cfg["text_encoder"]["max_position_embeddings"])
     tokenizer_2 = build_t5_tokenizer()
     for tok, key in ((tokenizer, "text_encoder"), (tokenizer_2, "text_encoder_2")):
-        if len(tok) > cfg[key]["vocab_size"]:
-            raise AssertionError(f"{key}: tokenizer has {len(tok)} tokens > model vocab_size {cfg[key]['vocab_size']}")
+        check_vocab_size(tok, cfg[key]["vocab_size"], key)
     # CLIP pools at the first <|endoftext|>: give the model our tokenizer's special ids.
     clip_ids = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
@@ -697,6 +707,37 @@ def save_by_component(
     (out / BUILD_STAMP).write_text(json.dumps({**identity, "components": components}, indent=2, sort_keys=True) + "\n")
 
 
+def build_by_component(
+    name: str,
+    out_dir: str | os.PathLike,
+    pipeline_parts: Callable[[], tuple[str, dict[str, Any], dict[str, Callable[[], Any]]]],
+    *,
+    seed: int = 0,
+    finish: Callable[[Path, Mapping[str, Any]], None] | None = None,
+    **build: Any,
+) -> Path:
+    """Build checkpoint ``name`` into ``out_dir`` with ``save_by_component``, atomically under a lock
+    (``_build_atomically``: a complete checkpoint already there is returned as is).
+
+    ``pipeline_parts()``, called only when there is something to build: the diffusers pipeline class
+    name, its non-model arguments and its model constructors. ``finish(tmp, arguments)`` writes what
+    the pipeline does not save itself. ``build``: ``device``, ``dtype``, ``max_shard_size``,
+    ``weights``, ``link_from`` of ``save_by_component`` (default: on the CPU in float32, as the
+    built-ins)."""
+
+    def write(tmp: Path) -> None:
+        import diffusers
+
+        t0 = time.perf_counter()
+        pipeline, arguments, models = pipeline_parts()
+        save_by_component(tmp, getattr(diffusers, pipeline), arguments, models, seed=seed, **build)
+        if finish is not None:
+            finish(tmp, arguments)
+        logger.info("built %s in %.1fs", name, time.perf_counter() - t0)
+
+    return _build_atomically(Path(out_dir).expanduser().absolute(), write)
+
+
 # --------------------------------------------------------------------------------------------------
 # Model-path specs
 # --------------------------------------------------------------------------------------------------
@@ -707,11 +748,16 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser().absolute()
 
 
+def builtin_path(name: str, tag: str) -> Path:
+    """Where a built-in of any family lives in the cache: ``checkpoints/<name>-<tag>``."""
+    return cache_root() / "checkpoints" / f"{name}-{tag}"
+
+
 def builtin_checkpoint_dir(name: str) -> Path:
     """Where built-in ``name`` lives (whether or not it is built yet)."""
     if name not in BUILTIN_MODELS:
         raise ValueError(f"{name!r} is not a built-in model; built-ins: {', '.join(BUILTIN_MODELS)}")
-    return cache_root() / "checkpoints" / f"{name}-{get_preset(name).version_tag()}"
+    return builtin_path(name, get_preset(name).version_tag())
 
 
 def ensure_builtin(name: str) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditserve.stage import Outputs, RequestError, Row, Stage, tensor_field
+from ditserve.stage import Outputs, RequestError, Row, Stage, check_parameter, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,8 +19,7 @@ class PostprocessOptions:
     png_compress_level: int = 6
 
     def __post_init__(self):
-        if not 0 <= self.png_compress_level <= 9:
-            raise ValueError(f"parameter png_compress_level: must be in [0, 9], got {self.png_compress_level}")
+        check_parameter("png_compress_level", self.png_compress_level, 0, 9)
 
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:

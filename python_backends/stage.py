@@ -26,6 +26,7 @@ import typing
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -109,6 +110,14 @@ def parse_options(options_type: type, params: Mapping[str, str]):
         raise ConfigError(str(exc)) from None
 
 
+def check_parameter(name: str, value: int, lo: int, hi: int | None = None) -> None:
+    """The range check of an options field, for its dataclass's ``__post_init__``: a ValueError
+    naming the config.pbtxt parameter and its range (``parse_options`` makes it a ConfigError)."""
+    if value < lo or (hi is not None and value > hi):
+        limit = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"parameter {name}: must be {limit}, got {value}")
+
+
 class RequestParameter(typing.NamedTuple):
     """A request parameter (not a tensor) as one row of the request sees it. Parameters, unlike
     optional inputs, do not keep Triton's dynamic batcher from batching requests that have them with
@@ -143,14 +152,14 @@ class Stage(ABC):
         """Release what outlives the object's memory (worker processes); the model is unloading."""
 
 
-def run_by_shape(rows: Sequence[Row], parse: Callable[[Row], torch.Tensor],
-                 run: Callable[[list[torch.Tensor]], Sequence[Outputs]],
-                 key: Callable[[torch.Tensor], Hashable] = lambda t: tuple(t.shape)) -> list[Outputs | RequestError]:
-    """``execute`` for stages that batch rows of one shape: each row is parsed to one tensor (a
-    RequestError fails that row alone), the tensors sharing ``key`` go through ``run`` together,
-    which returns one output dict per tensor, in order."""
+def run_by_shape(rows: Sequence[Row], parse: Callable[[Row], Any],
+                 run: Callable[[list[Any]], Sequence[Outputs]],
+                 key: Callable[[Any], Hashable] = lambda t: tuple(t.shape)) -> list[Outputs | RequestError]:
+    """``execute`` for stages that batch rows of one shape: each row is parsed to one value, by
+    default a tensor (a RequestError fails that row alone), the values sharing ``key`` go through
+    ``run`` together, which returns one output dict per value, in order."""
     results: list[Outputs | RequestError | None] = [None] * len(rows)
-    groups: dict[Hashable, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+    groups: dict[Hashable, list[tuple[int, Any]]] = defaultdict(list)
     for i, row in enumerate(rows):
         try:
             value = parse(row)
@@ -162,6 +171,13 @@ def run_by_shape(rows: Sequence[Row], parse: Callable[[Row], torch.Tensor],
         for (i, _), outputs in zip(members, run([value for _, value in members])):
             results[i] = outputs
     return results
+
+
+def run_together(rows: Sequence[Row], parse: Callable[[Row], Any],
+                 run: Callable[[list[Any]], Sequence[Outputs]]) -> list[Outputs | RequestError]:
+    """``execute`` for stages that run all the valid rows of a call at once (the text encoders:
+    prompts of any length batch together): ``run_by_shape`` with a single group."""
+    return run_by_shape(rows, parse, run, key=lambda _: None)
 
 
 # --- reading fields of a row ------------------------------------------------------------
@@ -217,6 +233,12 @@ def text_field(row: Row, name: str, *, required: bool, max_chars: int) -> str | 
     return text
 
 
+def prompt_fields(row: Row, max_chars: int) -> tuple[str, str | None]:
+    """PROMPT (required, not blank) and NEGATIVE_PROMPT (None when absent), at most ``max_chars`` each."""
+    prompt = text_field(row, "PROMPT", required=True, max_chars=max_chars)
+    return prompt, text_field(row, "NEGATIVE_PROMPT", required=False, max_chars=max_chars)
+
+
 def tensor_field(row: Row, name: str, ndim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A tensor input of a fixed rank, moved to the stage's device and dtype."""
     if name not in row:
@@ -227,3 +249,25 @@ def tensor_field(row: Row, name: str, ndim: int, device: torch.device, dtype: to
     if value.is_floating_point() and not torch.isfinite(value).all():
         raise RequestError(name, "contains NaN or infinite values")
     return value.to(device=device, dtype=dtype)
+
+
+# --- writing fields of a row ------------------------------------------------------------
+
+#: The dtypes of the scalar request fields that stages pass on down an ensemble (config.pbtxt types).
+SCALAR_FIELD_DTYPES: Mapping[str, torch.dtype] = MappingProxyType({
+    "HEIGHT": torch.int32,
+    "WIDTH": torch.int32,
+    "NUM_FRAMES": torch.int32,
+    "NUM_INFERENCE_STEPS": torch.int32,
+    "GUIDANCE_SCALE": torch.float32,
+    "GUIDANCE_SCALE_2": torch.float32,
+    "TRUE_CFG_SCALE": torch.float32,
+    "SEED": torch.int64,
+    "NUM_IMAGES": torch.int32,
+    "FPS": torch.int32,
+})
+
+
+def scalar_outputs(**values: float) -> Outputs:
+    """One-element output tensors of scalar request fields, each in its ``SCALAR_FIELD_DTYPES`` dtype."""
+    return {name: torch.tensor([value], dtype=SCALAR_FIELD_DTYPES[name]) for name, value in values.items()}

@@ -1,5 +1,5 @@
-"""Shared by the pipeline tests: request rows as the Triton adapter builds them, and the
-diffusers reference image for the same inputs."""
+"""Shared by the pipeline tests: request rows as the Triton adapter builds them, the diffusers
+reference pipelines, and their image for the same inputs."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ def reference_uint8(pipe, prompt, negative=None, *, image=None, **kw) -> np.ndar
     return (images * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
 
 
-def reference_pipeline(model_path: str) -> FluxPipeline:
-    pipe = FluxPipeline.from_pretrained(resolve_model_path(model_path), dtype=torch.float32)
+def reference_pipeline(model_path, pipeline_class=FluxPipeline, **components):
+    """diffusers' ``pipeline_class`` on a model-path spec in fp32, without progress bars;
+    ``components`` replace those it would load."""
+    pipe = pipeline_class.from_pretrained(resolve_model_path(model_path), dtype=torch.float32, **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe

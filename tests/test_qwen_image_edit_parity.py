@@ -15,7 +15,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from flux_reference import CPU_FP32, make_row, reference_uint8
+from flux_reference import CPU_FP32, make_row, reference_pipeline, reference_uint8
 from PIL import Image
 
 from ditserve.checkpoints import resolve_model_path
@@ -67,14 +67,17 @@ def reference_processor(path):
         )
 
 
-@pytest.fixture(scope="module")
-def reference():
+def reference_edit_pipeline():
+    """QwenImageEditPipeline on tiny-qwen-image-edit, with ``reference_processor``."""
     from diffusers import QwenImageEditPipeline
 
     path = resolve_model_path(MODEL)
-    pipe = QwenImageEditPipeline.from_pretrained(path, processor=reference_processor(path), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline(path, QwenImageEditPipeline, processor=reference_processor(path))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_edit_pipeline()
 
 
 def reference_at(area, pipe, *args, **kwargs) -> np.ndarray:

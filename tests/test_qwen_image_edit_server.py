@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flux_reference import reference_uint8
-from test_qwen_image_edit_parity import encoded, reference_processor
+from test_qwen_image_edit_parity import encoded, reference_edit_pipeline
 from test_qwen_image_edit_request import encode, gradient, half, noise, png_declaring
 
 
@@ -14,15 +14,7 @@ pytestmark = pytest.mark.server
 
 @pytest.fixture(scope="module")
 def reference():
-    import torch
-    from diffusers import QwenImageEditPipeline
-
-    from ditserve.checkpoints import resolve_model_path
-
-    path = resolve_model_path("tiny-qwen-image-edit")
-    pipe = QwenImageEditPipeline.from_pretrained(path, processor=reference_processor(path), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_edit_pipeline()
 
 
 def test_matches_qwen_image_edit_pipeline_through_triton(triton_server, reference):

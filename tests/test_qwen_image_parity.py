@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flux_reference import CPU_FP32, make_row, reference_uint8
+from flux_reference import CPU_FP32, make_row, reference_pipeline, reference_uint8
 
-from ditserve.checkpoints import resolve_model_path
 from ditserve.pipeline import LocalPipeline
 from ditserve.qwen_image import QWEN_IMAGE_T2I
 from ditserve.stage import RequestError, Runtime
@@ -24,9 +23,7 @@ def ours():
 def reference():
     from diffusers import QwenImagePipeline
 
-    pipe = QwenImagePipeline.from_pretrained(resolve_model_path(MODEL), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline(MODEL, QwenImagePipeline)
 
 
 CASES = [

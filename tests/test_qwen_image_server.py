@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flux_reference import reference_uint8
+from flux_reference import reference_pipeline, reference_uint8
 
 from ditserve.client import Client
 from ditserve.qwen_image import QWEN_IMAGE_T2I
@@ -14,14 +14,9 @@ pytestmark = pytest.mark.server
 
 @pytest.fixture(scope="module")
 def reference():
-    import torch
     from diffusers import QwenImagePipeline
 
-    from ditserve.checkpoints import resolve_model_path
-
-    pipe = QwenImagePipeline.from_pretrained(resolve_model_path("tiny-qwen-image"), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline("tiny-qwen-image", QwenImagePipeline)
 
 
 def test_matches_qwen_image_pipeline_through_triton(triton_server, reference):

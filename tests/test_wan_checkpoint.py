@@ -69,7 +69,7 @@ def test_full_size_presets_are_wan21_on_the_meta_device():
 
     counts, keys = {}, {}
     for name in ("wan2.1-t2v-14b", "wan2.1-t2v-1.3b"):
-        parts, models = wan_ckpt.pipeline_parts(name)
+        _, parts, models = wan_ckpt.pipeline_parts(name)
         with torch.device("meta"):
             built = {component: make() for component, make in models.items()}
         counts[name] = {component: sum(p.numel() for p in m.parameters()) for component, m in built.items()}

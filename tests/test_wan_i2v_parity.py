@@ -10,12 +10,12 @@ import re
 import numpy as np
 import pytest
 import torch
+from diffusers import WanImageToVideoPipeline
 from flux_reference import CPU_FP32, make_row
 from PIL import Image
 from test_qwen_image_edit_request import encode, half, noise, png_declaring
+from wan_reference import Models, expert_calls, video_row
 
-from ditserve.checkpoints import resolve_model_path
-from ditserve.pipeline import LocalPipeline
 from ditserve.stage import ConfigError, RequestError, Runtime
 from ditserve.wan import WAN_I2V
 from ditserve.wan.denoiser import WanDenoiser, WanImageDenoiser
@@ -36,69 +36,23 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
 IMAGES = {"png": encode(picture(56, 40)), "jpeg": encode(picture(48, 72, seed=1), "JPEG", quality=90)}
 
 
-def image_row(prompt: str, negative: str | None, image: bytes, **scalars) -> dict:
-    row = make_row(prompt, negative, **scalars)
-    row["IMAGE"] = np.array([image], dtype=object)
-    return row
-
-
-def reference_frames(pipe, prompt, negative, image: bytes, **kw) -> np.ndarray:
-    """WanImageToVideoPipeline's frames for the same request fields (the image decoded as the server does)."""
-    frames = pipe(
-        image=Image.open(io.BytesIO(image)).convert("RGB"),
-        prompt=prompt,
-        negative_prompt=negative,
-        height=kw["HEIGHT"],
-        width=kw["WIDTH"],
-        num_frames=kw["NUM_FRAMES"],
-        num_inference_steps=kw["NUM_INFERENCE_STEPS"],
-        generator=torch.Generator("cpu").manual_seed(kw["SEED"]),
-        output_type="np",
-        **({"guidance_scale": kw["GUIDANCE_SCALE"]} if "GUIDANCE_SCALE" in kw else {}),
-    ).frames
-    return (frames[0] * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
-
-
-class Models:
-    """Our wan_i2v stages and WanImageToVideoPipeline on one checkpoint (built once per module)."""
-
-    def __init__(self, name: str):
-        from diffusers import WanImageToVideoPipeline
-
-        path = resolve_model_path(name)
-        self.ours = LocalPipeline(WAN_I2V, Runtime(model_path=str(path), **CPU_FP32))
-        self.reference = WanImageToVideoPipeline.from_pretrained(path, dtype=torch.float32)
-        self.reference.set_progress_bar_config(disable=True)
-
-    def stage(self, cls):
-        return next(stage for _, stage in self.ours.stages if isinstance(stage, cls))
+def i2v_models(model_path) -> Models:
+    return Models(WAN_I2V, model_path, WanImageToVideoPipeline)
 
 
 @pytest.fixture(scope="module")
 def wan21():
-    return Models("tiny-wan-i2v")
+    return i2v_models("tiny-wan-i2v")
 
 
 @pytest.fixture(scope="module")
 def wan22():
-    return Models("tiny-wan2.2-i2v")
+    return i2v_models("tiny-wan2.2-i2v")
 
 
 @pytest.fixture(scope="module")
 def ti2v():
-    return Models("tiny-wan2.2-ti2v")
-
-
-def assert_parity(models: Models, prompt, negative, image, scalars) -> np.ndarray:
-    (result,) = models.ours([image_row(prompt, negative, image, **scalars)])
-    assert not isinstance(result, RequestError), result
-    expected = reference_frames(models.reference, prompt, negative, image, **scalars)
-    frames = result["FRAMES"]
-    assert frames.shape == expected.shape == (scalars["NUM_FRAMES"], scalars["HEIGHT"], scalars["WIDTH"], 3)
-    assert frames.std() > 5, "video is flat: the test could not tell pipelines apart"
-    diff = np.abs(frames.astype(int) - expected.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
-    return frames
+    return i2v_models("tiny-wan2.2-ti2v")
 
 
 CASES = [
@@ -113,30 +67,22 @@ CASES = [
 @pytest.mark.parametrize("texts,scalars", CASES)
 def test_matches_wan_i2v_pipeline_with_clip(wan21, texts, scalars):
     prompt, negative, image = texts
-    assert_parity(wan21, prompt, negative, IMAGES[image], scalars)
+    wan21.assert_parity(prompt, negative, scalars, IMAGES[image])
 
 
 def test_two_experts_match_wan22_i2v_pipeline_and_both_run(wan22):
     denoiser = wan22.stage(WanImageDenoiser)
     assert denoiser.transformer.config.image_dim is None  # no CLIP: IMAGE_EMBEDS travels empty
-    calls = {"transformer": 0, "transformer_2": 0}
-    hooks = [
-        getattr(denoiser, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
-        for name in calls
-    ]
-    try:
+    with expert_calls(denoiser) as calls:
         # 3 UniPC steps with flow_shift 3: timesteps 1000, 857, 600 against the boundary 900.
-        assert_parity(wan22, "a bowl of ramen", "dark", IMAGES["png"],
-                      dict(HEIGHT=64, WIDTH=96, NUM_FRAMES=5, NUM_INFERENCE_STEPS=3, SEED=3))
-    finally:
-        for hook in hooks:
-            hook.remove()
+        wan22.assert_parity("a bowl of ramen", "dark", dict(HEIGHT=64, WIDTH=96, NUM_FRAMES=5, NUM_INFERENCE_STEPS=3, SEED=3),
+                            IMAGES["png"])
     assert calls == {"transformer": 1, "transformer_2": 2}
 
 
 def test_ti2v_matches_wan_i2v_pipeline_with_expand_timesteps(ti2v):
-    frames = assert_parity(ti2v, "a paper boat", "ugly", IMAGES["jpeg"],
-                           dict(HEIGHT=64, WIDTH=96, NUM_FRAMES=9, NUM_INFERENCE_STEPS=2, SEED=2))
+    frames = ti2v.assert_parity("a paper boat", "ugly", dict(HEIGHT=64, WIDTH=96, NUM_FRAMES=9, NUM_INFERENCE_STEPS=2, SEED=2),
+                                IMAGES["jpeg"])
     assert frames.shape[0] == 9
 
 
@@ -144,7 +90,7 @@ def test_the_image_and_its_clip_context_reach_the_video_and_rows_batch(wan21):
     """Two images in one call equal each alone, and differ from each other: the image is not ignored.
     Without the CLIP context the latents change too: it is not ignored either."""
     common = dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=2, SEED=4)
-    rows = [image_row("a cat", None, IMAGES[name], **common) for name in ("png", "jpeg")]
+    rows = [video_row("a cat", None, IMAGES[name], **common) for name in ("png", "jpeg")]
     batched = wan21.ours(rows)
     for row, together in zip(rows, batched):
         (alone,) = wan21.ours([row])
@@ -164,7 +110,7 @@ def test_the_image_and_its_clip_context_reach_the_video_and_rows_batch(wan21):
 def test_the_condition_latents_and_mask_are_the_pipelines(wan21):
     """CONDITION = [mask, normalised VAE latents of the image and black frames], as prepare_latents makes it."""
     scalars = dict(HEIGHT=64, WIDTH=96, NUM_FRAMES=9, SEED=1)
-    (checked,) = wan21.stage(WanImageRequestCheck).execute([image_row("a cat", None, IMAGES["png"], **scalars)])
+    (checked,) = wan21.stage(WanImageRequestCheck).execute([video_row("a cat", None, IMAGES["png"], **scalars)])
     condition = wan21.stage(WanImageEncoder).execute([checked])[0]["CONDITION"]
     pipe = wan21.reference
     pixels = pipe.video_processor.preprocess(Image.open(io.BytesIO(IMAGES["png"])).convert("RGB"), height=64, width=96)
@@ -211,7 +157,7 @@ def test_bad_input_names_the_field_and_limit(request_check, image, fields, field
     row = make_row("a cat", **(SMALL | fields))
     if image is not None:
         row["IMAGE"] = np.array(image if isinstance(image, list) else [image], dtype=object)
-    good = image_row("a dog", None, IMAGES["png"], **SMALL)
+    good = video_row("a dog", None, IMAGES["png"], **SMALL)
     error, fine = request_check.execute([row, good])
     assert isinstance(error, RequestError) and error.field == field
     assert re.search(message, str(error)), str(error)
@@ -220,14 +166,14 @@ def test_bad_input_names_the_field_and_limit(request_check, image, fields, field
 
 def test_ti2v_sizes_are_multiples_of_32():
     stage = WanImageRequestCheck(Runtime(model_path="tiny-wan2.2-ti2v", **CPU_FP32))
-    (error,) = stage.execute([image_row("a cat", None, IMAGES["png"], HEIGHT=80, WIDTH=64, NUM_FRAMES=5)])
+    (error,) = stage.execute([video_row("a cat", None, IMAGES["png"], HEIGHT=80, WIDTH=64, NUM_FRAMES=5)])
     assert isinstance(error, RequestError) and "HEIGHT: must be a multiple of 32" in str(error)
 
 
 def test_request_outputs_the_resized_image_and_the_clip_image(request_check):
-    (out,) = request_check.execute([image_row("a cat", None, IMAGES["png"], HEIGHT=64, WIDTH=96, NUM_FRAMES=5)])
+    (out,) = request_check.execute([video_row("a cat", None, IMAGES["png"], HEIGHT=64, WIDTH=96, NUM_FRAMES=5)])
     assert tuple(out["CONDITION_IMAGE"].shape) == (64, 96, 3) and out["CONDITION_IMAGE"].dtype == torch.uint8
     assert tuple(out["CLIP_IMAGE"].shape) == (40, 56, 3)  # as sent: CLIP's processor resizes it itself
     no_clip = WanImageRequestCheck(Runtime(model_path="tiny-wan2.2-i2v", **CPU_FP32))
-    (out,) = no_clip.execute([image_row("a cat", None, IMAGES["png"], **SMALL)])
+    (out,) = no_clip.execute([video_row("a cat", None, IMAGES["png"], **SMALL)])
     assert tuple(out["CLIP_IMAGE"].shape) == (0, 0, 3)

@@ -3,15 +3,13 @@ on tiny-wan-i2v (CLIP context), the MP4, bad images, the stage list."""
 
 from __future__ import annotations
 
-import io
-
-import av
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from test_wan_i2v_parity import IMAGES, reference_frames
+from flux_reference import reference_pipeline
+from test_wan_i2v_parity import IMAGES
 from test_wan_server import generate
 from tritonclient.utils import InferenceServerException
+from wan_reference import assert_ensemble_runs_every_stage, assert_frames_match, decode_mp4, reference_frames
 
 from ditserve.wan import WAN_I2V
 
@@ -24,30 +22,19 @@ def client(triton_server):
 
 
 def test_matches_wan_i2v_pipeline_through_triton(client):
-    import torch
     from diffusers import WanImageToVideoPipeline
 
-    from ditserve.checkpoints import resolve_model_path
-
-    reference = WanImageToVideoPipeline.from_pretrained(resolve_model_path("tiny-wan-i2v"), dtype=torch.float32)
-    reference.set_progress_bar_config(disable=True)
+    reference = reference_pipeline("tiny-wan-i2v", WanImageToVideoPipeline)
     scalars = dict(HEIGHT=64, WIDTH=96, NUM_FRAMES=5, NUM_INFERENCE_STEPS=2, SEED=11, GUIDANCE_SCALE=4.0, FPS=10)
     mp4, frames = generate(client, "a paper boat on a lake", "dark", model=WAN_I2V.name, image=IMAGES["jpeg"], **scalars)
     expected = reference_frames(reference, "a paper boat on a lake", "dark", IMAGES["jpeg"], **scalars)
-    assert frames.shape == expected.shape == (5, 64, 96, 3) and frames.std() > 5
-    assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
-    with av.open(io.BytesIO(mp4)) as container:  # FFmpeg's demuxer and H.264 decoder
-        stream = container.streams.video[0]
-        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-        assert stream.average_rate == 10 and (stream.width, stream.height) == (96, 64)
-    assert len(decoded) == 5
+    assert_frames_match(frames, expected, scalars)
+    video = decode_mp4(mp4)
+    assert video.fps == 10 and video.frames.shape == (5, 64, 96, 3)
 
 
 def test_ensemble_runs_every_stage(client):
-    config = client.get_model_config(WAN_I2V.name, as_json=True)["config"]
-    assert [step["model_name"] for step in config["ensemble_scheduling"]["step"]] == [s.model for s in WAN_I2V.stages]
-    for spec in WAN_I2V.stages:
-        assert client.is_model_ready(spec.model), spec.model
+    assert_ensemble_runs_every_stage(client, WAN_I2V)
 
 
 @pytest.mark.parametrize("image,message", [

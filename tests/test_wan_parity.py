@@ -3,69 +3,41 @@ and the request check, MP4 and batching behave."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
 
-import av
 import numpy as np
 import pytest
 import torch
-from flux_reference import CPU_FP32, make_row
+from diffusers import WanPipeline
+from flux_reference import make_row
+from wan_reference import Models, decode_mp4, expert_calls
 
 from ditserve.checkpoints import resolve_model_path
-from ditserve.pipeline import LocalPipeline
-from ditserve.stage import RequestError, Runtime
+from ditserve.stage import RequestError
 from ditserve.wan import WAN_T2V
 from ditserve.wan.denoiser import WanDenoiser
 from ditserve.wan.request import WanRequestCheck
 
 
-def reference_frames(pipe, prompt, negative=None, **kw) -> np.ndarray:
-    """WanPipeline's frames for the same request fields, as uint8 (F, H, W, 3)."""
-    frames = pipe(
-        prompt=prompt,
-        negative_prompt=negative,
-        height=kw["HEIGHT"],
-        width=kw["WIDTH"],
-        num_frames=kw["NUM_FRAMES"],
-        num_inference_steps=kw["NUM_INFERENCE_STEPS"],
-        generator=torch.Generator("cpu").manual_seed(kw["SEED"]),
-        output_type="np",
-        **({"guidance_scale": kw["GUIDANCE_SCALE"]} if "GUIDANCE_SCALE" in kw else {}),
-        **({"guidance_scale_2": kw["GUIDANCE_SCALE_2"]} if "GUIDANCE_SCALE_2" in kw else {}),
-    ).frames
-    return (frames[0] * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
-
-
-class Models:
-    """Our pipeline and WanPipeline on one checkpoint directory (built once per module)."""
-
-    def __init__(self, path):
-        from diffusers import WanPipeline
-
-        self.ours = LocalPipeline(WAN_T2V, Runtime(model_path=str(path), **CPU_FP32))
-        self.reference = WanPipeline.from_pretrained(path, dtype=torch.float32)
-        self.reference.set_progress_bar_config(disable=True)
-
-    def stage(self, cls):
-        return next(stage for _, stage in self.ours.stages if isinstance(stage, cls))
+def t2v_models(model_path) -> Models:
+    return Models(WAN_T2V, model_path, WanPipeline)
 
 
 @pytest.fixture(scope="module")
 def wan21():
-    return Models(resolve_model_path("tiny-wan-t2v"))
+    return t2v_models("tiny-wan-t2v")
 
 
 @pytest.fixture(scope="module")
 def wan22():
-    return Models(resolve_model_path("tiny-wan2.2-t2v"))
+    return t2v_models("tiny-wan2.2-t2v")
 
 
 @pytest.fixture(scope="module")
 def ti2v():
-    return Models(resolve_model_path("tiny-wan2.2-ti2v"))
+    return t2v_models("tiny-wan2.2-ti2v")
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +52,7 @@ def wan21_euler(tmp_path_factory):
     index = json.loads((path / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
     (path / "model_index.json").write_text(json.dumps(index))
-    return Models(path)
-
-
-def assert_parity(models: Models, texts, scalars) -> None:
-    (result,) = models.ours([make_row(*texts, **scalars)])
-    assert not isinstance(result, RequestError), result
-    expected = reference_frames(models.reference, *texts, **scalars)
-    frames = result["FRAMES"]
-    assert frames.shape == expected.shape == (scalars["NUM_FRAMES"], scalars["HEIGHT"], scalars["WIDTH"], 3)
-    assert frames.std() > 5, "video is flat: the test could not tell pipelines apart"
-    diff = np.abs(frames.astype(int) - expected.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
+    return t2v_models(path)
 
 
 CASES = [
@@ -107,29 +68,20 @@ CASES = [
 
 @pytest.mark.parametrize("texts,scalars", CASES)
 def test_matches_wan_pipeline(wan21, texts, scalars):
-    assert_parity(wan21, texts, scalars)
+    wan21.assert_parity(*texts, scalars)
 
 
 def test_two_experts_match_wan22_pipeline_and_both_run(wan22):
-    denoiser = wan22.stage(WanDenoiser)
-    calls = {"transformer": 0, "transformer_2": 0}
-    hooks = [
-        getattr(denoiser, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
-        for name in calls
-    ]
-    try:
+    with expert_calls(wan22.stage(WanDenoiser)) as calls:
         # 3 UniPC steps with flow_shift 3: timesteps 1000, 857, 600 against the boundary 875.
-        assert_parity(wan22, ("a bowl of ramen", "dark"), dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=3, SEED=3))
-    finally:
-        for hook in hooks:
-            hook.remove()
+        wan22.assert_parity("a bowl of ramen", "dark", dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=3, SEED=3))
     assert calls == {"transformer": 1, "transformer_2": 2}
 
 
 def test_second_expert_guidance_scale_matches_wan22_pipeline(wan22):
     """guidance_scale_2 on transformer_2's steps (here 2 of 3), with guidance on from GUIDANCE_SCALE."""
-    assert_parity(wan22, ("a bowl of ramen", "dark"),
-                  dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=3, SEED=3, GUIDANCE_SCALE=4.0, GUIDANCE_SCALE_2=1.5))
+    wan22.assert_parity("a bowl of ramen", "dark",
+                        dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=3, SEED=3, GUIDANCE_SCALE=4.0, GUIDANCE_SCALE_2=1.5))
 
 
 def test_second_expert_guidance_scale_is_refused_for_one_expert(wan21):
@@ -140,11 +92,11 @@ def test_second_expert_guidance_scale_is_refused_for_one_expert(wan21):
 
 def test_ti2v_text_to_video_matches_wan_pipeline(ti2v):
     """Wan 2.2 TI2V-5B style (expand_timesteps: a timestep per token; the Wan 2.2 VAE, spatial factor 16)."""
-    assert_parity(ti2v, ("a paper boat", "ugly"), dict(HEIGHT=64, WIDTH=96, NUM_FRAMES=5, NUM_INFERENCE_STEPS=2, SEED=2))
+    ti2v.assert_parity("a paper boat", "ugly", dict(HEIGHT=64, WIDTH=96, NUM_FRAMES=5, NUM_INFERENCE_STEPS=2, SEED=2))
 
 
 def test_flow_match_euler_checkpoint_matches(wan21_euler):
-    assert_parity(wan21_euler, ("a paper boat", "ugly"), dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=3, SEED=2))
+    wan21_euler.assert_parity("a paper boat", "ugly", dict(HEIGHT=64, WIDTH=64, NUM_FRAMES=5, NUM_INFERENCE_STEPS=3, SEED=2))
 
 
 def test_batched_rows_equal_their_unbatched_results(wan21):
@@ -171,11 +123,9 @@ def test_mp4_decodes_to_the_frames_at_the_fps(wan21):
     (result,) = wan21.ours([make_row("a red fox", HEIGHT=64, WIDTH=96, NUM_FRAMES=9, NUM_INFERENCE_STEPS=2, SEED=3, FPS=12)])
     frames = result["FRAMES"]
     assert result["VIDEO"].shape == (1,)
-    with av.open(io.BytesIO(result["VIDEO"][0])) as container:  # FFmpeg's demuxer and H.264 decoder
-        stream = container.streams.video[0]
-        decoded = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(stream)])
-        assert stream.codec_context.name == "h264" and stream.average_rate == 12
-        assert container.duration / av.time_base == pytest.approx(9 / 12)
+    video = decode_mp4(result["VIDEO"][0])
+    assert video.codec == "h264" and video.fps == 12 and video.seconds == pytest.approx(9 / 12)
+    decoded = video.frames
     assert decoded.shape == frames.shape == (9, 64, 96, 3)
     # Lossy, and random-weight frames are noise: each decoded frame is nearest to its own frame.
     distance = np.abs(decoded[:, None].astype(int) - frames[None].astype(int)).mean(axis=(2, 3, 4))

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
-
-import av
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from test_wan_parity import reference_frames
+from flux_reference import reference_pipeline
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from wan_reference import assert_ensemble_runs_every_stage, assert_frames_match, decode_mp4, reference_frames
 
 from ditserve.wan import WAN_T2V
 
@@ -18,14 +16,9 @@ pytestmark = pytest.mark.server
 
 @pytest.fixture(scope="module")
 def reference():
-    import torch
     from diffusers import WanPipeline
 
-    from ditserve.checkpoints import resolve_model_path
-
-    pipe = WanPipeline.from_pretrained(resolve_model_path("tiny-wan-t2v"), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline("tiny-wan-t2v", WanPipeline)
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +51,13 @@ def generate(client, prompt: str | None, negative: str | None = None, *, model: 
 def test_matches_wan_pipeline_through_triton(client, reference):
     scalars = dict(HEIGHT=64, WIDTH=80, NUM_FRAMES=9, NUM_INFERENCE_STEPS=2, SEED=11, GUIDANCE_SCALE=4.0, FPS=10)
     mp4, frames = generate(client, "a paper boat on a lake", "dark", **scalars)
-    expected = reference_frames(reference, "a paper boat on a lake", "dark", **scalars)
-    assert frames.shape == expected.shape == (9, 64, 80, 3) and frames.std() > 5
-    assert np.abs(frames.astype(int) - expected.astype(int)).max() <= 1
-    with av.open(io.BytesIO(mp4)) as container:
-        stream = container.streams.video[0]
-        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-        assert stream.average_rate == 10 and (stream.width, stream.height) == (80, 64)
-    assert len(decoded) == 9
+    assert_frames_match(frames, reference_frames(reference, "a paper boat on a lake", "dark", **scalars), scalars)
+    video = decode_mp4(mp4)
+    assert video.fps == 10 and video.frames.shape == (9, 64, 80, 3)
 
 
 def test_ensemble_runs_every_stage(client):
-    config = client.get_model_config(WAN_T2V.name, as_json=True)["config"]
-    assert [step["model_name"] for step in config["ensemble_scheduling"]["step"]] == [s.model for s in WAN_T2V.stages]
-    for spec in WAN_T2V.stages:
-        assert client.is_model_ready(spec.model), spec.model
+    assert_ensemble_runs_every_stage(client, WAN_T2V)
 
 
 @pytest.mark.parametrize(

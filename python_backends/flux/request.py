@@ -15,12 +15,20 @@ import secrets
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from ditserve.flux.limits import MAX_GUIDANCE, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE
 from ditserve.loading import Checkpoint
-from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, float_field, int_field, text_field
-
+from ditserve.stage import (
+    Outputs,
+    RequestError,
+    Row,
+    Runtime,
+    Stage,
+    float_field,
+    int_field,
+    prompt_fields,
+    scalar_outputs,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,18 +61,9 @@ class GenerationParams:
         )
 
     def as_row(self) -> Outputs:
-        def value(x, dtype):
-            return torch.tensor([x], dtype=dtype)
-
-        return {
-            "HEIGHT": value(self.height, torch.int32),
-            "WIDTH": value(self.width, torch.int32),
-            "NUM_INFERENCE_STEPS": value(self.steps, torch.int32),
-            "GUIDANCE_SCALE": value(self.guidance, torch.float32),
-            "TRUE_CFG_SCALE": value(self.true_cfg, torch.float32),
-            "SEED": value(self.seed, torch.int64),
-            "NUM_IMAGES": value(self.num_images, torch.int32),
-        }
+        return scalar_outputs(HEIGHT=self.height, WIDTH=self.width, NUM_INFERENCE_STEPS=self.steps,
+                              GUIDANCE_SCALE=self.guidance, TRUE_CFG_SCALE=self.true_cfg, SEED=self.seed,
+                              NUM_IMAGES=self.num_images)
 
 
 def latent_geometry(checkpoint: Checkpoint) -> tuple[int, int]:
@@ -97,8 +96,7 @@ class FluxRequestCheck(Stage):
         results: list[Outputs | RequestError] = []
         for row in rows:
             try:
-                prompt = text_field(row, "PROMPT", required=True, max_chars=MAX_PROMPT_CHARS)
-                text_field(row, "NEGATIVE_PROMPT", required=False, max_chars=MAX_PROMPT_CHARS)
+                prompt, _ = prompt_fields(row, MAX_PROMPT_CHARS)
                 params = self.parse_params(row)
             except RequestError as error:
                 results.append(error)

@@ -9,7 +9,7 @@ import torch
 
 from ditserve.flux.limits import MAX_PROMPT_CHARS
 from ditserve.loading import Checkpoint
-from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, text_field
+from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, check_parameter, prompt_fields, run_together
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,8 +17,20 @@ class TextEncoderOptions:
     max_sequence_length: int = 512  # T5 tokens, as FluxPipeline's default
 
     def __post_init__(self):
-        if not 1 <= self.max_sequence_length <= 512:
-            raise ValueError(f"parameter max_sequence_length: must be in [1, 512], got {self.max_sequence_length}")
+        check_parameter("max_sequence_length", self.max_sequence_length, 1, 512)
+
+
+def text_slots(prompts: Sequence[tuple[str, str | None]]) -> tuple[list[str], list[tuple[int, int | None]]]:
+    """The texts to encode for rows of (prompt, optional negative), each row's prompt and then its
+    negative when it has one, and per row (index of its prompt, index of its negative or None)."""
+    texts: list[str] = []
+    slots: list[tuple[int, int | None]] = []
+    for prompt, negative in prompts:
+        texts.append(prompt)
+        slots.append((len(texts) - 1, None if negative is None else len(texts)))
+        if negative is not None:
+            texts.append(negative)
+    return texts, slots
 
 
 class FluxTextEncoder(Stage):
@@ -56,36 +68,20 @@ class FluxTextEncoder(Stage):
         return sequence.float(), pooled.float()
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
-        results: list[Outputs | RequestError] = []
-        texts: list[str] = []
-        slots: list[tuple[int, int | None]] = []  # (prompt index, negative index) per valid row
-        for row in rows:
-            try:
-                prompt = text_field(row, "PROMPT", required=True, max_chars=MAX_PROMPT_CHARS)
-                negative = text_field(row, "NEGATIVE_PROMPT", required=False, max_chars=MAX_PROMPT_CHARS)
-            except RequestError as error:
-                results.append(error)
-                continue
-            texts.append(prompt)
-            negative_index = None
-            if negative is not None:
-                texts.append(negative)
-                negative_index = len(texts) - 1
-            slots.append((len(texts) - 1 - (negative is not None), negative_index))
-            results.append({})
-        if not texts:
-            return results
+        return run_together(rows, lambda row: prompt_fields(row, MAX_PROMPT_CHARS), self.encode_rows)
+
+    def encode_rows(self, prompts: list[tuple[str, str | None]]) -> list[Outputs]:
+        texts, slots = text_slots(prompts)
         sequence, pooled = self.encode(texts)
         empty_sequence = sequence.new_zeros((0, sequence.shape[-1]))
         empty_pooled = pooled.new_zeros((0,))
-        valid = iter(slots)
-        for outputs in results:
-            if isinstance(outputs, RequestError):
-                continue
-            prompt_index, negative_index = next(valid)
-            outputs["PROMPT_EMBEDS"] = sequence[prompt_index]
-            outputs["POOLED_PROMPT_EMBEDS"] = pooled[prompt_index]
+        results: list[Outputs] = []
+        for prompt_index, negative_index in slots:
             has_negative = negative_index is not None
-            outputs["NEGATIVE_PROMPT_EMBEDS"] = sequence[negative_index] if has_negative else empty_sequence
-            outputs["NEGATIVE_POOLED_PROMPT_EMBEDS"] = pooled[negative_index] if has_negative else empty_pooled
+            results.append({
+                "PROMPT_EMBEDS": sequence[prompt_index],
+                "POOLED_PROMPT_EMBEDS": pooled[prompt_index],
+                "NEGATIVE_PROMPT_EMBEDS": sequence[negative_index] if has_negative else empty_sequence,
+                "NEGATIVE_POOLED_PROMPT_EMBEDS": pooled[negative_index] if has_negative else empty_pooled,
+            })
         return results

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ditserve.loading import Checkpoint
-from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, run_by_shape, tensor_field
+from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, check_parameter, run_by_shape, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,8 +18,7 @@ class VaeOptions:
     max_batch_images: int = 4
 
     def __post_init__(self):
-        if self.max_batch_images < 1:
-            raise ValueError(f"parameter max_batch_images: must be >= 1, got {self.max_batch_images}")
+        check_parameter("max_batch_images", self.max_batch_images, 1)
 
 
 def unpack_latents(tokens: torch.Tensor) -> torch.Tensor:

@@ -37,25 +37,21 @@ time, built on the target device in the target dtype) and is built only explicit
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import logging
 import os
-import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
 from ditserve.checkpoints import (
     _WORDS,
-    _build_atomically,
     _bytes_to_unicode,
     _learn_bpe_merges,
-    cache_root,
-    save_by_component,
+    build_by_component,
+    builtin_path,
+    check_vocab_size,
+    content_tag,
 )
-
-logger = logging.getLogger(__name__)
 
 #: Bump when the build recipe changes the files.
 FORMAT_VERSION = 1
@@ -270,12 +266,10 @@ PRESETS: Mapping[str, tuple[Builtin, Mapping[str, Any]]] = MappingProxyType(
 
 
 def version_tag(seed: int = 0, name: str = "tiny-qwen-image") -> str:
-    payload = json.dumps(
+    return content_tag(
+        FORMAT_VERSION,
         {"configs": TINY, "seed": seed, "words": _WORDS, "special": SPECIAL_TOKENS, "builtin": vars(BUILTINS[name])},
-        sort_keys=True,
-        default=dict,
     )
-    return f"v{FORMAT_VERSION}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -325,9 +319,7 @@ def pipeline_parts(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     prefix_tokens = len(tokenizer(template_prefix(builtin)).input_ids)
     if prefix_tokens != builtin.template_drop:
         raise AssertionError(f"template prefix is {prefix_tokens} tokens, {builtin.pipeline} drops {builtin.template_drop}")
-    vocab_size = configs["text_encoder"]["text_config"]["vocab_size"]
-    if len(tokenizer) > vocab_size:
-        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {vocab_size}")
+    check_vocab_size(tokenizer, configs["text_encoder"]["text_config"]["vocab_size"], "text_encoder")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text_config = {
         **configs["text_encoder"]["text_config"],
@@ -359,16 +351,25 @@ def pipeline_parts(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 def builtin_dir(name: str) -> Path:
     if name not in BUILTIN_NAMES:
         raise ValueError(f"{name!r} is not a Qwen-Image built-in ({', '.join(BUILTIN_NAMES)})")
-    return cache_root() / "checkpoints" / f"{name}-{version_tag(name=name)}"
+    return builtin_path(name, version_tag(name=name))
 
 
-def _write_processor(folder: Path, builtin: Builtin, tokenizer) -> None:
-    """``processor/`` as ``Qwen2VLProcessor.save_pretrained`` lays it out: the image processor's
-    preprocessor_config.json (the video processor falls back to it) and the tokenizer files."""
-    from transformers import Qwen2VLImageProcessor
+def _processor_writer(builtin: Builtin):
+    """``finish`` of ``build_by_component`` for the Edit built-ins: ``processor/`` as
+    ``Qwen2VLProcessor.save_pretrained`` lays it out (the image processor's preprocessor_config.json,
+    which the video processor falls back to, and the tokenizer files), named in model_index.json."""
 
-    Qwen2VLImageProcessor(**builtin.image_processor).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    def write(tmp: Path, parts: Mapping[str, Any]) -> None:
+        from transformers import Qwen2VLImageProcessor
+
+        Qwen2VLImageProcessor(**builtin.image_processor).save_pretrained(tmp / "processor")
+        parts["tokenizer"].save_pretrained(tmp / "processor")
+        index_file = tmp / "model_index.json"
+        index = json.loads(index_file.read_text())
+        index["processor"] = ["transformers", "Qwen2VLProcessor"]
+        index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    return write
 
 
 def build_checkpoint(
@@ -377,27 +378,11 @@ def build_checkpoint(
     name: str = "tiny-qwen-image",
     **build: Any,
 ) -> Path:
-    """Build preset ``name`` into ``out_dir`` (atomically; a complete one there is returned).
-
-    ``build``: ``device``, ``dtype``, ``max_shard_size``, ``weights``, ``link_from`` of
-    ``ditserve.checkpoints.save_by_component`` (default: on the CPU in float32, as the built-ins)."""
+    """Build preset ``name`` into ``out_dir`` (``ditserve.checkpoints.build_by_component``: atomically; a
+    complete one there is returned; ``build`` as there)."""
     builtin = PRESETS[name][0]
-
-    def write(tmp: Path) -> None:
-        import diffusers
-
-        t0 = time.perf_counter()
-        pipeline, parts, models = pipeline_parts(name)
-        save_by_component(tmp, getattr(diffusers, pipeline), parts, models, seed=seed, **build)
-        if builtin.image_processor is not None:
-            _write_processor(tmp / "processor", builtin, parts["tokenizer"])
-            index_file = tmp / "model_index.json"
-            index = json.loads(index_file.read_text())
-            index["processor"] = ["transformers", "Qwen2VLProcessor"]
-            index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        logger.info("built %s in %.1fs", name, time.perf_counter() - t0)
-
-    return _build_atomically(Path(out_dir).expanduser().absolute(), write)
+    finish = _processor_writer(builtin) if builtin.image_processor is not None else None
+    return build_by_component(name, out_dir, lambda: pipeline_parts(name), seed=seed, finish=finish, **build)
 
 
 def ensure_builtin(name: str) -> Path:

@@ -27,7 +27,7 @@ from ditserve.flux.request import FluxRequestCheck, GenerationParams
 from ditserve.images import ImageInputOptions, images_field, resize_for_vae
 from ditserve.loading import Checkpoint
 from ditserve.qwen_image.checkpoint import IMAGE_PAD
-from ditserve.stage import Outputs, RequestError, Row, text_field
+from ditserve.stage import Outputs, RequestError, Row, scalar_outputs, text_field
 
 DEFAULT_STEPS = 50
 DEFAULT_TRUE_CFG = 4.0
@@ -131,10 +131,7 @@ class QwenImageEditRequestCheck(QwenImageRequestCheck):
                 results.append(error)
                 continue
             multiple = self.size_multiple
-            defaults = {
-                "HEIGHT": torch.tensor([image.height // multiple * multiple], dtype=torch.int32),
-                "WIDTH": torch.tensor([image.width // multiple * multiple], dtype=torch.int32),
-            }
+            defaults = scalar_outputs(HEIGHT=image.height // multiple * multiple, WIDTH=image.width // multiple * multiple)
             (checked,) = super().execute([{**defaults, **row}])
             if not isinstance(checked, RequestError):
                 checked["CONDITION_IMAGE"] = torch.from_numpy(np.asarray(image).copy())

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ditserve.flux.limits import MAX_PROMPT_CHARS
+from ditserve.flux.text_encoder import text_slots
 from ditserve.loading import Checkpoint
 from ditserve.qwen_image.checkpoint import (
     EDIT_PROMPT_TEMPLATE,
@@ -27,7 +28,18 @@ from ditserve.qwen_image.checkpoint import (
     PROMPT_TEMPLATE,
     PROMPT_TEMPLATE_DROP,
 )
-from ditserve.stage import NoOptions, Outputs, RequestError, Row, Runtime, Stage, tensor_field, text_field
+from ditserve.stage import (
+    NoOptions,
+    Outputs,
+    RequestError,
+    Row,
+    Runtime,
+    Stage,
+    check_parameter,
+    prompt_fields,
+    run_together,
+    tensor_field,
+)
 
 TOKENIZER_MAX_LENGTH = 1024  # QwenImagePipeline.tokenizer_max_length
 
@@ -37,8 +49,7 @@ class TextEncoderOptions:
     max_sequence_length: int = 512  # QwenImagePipeline's default
 
     def __post_init__(self):
-        if not 1 <= self.max_sequence_length <= 1024:
-            raise ValueError(f"parameter max_sequence_length: must be in [1, 1024], got {self.max_sequence_length}")
+        check_parameter("max_sequence_length", self.max_sequence_length, 1, 1024)
 
 
 class QwenImageTextEncoder(Stage):
@@ -91,30 +102,13 @@ class QwenImageTextEncoder(Stage):
         return [self.kept(h).float() for h in per_text]
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
-        results: list[Outputs | RequestError] = []
-        texts: list[str] = []
-        conditions: list[Any] = []
-        slots: list[tuple[int, int | None]] = []
-        for row in rows:
-            try:
-                prompt = text_field(row, "PROMPT", required=True, max_chars=MAX_PROMPT_CHARS)
-                negative = text_field(row, "NEGATIVE_PROMPT", required=False, max_chars=MAX_PROMPT_CHARS)
-                condition = self.condition(row)
-            except RequestError as error:
-                results.append(error)
-                continue
-            texts.append(prompt)
-            conditions.append(condition)
-            prompt_index = len(texts) - 1
-            negative_index = None
-            if negative is not None:
-                texts.append(negative)
-                conditions.append(condition)
-                negative_index = len(texts) - 1
-            slots.append((prompt_index, negative_index))
-            results.append({})
-        if not texts:
-            return results
+        return run_together(rows, lambda row: (prompt_fields(row, MAX_PROMPT_CHARS), self.condition(row)),
+                            self.encode_rows)
+
+    def encode_rows(self, parsed: list[tuple[tuple[str, str | None], Any]]) -> list[Outputs]:
+        texts, slots = text_slots([prompts for prompts, _ in parsed])
+        # Both prompts of a row see its condition.
+        conditions = [condition for (_, negative), condition in parsed for _ in range(1 if negative is None else 2)]
         embeds = self.encode(texts, conditions)
         width = embeds[0].shape[-1]
         positive_len = max(embeds[p].shape[0] for p, _ in slots)
@@ -130,14 +124,13 @@ class QwenImageTextEncoder(Stage):
             return out, mask
 
         empty = embeds[0].new_zeros((0, width)), torch.zeros(0, dtype=torch.int64, device=embeds[0].device)
-        valid = iter(slots)
-        for outputs in results:
-            if isinstance(outputs, RequestError):
-                continue
-            prompt_index, negative_index = next(valid)
+        results: list[Outputs] = []
+        for prompt_index, negative_index in slots:
+            outputs: Outputs = {}
             outputs["PROMPT_EMBEDS"], outputs["PROMPT_EMBEDS_MASK"] = padded(prompt_index, positive_len)
             negative = empty if negative_index is None else padded(negative_index, negative_len)
             outputs["NEGATIVE_PROMPT_EMBEDS"], outputs["NEGATIVE_PROMPT_EMBEDS_MASK"] = negative
+            results.append(outputs)
         return results
 
 

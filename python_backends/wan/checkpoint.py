@@ -30,18 +30,19 @@ only explicitly, by ``python -m ditserve.checkpoints build --preset ...``.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
-import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ditserve.checkpoints import _WORDS, _build_atomically, build_t5_tokenizer, cache_root, save_by_component
-
-logger = logging.getLogger(__name__)
+from ditserve.checkpoints import (
+    _WORDS,
+    build_by_component,
+    build_t5_tokenizer,
+    builtin_path,
+    check_vocab_size,
+    content_tag,
+)
 
 #: Bump when the build recipe changes the files.
 FORMAT_VERSION = 1
@@ -233,24 +234,17 @@ def preset(name: str) -> MappingProxyType:
 
 
 def version_tag(name: str, seed: int = 0) -> str:
-    payload = json.dumps(
-        {"preset": PRESETS[name], "transformer": _TRANSFORMER, "seed": seed, "words": _WORDS},
-        sort_keys=True,
-        default=dict,
-    )
-    return f"v{FORMAT_VERSION}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+    return content_tag(FORMAT_VERSION, {"preset": PRESETS[name], "transformer": _TRANSFORMER, "seed": seed, "words": _WORDS})
 
 
-def pipeline_parts(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(WanPipeline's non-model arguments, model name -> constructor) of preset ``name``."""
+def pipeline_parts(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(pipeline class name, its non-model arguments, model name -> constructor) of preset ``name``."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     configs = preset(name)
     tokenizer = build_t5_tokenizer(MAX_SEQUENCE_LENGTH)
-    if len(tokenizer) > configs["text_encoder"]["vocab_size"]:
-        vocab_size = configs["text_encoder"]["vocab_size"]
-        raise AssertionError(f"tokenizer has {len(tokenizer)} tokens > vocab_size {vocab_size}")
+    check_vocab_size(tokenizer, configs["text_encoder"]["vocab_size"], "text_encoder")
     # The built-ins override a few keys of the tiny transformer; the full presets give all of them.
     transformer = {**_TRANSFORMER, **configs.get("transformer", {})}
     models = {  # built in this order: the seeds follow it; the weights also depend on the component name
@@ -270,30 +264,19 @@ def pipeline_parts(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
         models["image_encoder"] = lambda: CLIPVisionModel(CLIPVisionConfig(**configs["image_encoder"]))
         parts["image_processor"] = CLIPImageProcessor(**configs["image_processor"])
-    return parts, models
+    return configs.get("pipeline", "WanPipeline"), parts, models
 
 
 def builtin_dir(name: str) -> Path:
     if name not in PRESETS:
         raise ValueError(f"{name!r} is not a Wan built-in ({', '.join(BUILTIN_NAMES)})")
-    return cache_root() / "checkpoints" / f"{name}-{version_tag(name)}"
+    return builtin_path(name, version_tag(name))
 
 
 def build_checkpoint(name: str, out_dir: str | os.PathLike, seed: int = 0, **build: Any) -> Path:
-    """Build preset ``name`` into ``out_dir`` (atomically; a complete one there is returned).
-
-    ``build``: ``device``, ``dtype``, ``max_shard_size``, ``weights``, ``link_from`` of
-    ``ditserve.checkpoints.save_by_component`` (default: on the CPU in float32, as the built-ins)."""
-
-    def write(tmp: Path) -> None:
-        import diffusers
-
-        t0 = time.perf_counter()
-        pipeline = getattr(diffusers, preset(name).get("pipeline", "WanPipeline"))
-        save_by_component(tmp, pipeline, *pipeline_parts(name), seed=seed, **build)
-        logger.info("built %s in %.1fs", name, time.perf_counter() - t0)
-
-    return _build_atomically(Path(out_dir).expanduser().absolute(), write)
+    """Build preset ``name`` into ``out_dir`` (``ditserve.checkpoints.build_by_component``: atomically; a
+    complete one there is returned; ``build`` as there)."""
+    return build_by_component(name, out_dir, lambda: pipeline_parts(name), seed=seed, **build)
 
 
 def ensure_builtin(name: str) -> Path:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ditserve.postprocess import to_uint8
-from ditserve.stage import Outputs, RequestError, Row, Stage, int_field, tensor_field
+from ditserve.stage import Outputs, RequestError, Row, Stage, check_parameter, int_field, tensor_field
 from ditserve.wan.limits import DEFAULT_FPS, MAX_FPS
 
 
@@ -28,8 +28,7 @@ class VideoOptions:
     preset: str = "medium"  # libx264's speed/size trade-off; frames look the same
 
     def __post_init__(self):
-        if not 0 <= self.crf <= 51:
-            raise ValueError(f"parameter crf: must be in [0, 51], got {self.crf}")
+        check_parameter("crf", self.crf, 0, 51)
         presets = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
         if self.preset not in presets:
             raise ValueError(f"parameter preset: must be one of {', '.join(presets)}, got {self.preset!r}")

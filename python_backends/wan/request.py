@@ -30,7 +30,7 @@ from ditserve.flux.request import FluxRequestCheck, GenerationParams
 from ditserve.images import ImageInputOptions, images_field, resize_for_vae
 from ditserve.loading import Checkpoint
 from ditserve.flux.limits import MAX_GUIDANCE
-from ditserve.stage import Outputs, RequestError, Row, float_field, int_field
+from ditserve.stage import Outputs, RequestError, Row, float_field, int_field, scalar_outputs
 from ditserve.wan.limits import (
     DEFAULT_FPS,
     DEFAULT_FRAMES,
@@ -96,19 +96,9 @@ class VideoParams:
         )
 
     def as_row(self) -> Outputs:
-        def value(x, dtype):
-            return torch.tensor([x], dtype=dtype)
-
-        return {
-            "HEIGHT": value(self.height, torch.int32),
-            "WIDTH": value(self.width, torch.int32),
-            "NUM_FRAMES": value(self.num_frames, torch.int32),
-            "NUM_INFERENCE_STEPS": value(self.steps, torch.int32),
-            "GUIDANCE_SCALE": value(self.guidance, torch.float32),
-            "GUIDANCE_SCALE_2": value(self.guidance_2, torch.float32),
-            "SEED": value(self.seed, torch.int64),
-            "FPS": value(self.fps, torch.int32),
-        }
+        return scalar_outputs(HEIGHT=self.height, WIDTH=self.width, NUM_FRAMES=self.num_frames,
+                              NUM_INFERENCE_STEPS=self.steps, GUIDANCE_SCALE=self.guidance,
+                              GUIDANCE_SCALE_2=self.guidance_2, SEED=self.seed, FPS=self.fps)
 
 
 class WanRequestCheck(FluxRequestCheck):

@@ -17,7 +17,7 @@ from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
 from ditserve.flux.limits import MAX_PROMPT_CHARS
 from ditserve.loading import Checkpoint
-from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, text_field
+from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, check_parameter, prompt_fields, run_together
 from ditserve.wan.checkpoint import MAX_SEQUENCE_LENGTH
 
 
@@ -26,8 +26,7 @@ class TextEncoderOptions:
     max_sequence_length: int = MAX_SEQUENCE_LENGTH  # WanPipeline's default
 
     def __post_init__(self):
-        if not 1 <= self.max_sequence_length <= 1024:
-            raise ValueError(f"parameter max_sequence_length: must be in [1, 1024], got {self.max_sequence_length}")
+        check_parameter("max_sequence_length", self.max_sequence_length, 1, 1024)
 
 
 class WanTextEncoder(Stage):
@@ -64,21 +63,8 @@ class WanTextEncoder(Stage):
         return (hidden * batch.attention_mask.unsqueeze(-1).to(hidden.dtype)).float()
 
     def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
-        results: list[Outputs | RequestError] = []
-        texts: list[str] = []
-        for row in rows:
-            try:
-                prompt = text_field(row, "PROMPT", required=True, max_chars=MAX_PROMPT_CHARS)
-                negative = text_field(row, "NEGATIVE_PROMPT", required=False, max_chars=MAX_PROMPT_CHARS)
-            except RequestError as error:
-                results.append(error)
-                continue
-            texts += [prompt, negative or ""]  # WanPipeline: negative_prompt or ""
-            results.append({})
-        if not texts:
-            return results
-        pairs = iter(self.encode(texts).split(2))
-        for outputs in results:
-            if not isinstance(outputs, RequestError):
-                outputs["PROMPT_EMBEDS"], outputs["NEGATIVE_PROMPT_EMBEDS"] = next(pairs)
-        return results
+        return run_together(rows, lambda row: prompt_fields(row, MAX_PROMPT_CHARS), self.encode_rows)
+
+    def encode_rows(self, prompts: list[tuple[str, str | None]]) -> list[Outputs]:
+        texts = [text for prompt, negative in prompts for text in (prompt, negative or "")]  # WanPipeline: negative or ""
+        return [{"PROMPT_EMBEDS": p, "NEGATIVE_PROMPT_EMBEDS": n} for p, n in self.encode(texts).split(2)]

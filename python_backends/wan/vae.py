@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ditserve.loading import Checkpoint
-from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, run_by_shape, tensor_field
+from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, check_parameter, run_by_shape, tensor_field
 
 
 def latent_normalisation(config, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,8 +26,7 @@ class VaeOptions:
     max_batch_videos: int = 1
 
     def __post_init__(self):
-        if self.max_batch_videos < 1:
-            raise ValueError(f"parameter max_batch_videos: must be >= 1, got {self.max_batch_videos}")
+        check_parameter("max_batch_videos", self.max_batch_videos, 1)
 
 
 class WanVaeDecoder(Stage):
