@@ -6,7 +6,9 @@
     "USP UxR"               sp_degree U*R: Ulysses U x ring R
     "CFG parallel 2"        cfg_parallel (implies true CFG)
 
-followed by any of ", true CFG", ", CUDA graphs", ", cuDNN", ", SDPA" (e.g. "Ulysses 4, CUDA graphs").
+followed by any of ", true CFG", ", CUDA graphs", ", eager", ", cuDNN", ", SDPA" (e.g. "Ulysses 4, eager").
+Without ", CUDA graphs" or ", eager" the denoiser's default applies (FLUX: `cuda_graphs=auto`, graphs when
+sequence-parallel on CUDA; before 2026-11-26 the default was eager, which the older RESULTS rows ran).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-MODIFIERS = {"CUDA graphs": {"cuda_graphs": True}, "cuDNN": {"attention_backend": "cudnn"},
+MODIFIERS = {"CUDA graphs": {"cuda_graphs": "true"}, "eager": {"cuda_graphs": "false"},
+             "cuDNN": {"attention_backend": "cudnn"},
              "SDPA": {"attention_backend": "sdpa"}}
 
 

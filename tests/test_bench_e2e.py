@@ -115,7 +115,7 @@ def test_layout_names_give_the_denoiser_options_and_gpu_count():
     from layouts import parse_layout
 
     usp = parse_layout("USP 2x2, CUDA graphs")
-    assert usp.gpus == 4 and usp.options == {"sp_degree": 4, "ulysses_degree": 2, "ring_degree": 2, "cuda_graphs": True}
+    assert usp.gpus == 4 and usp.options == {"sp_degree": 4, "ulysses_degree": 2, "ring_degree": 2, "cuda_graphs": "true"}
     assert parse_layout("CFG parallel 2").gpus == 2 and parse_layout("1 GPU, true CFG").true_cfg
     assert layout_sets("Ring 4") == (4, ["flux_denoiser.sp_degree=4", "flux_denoiser.ring_degree=4"])
     for bad in ("Ulysses", "USP 4", "Ulysses 2, graphs"):

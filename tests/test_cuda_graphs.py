@@ -44,7 +44,7 @@ def test_flux_denoiser_with_cuda_graphs_equals_eager():
     rows = [make_row("a red fox", "fog", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=4, SEED=5, TRUE_CFG_SCALE=2.0),
             make_row("a lighthouse", HEIGHT=80, WIDTH=80, NUM_INFERENCE_STEPS=4, SEED=7)]
     eager = LocalPipeline(FLUX_T2I, runtime, {"flux_denoiser": FluxDenoiserOptions(warmup=False)})(rows)
-    graphed = LocalPipeline(FLUX_T2I, runtime, {"flux_denoiser": FluxDenoiserOptions(warmup=False, cuda_graphs=True)})
+    graphed = LocalPipeline(FLUX_T2I, runtime, {"flux_denoiser": FluxDenoiserOptions(warmup=False, cuda_graphs="true")})
     for _ in range(2):  # the second request replays the graphs the first one captured
         for ours, ref in zip(graphed(rows), eager):
             torch.testing.assert_close(ours["LATENTS"], ref["LATENTS"], atol=2e-2, rtol=2e-2)
@@ -63,7 +63,7 @@ def test_sequence_parallel_flux_denoiser_with_cuda_graphs_equals_eager(layout):
     expected = eager(rows)
     dict(eager.stages)["flux_denoiser"].close()
     graphed = LocalPipeline(FLUX_T2I, runtime,
-                            {"flux_denoiser": FluxDenoiserOptions(warmup=False, cuda_graphs=True, **layout)})
+                            {"flux_denoiser": FluxDenoiserOptions(warmup=False, cuda_graphs="true", **layout)})
     denoiser = dict(graphed.stages)["flux_denoiser"]
     try:
         for _ in range(2):

@@ -128,11 +128,24 @@ def test_killed_worker_fails_the_request_and_the_group_restarts(reference):
     (dict(sp_degree=2, ring_degree=2, attention_backend="triton_fp8"),
      "parameter ring_degree: ring attention merges partial results by their log-sum-exp"),
     (dict(sp_degree=2, gpus="0,1"), "parameter gpus: set to '0,1' but the model runs on cpu"),
-    (dict(cuda_graphs=True), "parameter cuda_graphs: needs a CUDA device, the model runs on cpu"),
+    (dict(cuda_graphs="true"), "parameter cuda_graphs: needs a CUDA device, the model runs on cpu"),
 ])
 def test_bad_layouts_fail_at_load(options, message):
     with pytest.raises(ConfigError, match=message):
         parallel_pipeline(**options)
+
+
+def test_cuda_graphs_auto_means_sequence_parallel_on_cuda():
+    from ditserve.flux.denoiser import FluxDenoiserOptions
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert FluxDenoiserOptions(sp_degree=2).graphs_enabled(cuda)
+    assert not FluxDenoiserOptions(sp_degree=2).graphs_enabled(cpu)
+    assert not FluxDenoiserOptions(cfg_parallel=True).graphs_enabled(cuda)
+    assert FluxDenoiserOptions(cuda_graphs="true").graphs_enabled(cuda)
+    assert not FluxDenoiserOptions(sp_degree=4, cuda_graphs="false").graphs_enabled(cuda)
+    with pytest.raises(ValueError, match="parameter cuda_graphs: must be auto, true or false, got 'yes'"):
+        FluxDenoiserOptions(cuda_graphs="yes")
 
 
 @pytest.mark.parametrize("options, message", [

@@ -27,10 +27,21 @@ from ditserve.stage import ConfigError, RequestError, Row, tensor_field
 @dataclasses.dataclass(frozen=True)
 class FluxDenoiserOptions(DenoiserOptions):
     # attention_backend "auto" (DenoiserOptions): triton on CUDA where it fits, sdpa elsewhere.
-    # Replay the transformer call as a CUDA graph per input shape (ditserve.cuda_graphs): the
-    # sequence-parallel step is host-bound without it (Ulysses 2 on 2 H200: 163.9 ms a step eager,
-    # 93.3 ms with graphs; perf/RESULTS.md).
-    cuda_graphs: bool = False
+    # Replay the transformer call as a CUDA graph per input shape (ditserve.cuda_graphs): "true",
+    # "false", or "auto": on when the step is sequence-parallel on CUDA, which is host-bound without
+    # graphs (Ulysses 4 on H200s: 131.5 ms a step eager, 47.4 ms with graphs); off otherwise, where
+    # they gain nothing (1 GPU: 145.2 vs 145.7 ms) and would only hold memory (perf/RESULTS.md).
+    cuda_graphs: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cuda_graphs not in ("auto", "true", "false"):
+            raise ValueError(f"parameter cuda_graphs: must be auto, true or false, got {self.cuda_graphs!r}")
+
+    def graphs_enabled(self, device: torch.device) -> bool:
+        if self.cuda_graphs == "auto":
+            return device.type == "cuda" and self.sp_degree > 1
+        return self.cuda_graphs == "true"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +96,7 @@ class FluxDenoiser(TransformerDenoiser):
     def load_components(self, checkpoint: Checkpoint) -> None:
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
-        self.forward = self.graphed(self._forward, self.options.cuda_graphs)
+        self.forward = self.graphed(self._forward, self.options.graphs_enabled(self.runtime.device))
 
     def warmup_batches(self, steps: int) -> list[list[FluxRequest]]:
         # FluxPipeline's defaults: its size, its text length (flux_text_encoder pads every prompt to
