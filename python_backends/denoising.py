@@ -57,7 +57,7 @@ from ditserve.loading import Checkpoint
 from ditserve.parallel.group import ParallelConfig, ParallelContext, ParallelOptions, WorkerGroup
 from ditserve.parallel.ring import RING_BACKENDS
 from ditserve.parallel.usp import SPMesh
-from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage
+from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage, check_parameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +106,7 @@ class DenoiserOptions(TransformerOptions):
     max_batch_images: int = 8
 
     def __post_init__(self):
-        if self.max_batch_images < 1:
-            raise ValueError(f"parameter max_batch_images: must be >= 1, got {self.max_batch_images}")
+        check_parameter("max_batch_images", self.max_batch_images, 1)
 
 
 class GroupedDenoiser(Stage):

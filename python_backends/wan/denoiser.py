@@ -38,7 +38,7 @@ from ditserve.loading import Checkpoint
 from ditserve.parallel import SPMesh, check_heads
 from ditserve.parallel.group import ParallelConfig
 from ditserve.parallel.wan import set_sequence_parallel, sp_forward
-from ditserve.stage import ConfigError, RequestError, Row, tensor_field
+from ditserve.stage import ConfigError, RequestError, Row, check_parameter, tensor_field
 from ditserve.wan.checkpoint import MAX_SEQUENCE_LENGTH
 from ditserve.wan.limits import DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAULT_HEIGHT, DEFAULT_WIDTH
 from ditserve.wan.request import VideoGeometry, VideoParams
@@ -49,8 +49,7 @@ class WanDenoiserOptions(TransformerOptions):
     max_batch_videos: int = 4  # videos per transformer forward (twice the rows with guidance); a video is never split
 
     def __post_init__(self):
-        if self.max_batch_videos < 1:
-            raise ValueError(f"parameter max_batch_videos: must be >= 1, got {self.max_batch_videos}")
+        check_parameter("max_batch_videos", self.max_batch_videos, 1)
 
     @property
     def max_batch_images(self) -> int:  # the batch limit under GroupedDenoiser's name
