@@ -87,19 +87,16 @@ class Backend:
         return self.fn(q, k, v, mask, prologue)
 
 
-def _unfused(q: torch.Tensor, k: torch.Tensor, p: Optional[Prologue]) -> tuple[torch.Tensor, torch.Tensor]:
+def _unfused(q: torch.Tensor, k: torch.Tensor, p: Optional[Prologue], *, kernel: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prologue before a backend that does not fuse it: torch ops for `sdpa`, the reference, or with
+    `kernel` (the CUDA-only backends) our Triton prologue kernel, one launch per tensor instead of ~15
+    fp32 torch ops (ditserve.parallel.usp.write_prologue has the measurement)."""
     if p is None or (p.q_weight is None and p.cos is None):
         return q, k
+    if kernel:
+        return _attn.norm_rope(q, p, which="q"), _attn.norm_rope(k, p, which="k")
     return (reference_prologue(q, p, which="q").to(q.dtype), reference_prologue(k, p, which="k").to(k.dtype))
-
-
-def _kernel_prologue(q: torch.Tensor, k: torch.Tensor, p: Optional[Prologue]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prologue as our Triton kernel, for the CUDA-only backends that do not fuse it: one launch per
-    tensor instead of ~15 fp32 torch ops (those took ~25 ms of a 118 ms Ulysses-2 FLUX step, H200).
-    `sdpa`, the reference, keeps the torch version."""
-    if p is None or (p.q_weight is None and p.cos is None):
-        return q, k
-    return _attn.norm_rope(q, p, which="q"), _attn.norm_rope(k, p, which="k")
 
 
 def _sdpa(q, k, v, mask, prologue):
@@ -116,14 +113,14 @@ def _triton(q, k, v, mask, prologue):
 
 
 def _triton_fp8(q, k, v, mask, prologue):
-    q, k = _kernel_prologue(q, k, prologue)
+    q, k = _unfused(q, k, prologue, kernel=True)
     return attention_fp8(q, k, v, mask=mask, layout="BLHD")
 
 
 def _flash_attn(q, k, v, mask, prologue):
     from flash_attn import flash_attn_func  # listed only when importable
 
-    q, k = _kernel_prologue(q, k, prologue)
+    q, k = _unfused(q, k, prologue, kernel=True)
     return flash_attn_func(q, k, v, softmax_scale=1.0 / math.sqrt(q.shape[-1]))
 
 

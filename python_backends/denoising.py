@@ -77,7 +77,7 @@ class TransformerOptions(ParallelOptions):
 # The names that keep diffusers' own processors (torch SDPA); the others install ditserve's.
 SDPA_BACKENDS = ("sdpa", "cudnn")
 # The registry backends whose kernels Triton compiles and autotunes at their first calls
-# (ditserve.kernels.attention, attention_fp8: triton.autotune keyed by the sequence lengths).
+# (ditserve.kernels.attention, attention_fp8: triton.autotune keyed by sequence-length buckets).
 AUTOTUNED_BACKENDS = ("triton", "triton_fp8")
 
 

@@ -208,9 +208,9 @@ def test_registry_kernel_prologue_equals_the_torch_prologue():
     L, D = 57, 16
     q, k = torch.randn(1, L, 2, D), torch.randn(1, L, 2, D)
     p = make_prologue(L, D, norm=True, rope=True, interleaved=True, k_mode="prepass", split=9)
-    for got, want in zip(registry._kernel_prologue(q, k, p), registry._unfused(q, k, p)):
+    for got, want in zip(registry._unfused(q, k, p, kernel=True), registry._unfused(q, k, p)):
         assert rel_err(got, want) < 1e-6
-    assert registry._kernel_prologue(q, k, None) == (q, k)
+    assert registry._unfused(q, k, None, kernel=True) == (q, k)
 
 
 @interp
