@@ -70,26 +70,43 @@ def test_defaults_are_the_issues_settings():
         bench_e2e.parse_args(["--pipeline", "wan-t2v", "--measure-steps", "4,2"])
 
 
-def test_step_difference_estimate():
-    def side(e2e: dict[int, float], denoise: dict[int, float]) -> dict:
-        return {"runs": {str(n): {"latency_ms": {"median": e2e[n]},
-                                  "stage_ms": {"transformer": {"median": denoise[n]}, "text_encoder": {"median": 50.0}},
-                                  "stats": {"wan_denoiser": {"success_ms": denoise[n]}}}
-                         for n in e2e}}
+def _side(e2e: dict[int, float], denoise: dict[int, float]) -> dict:
+    return {"runs": {str(n): {"latency_ms": {"median": e2e[n]},
+                              "stage_ms": {"transformer": {"median": denoise[n]}, "text_encoder": {"median": 50.0}},
+                              "stats": {"wan_denoiser": {"success_ms": denoise[n]}}}
+                     for n in e2e}}
 
+
+def _report_rows(our_gpus: int = 1, flops: dict | None = None) -> dict[str, list[str]]:
     args = bench_e2e.parse_args(["--pipeline", "wan-t2v", "--measure-steps", "2,4"])
     res = {"config": {"pipeline": "wan-t2v", "preset": args.preset, "device": "cuda", "dtype": "bfloat16",
                       "settings": args.settings, "steps": 50, "step_counts": [2, 4], "warmup_steps": 2, "runs": 1,
-                      "warmup": 1},
-           "diffusers": side({2: 10_000.0, 4: 16_000.0}, {2: 5_900.0, 4: 11_900.0}),
-           "ours": side({2: 8_000.0, 4: 12_000.0}, {2: 3_950.0, 4: 7_950.0})}
+                      "warmup": 1, "our_gpus": our_gpus},
+           "diffusers": _side({2: 10_000.0, 4: 16_000.0}, {2: 5_900.0, 4: 11_900.0}),
+           "ours": _side({2: 8_000.0, 4: 12_000.0}, {2: 3_950.0, 4: 7_950.0}),
+           "flops": flops or {}}
     _, table = bench_e2e.build_report(res)
-    rows = {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[2:])}
+    return {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[2:])}
+
+
+def test_step_difference_estimate():
+    rows = _report_rows()
     assert rows["per step, from end-to-end latencies (ms)"] == ["3,000.0", "2,000.0"]
     assert rows["per step, from the denoising stage (ms)"] == ["3,000.0", "2,000.0"]
     assert rows["fixed costs: end-to-end at 2 steps - 2 x step (ms)"] == ["4,000.0", "4,000.0"]
     assert rows["ESTIMATE: end-to-end at 50 steps = fixed + 50 x step (ms)"] == ["154,000.0", "104,000.0"]
     assert rows["ESTIMATE: speed-up vs diffusers (x)"] == ["1.00", "1.48"]
+
+
+def test_achieved_tflops_are_per_gpu():
+    assert bench_e2e.denoiser_gpus([]) == 1
+    assert bench_e2e.denoiser_gpus(["flux_denoiser.sp_degree=2", "flux_denoiser.ulysses_degree=2"]) == 2
+    assert bench_e2e.denoiser_gpus(["wan_denoiser.cfg_parallel=true", "wan_denoiser.sp_degree=2"]) == 4
+    # 2 PFLOP a step: diffusers 3 s on one GPU, ours 2 s on 2 GPUs.
+    flops = {"total_flop": 2e15, "linear_flop": 1.5e15, "attention_flop": 0.5e15, "forwards": 1, "text_tokens": 512,
+             "image_tokens": 32760, "hidden": 5120}
+    rows = _report_rows(our_gpus=2, flops=flops)
+    assert rows["achieved TFLOP/s per GPU (step FLOP / step time / GPUs)"] == ["666.7", "500.0"]
 
 
 @pytest.mark.server
