@@ -894,7 +894,7 @@ def build_report(res: dict) -> tuple[str, str]:
     rows = []  # (what, diffusers, ours)
     post = "uint8 + MP4 encoding (ms)" if p.video else "uint8 + copy to host + PNG (ms)"
     if estimate:
-        n1, n2, target = counts[0], counts[-1], cfg["steps"]
+        n1, target = counts[0], cfg["steps"]
         rows += [(f"end-to-end latency, {n} steps, median (ms)", *both(lambda side, n=n: lat(side, n))) for n in counts]
         step = both(lambda side: per_step(side, lat))
         rows.append(("per step, from end-to-end latencies (ms)", *step))

@@ -43,7 +43,7 @@ import dataclasses
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from ditserve.kernels.registry import get_backend
 from ditserve.loading import Checkpoint
 from ditserve.parallel.group import ParallelConfig, ParallelContext, ParallelOptions, WorkerGroup
 from ditserve.parallel.ring import RING_BACKENDS
+from ditserve.parallel.ulysses import check_heads
 from ditserve.parallel.usp import SPMesh
 from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage, check_parameter
 
@@ -337,9 +338,29 @@ class TransformerDenoiser(GroupedDenoiser):
         if self.options.warmup and runtime.device.type == "cuda" and rank == 0 and self.needs_warmup():
             self.warm_up()
 
+    # The model's ditserve.parallel.<model>.set_sequence_parallel(transformer, mesh, backend), as a staticmethod.
+    install_sequence_parallel: ClassVar[Callable[[torch.nn.Module, SPMesh, str], int]]
+
     def load_components(self, checkpoint: Checkpoint) -> None:
         """Hook: what the model needs besides the transformer and the scheduler (other experts, geometry),
         and its checks of the checkpoint; before the attention processors are installed."""
+
+    def experts(self) -> list[torch.nn.Module]:
+        """Hook: every transformer a step may call (Wan 2.2 A14B: two experts)."""
+        return [self.transformer]
+
+    # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
+
+    def check_parallel(self, config: ParallelConfig) -> None:
+        for transformer in self.experts():
+            try:
+                check_heads(transformer.config.num_attention_heads, config.ulysses_degree)
+            except ValueError as exc:
+                raise ConfigError(f"parameter ulysses_degree: {exc}") from None
+
+    def use_sequence_parallel(self, mesh: SPMesh) -> None:
+        for transformer in self.experts():
+            self.install_sequence_parallel(transformer, mesh, self.sp_attention_backend)
 
     # --- warm-up (parameter warmup) -------------------------------------------------------------
 

@@ -18,10 +18,8 @@ from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_
 from ditserve.flux.request import GenerationParams, latent_geometry
 from ditserve.flux.text_encoder import TextEncoderOptions
 from ditserve.loading import Checkpoint
-from ditserve.parallel import SPMesh, check_heads
 from ditserve.parallel.flux import set_sequence_parallel, sp_forward
-from ditserve.parallel.group import ParallelConfig
-from ditserve.stage import ConfigError, RequestError, Row, tensor_field
+from ditserve.stage import RequestError, Row, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,18 +118,7 @@ class FluxDenoiser(TransformerDenoiser):
 
         set_attention_backend(self.transformer, backend)
 
-    # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
-
-    supports_cfg_parallel = True
-
-    def check_parallel(self, config: ParallelConfig) -> None:
-        try:
-            check_heads(self.transformer.config.num_attention_heads, config.ulysses_degree)
-        except ValueError as exc:
-            raise ConfigError(f"parameter ulysses_degree: {exc}") from None
-
-    def use_sequence_parallel(self, mesh: SPMesh) -> None:
-        set_sequence_parallel(self.transformer, mesh, self.sp_attention_backend)
+    install_sequence_parallel = staticmethod(set_sequence_parallel)
 
     # --- requests -------------------------------------------------------------------
 

@@ -32,8 +32,6 @@ from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_
 from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.request import GenerationParams
 from ditserve.loading import Checkpoint
-from ditserve.parallel import SPMesh, check_heads
-from ditserve.parallel.group import ParallelConfig
 from ditserve.parallel.qwen_image import set_sequence_parallel, sp_forward
 from ditserve.qwen_image.request import DEFAULT_TRUE_CFG, latent_geometry, min_steps, parse_params
 from ditserve.qwen_image.text_encoder import TextEncoderOptions
@@ -139,16 +137,7 @@ class QwenImageDenoiser(TransformerDenoiser):
 
         set_attention_backend(self.transformer, backend)
 
-    # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
-
-    def check_parallel(self, config: ParallelConfig) -> None:
-        try:
-            check_heads(self.transformer.config.num_attention_heads, config.ulysses_degree)
-        except ValueError as exc:
-            raise ConfigError(f"parameter ulysses_degree: {exc}") from None
-
-    def use_sequence_parallel(self, mesh: SPMesh) -> None:
-        set_sequence_parallel(self.transformer, mesh, self.sp_attention_backend)
+    install_sequence_parallel = staticmethod(set_sequence_parallel)
 
     def parse(self, row: Row) -> QwenRequest:
         device, dtype = self.runtime.device, self.runtime.dtype

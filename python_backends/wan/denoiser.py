@@ -35,8 +35,6 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ditserve.denoising import AUTOTUNED_BACKENDS, TransformerDenoiser, TransformerOptions
 from ditserve.loading import Checkpoint
-from ditserve.parallel import SPMesh, check_heads
-from ditserve.parallel.group import ParallelConfig
 from ditserve.parallel.wan import set_sequence_parallel, sp_forward
 from ditserve.stage import ConfigError, RequestError, Row, check_parameter, tensor_field
 from ditserve.wan.checkpoint import MAX_SEQUENCE_LENGTH
@@ -138,18 +136,7 @@ class WanDenoiser(TransformerDenoiser):
                              guidance=DEFAULT_GUIDANCE, guidance_2=DEFAULT_GUIDANCE, seed=0, fps=DEFAULT_FPS)
         return [[WanRequest(text, text, params)]]
 
-    # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
-
-    def check_parallel(self, config: ParallelConfig) -> None:
-        for transformer in self.experts():
-            try:
-                check_heads(transformer.config.num_attention_heads, config.ulysses_degree)
-            except ValueError as exc:
-                raise ConfigError(f"parameter ulysses_degree: {exc}") from None
-
-    def use_sequence_parallel(self, mesh: SPMesh) -> None:
-        for transformer in self.experts():
-            set_sequence_parallel(transformer, mesh, self.sp_attention_backend)
+    install_sequence_parallel = staticmethod(set_sequence_parallel)
 
     # --- requests -------------------------------------------------------------------
 
