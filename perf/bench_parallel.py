@@ -137,11 +137,11 @@ def report(res: dict) -> str:
         cfg = row["cfg"]
         base = res["layouts"].get(BASELINE[cfg], {})
         step = row["step_ms"]
-        speed = base.get("step_ms", float("nan")) / step
+        speed = f"{base['step_ms'] / step:.2f}x" if "step_ms" in base else "-"  # no baseline in this run
         flop = (flops or float("nan")) * (2 if cfg else 1)
         err = row.get("error_vs_1gpu")
         err_text = f"{err['rel_l2']:.2e}, {err['max_abs']:.3f}" if err else "-"
-        lines.append(f"| {name} | {row['gpus']} | {step:.1f} | {speed:.2f}x | {flop / step / 1e9 / row['gpus']:.0f} | "
+        lines.append(f"| {name} | {row['gpus']} | {step:.1f} | {speed} | {flop / step / 1e9 / row['gpus']:.0f} | "
                      f"{err_text} | {row['load_s']:.0f} |")
     return "\n".join(lines)
 
