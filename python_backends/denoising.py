@@ -19,6 +19,11 @@ then puts the model's ditserve processors on its transformer(s) through the hook
 ``set_attention_processors``, and the model's loop runs in ``attention_context()``. The
 sequence-parallel processors attend locally with ``sp_attention_backend``.
 
+A ``TransformerDenoiser`` implements these hooks for every model from two functions it names,
+``install_attention_backend`` (its ``kernels.<model>_processor.set_attention_backend``) and
+``install_sequence_parallel`` (its ``parallel.<model>.set_sequence_parallel``), applied to each of its
+``experts()``.
+
 Loading (``TransformerDenoiser``): every model's denoiser loads the same way (the attention backend
 checked before the weights are read, the checkpoint's ``transformer`` and ``scheduler``, the model's own
 components through the hook ``load_components``, the attention processors, the worker group), then, on
@@ -338,7 +343,9 @@ class TransformerDenoiser(GroupedDenoiser):
         if self.options.warmup and runtime.device.type == "cuda" and rank == 0 and self.needs_warmup():
             self.warm_up()
 
-    # The model's ditserve.parallel.<model>.set_sequence_parallel(transformer, mesh, backend), as a staticmethod.
+    # The model's ditserve.kernels.<model>_processor.set_attention_backend(transformer, backend) and
+    # ditserve.parallel.<model>.set_sequence_parallel(transformer, mesh, backend), as staticmethods.
+    install_attention_backend: ClassVar[Callable[[torch.nn.Module, str], int]]
     install_sequence_parallel: ClassVar[Callable[[torch.nn.Module, SPMesh, str], int]]
 
     def load_components(self, checkpoint: Checkpoint) -> None:
@@ -349,7 +356,11 @@ class TransformerDenoiser(GroupedDenoiser):
         """Hook: every transformer a step may call (Wan 2.2 A14B: two experts)."""
         return [self.transformer]
 
-    # --- parallelism (hooks of GroupedDenoiser) -------------------------------------------
+    # --- attention and parallelism (hooks of GroupedDenoiser) ------------------------------
+
+    def set_attention_processors(self, backend: str) -> None:
+        for transformer in self.experts():
+            self.install_attention_backend(transformer, backend)
 
     def check_parallel(self, config: ParallelConfig) -> None:
         for transformer in self.experts():

@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler
 from ditserve.flux.request import GenerationParams, latent_geometry
 from ditserve.flux.text_encoder import TextEncoderOptions
+from ditserve.kernels.flux_processor import set_attention_backend
 from ditserve.loading import Checkpoint
 from ditserve.parallel.flux import set_sequence_parallel, sp_forward
 from ditserve.stage import RequestError, Row, tensor_field
@@ -113,11 +114,7 @@ class FluxDenoiser(TransformerDenoiser):
     # took 151.3 ms against diffusers' 184.3 ms on an H100 (2026-11-26, perf/ATTENTION_NOTES.md).
     auto_triton_on_cuda = True
 
-    def set_attention_processors(self, backend: str) -> None:
-        from ditserve.kernels.flux_processor import set_attention_backend
-
-        set_attention_backend(self.transformer, backend)
-
+    install_attention_backend = staticmethod(set_attention_backend)
     install_sequence_parallel = staticmethod(set_sequence_parallel)
 
     # --- requests -------------------------------------------------------------------

@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler
 from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.request import GenerationParams
+from ditserve.kernels.qwen_processor import set_attention_backend
 from ditserve.loading import Checkpoint
 from ditserve.parallel.qwen_image import set_sequence_parallel, sp_forward
 from ditserve.qwen_image.request import DEFAULT_TRUE_CFG, latent_geometry, min_steps, parse_params
@@ -132,11 +133,7 @@ class QwenImageDenoiser(TransformerDenoiser):
     # tokens) took 160.1 ms against 189.6 ms with diffusers' processor on an H100 (2026-11-26, perf/RESULTS.md).
     auto_triton_on_cuda = True
 
-    def set_attention_processors(self, backend: str) -> None:
-        from ditserve.kernels.qwen_processor import set_attention_backend
-
-        set_attention_backend(self.transformer, backend)
-
+    install_attention_backend = staticmethod(set_attention_backend)
     install_sequence_parallel = staticmethod(set_sequence_parallel)
 
     def parse(self, row: Row) -> QwenRequest:

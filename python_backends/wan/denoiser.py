@@ -34,6 +34,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ditserve.denoising import AUTOTUNED_BACKENDS, TransformerDenoiser, TransformerOptions
+from ditserve.kernels.wan_processor import set_attention_backend
 from ditserve.loading import Checkpoint
 from ditserve.parallel.wan import set_sequence_parallel, sp_forward
 from ditserve.stage import ConfigError, RequestError, Row, check_parameter, tensor_field
@@ -113,11 +114,8 @@ class WanDenoiser(TransformerDenoiser):
         ring_on_cuda = config is not None and config.ring_degree > 1 and config.devices[0].type == "cuda"
         return "triton" if ring_on_cuda else "sdpa"
 
-    def set_attention_processors(self, backend: str) -> None:
-        from ditserve.kernels.wan_processor import set_attention_backend
-
-        for transformer in self.experts():
-            set_attention_backend(transformer, backend)
+    install_attention_backend = staticmethod(set_attention_backend)
+    install_sequence_parallel = staticmethod(set_sequence_parallel)
 
     # --- warm-up (hooks of TransformerDenoiser) -------------------------------------------
 
@@ -135,8 +133,6 @@ class WanDenoiser(TransformerDenoiser):
         params = VideoParams(height=DEFAULT_HEIGHT, width=DEFAULT_WIDTH, num_frames=DEFAULT_FRAMES, steps=steps,
                              guidance=DEFAULT_GUIDANCE, guidance_2=DEFAULT_GUIDANCE, seed=0, fps=DEFAULT_FPS)
         return [[WanRequest(text, text, params)]]
-
-    install_sequence_parallel = staticmethod(set_sequence_parallel)
 
     # --- requests -------------------------------------------------------------------
 
