@@ -332,6 +332,12 @@ class TransformerDenoiser(GroupedDenoiser):
         super().__init__(runtime, options, rank=rank)
         runtime = self.runtime  # the parallel group may have moved rank 0 to its first GPU
         checkpoint = Checkpoint(runtime.model_path)
+        if checkpoint.pipeline_class not in self.pipeline_classes:
+            # Same components, other semantics (e.g. Qwen-Image-Edit-2509/-2511's QwenImageEditPlusPipeline):
+            # serving it here would not give that pipeline's images.
+            raise ConfigError(f"model_path: {checkpoint.path} is a {checkpoint.pipeline_class or '(unnamed)'} "
+                              f"checkpoint (model_index.json); {type(self).__name__} gives the images of "
+                              f"{' or '.join(self.pipeline_classes)}")
         self.select_attention(checkpoint.config("transformer")["attention_head_dim"])
         self.transformer = checkpoint.load("transformer", runtime)
         self.scheduler_class = checkpoint.component_class("scheduler")
@@ -343,6 +349,8 @@ class TransformerDenoiser(GroupedDenoiser):
         if self.options.warmup and runtime.device.type == "cuda" and rank == 0 and self.needs_warmup():
             self.warm_up()
 
+    # The diffusers pipelines (model_index.json's _class_name) whose semantics this denoiser reproduces.
+    pipeline_classes: ClassVar[tuple[str, ...]]
     # The model's ditserve.kernels.<model>_processor.set_attention_backend(transformer, backend) and
     # ditserve.parallel.<model>.set_sequence_parallel(transformer, mesh, backend), as staticmethods.
     install_attention_backend: ClassVar[Callable[[torch.nn.Module, str], int]]

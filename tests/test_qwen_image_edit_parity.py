@@ -180,3 +180,29 @@ def test_text_encoder_keeps_the_image_tokens(ours):
     (out,) = stage.execute([{**make_row("a cat"), "CONDITION_IMAGE": pixels}])
     # <|vision_start|>, 6x3 merged patches of the 168x84 processor image, <|vision_end|>, "a cat", the template's tail.
     assert int(out["PROMPT_EMBEDS_MASK"].sum()) == 1 + 18 + 1 + 2 + 5
+
+
+def test_denoisers_refuse_other_pipelines_checkpoints(tmp_path):
+    """Same components, other semantics: a checkpoint is served only by the stages that reproduce its pipeline,
+    e.g. not Qwen-Image-Edit-2509/-2511's QwenImageEditPlusPipeline by qwen_image_edit (checked before any
+    weights are read)."""
+    from ditserve.flux.denoiser import FluxDenoiser
+    from ditserve.qwen_image.denoiser import QwenImageDenoiser, QwenImageEditDenoiser
+    from ditserve.stage import ConfigError
+
+    edit = resolve_model_path("tiny-qwen-image-edit")
+    plus = tmp_path / "edit-plus"
+    plus.mkdir()
+    for entry in edit.iterdir():  # the same components; only model_index.json names the Plus pipeline
+        (plus / entry.name).symlink_to(entry)
+    (plus / "model_index.json").unlink()
+    (plus / "model_index.json").write_text((edit / "model_index.json").read_text().replace(
+        '"QwenImageEditPipeline"', '"QwenImageEditPlusPipeline"'))
+    cases = [(QwenImageEditDenoiser, str(plus), "QwenImageEditPlusPipeline", "QwenImageEditPipeline"),
+             (QwenImageEditDenoiser, "tiny-qwen-image", "QwenImagePipeline", "QwenImageEditPipeline"),
+             (QwenImageDenoiser, "tiny-qwen-image-edit", "QwenImageEditPipeline", "QwenImagePipeline"),
+             (FluxDenoiser, "tiny-qwen-image", "QwenImagePipeline", "FluxPipeline")]
+    for denoiser, model_path, found, served in cases:
+        with pytest.raises(ConfigError, match=rf"^model_path: .* is a {found} checkpoint \(model_index.json\); "
+                                              rf"{denoiser.__name__} gives the images of {served}$"):
+            denoiser(Runtime(model_path=model_path, **CPU_FP32))

@@ -78,6 +78,7 @@ def image_token_ids(grid_h: int, grid_w: int, device, dtype) -> torch.Tensor:
 
 class FluxDenoiser(TransformerDenoiser):
     Options = FluxDenoiserOptions
+    pipeline_classes = ("FluxPipeline",)
     inputs = (
         "PROMPT_EMBEDS",
         "POOLED_PROMPT_EMBEDS",

@@ -84,6 +84,7 @@ def pad_texts(texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | N
 
 class QwenImageDenoiser(TransformerDenoiser):
     Options = QwenDenoiserOptions
+    pipeline_classes = ("QwenImagePipeline",)
     inputs = (
         "PROMPT_EMBEDS",
         "PROMPT_EMBEDS_MASK",
@@ -236,6 +237,8 @@ class QwenImageEditDenoiser(QwenImageDenoiser):
     """``QwenImageDenoiser`` with the input image's latents (IMAGE_LATENTS, from qwen_image_edit_vae_encoder)."""
 
     inputs = (*QwenImageDenoiser.inputs, "IMAGE_LATENTS")
+    # Not QwenImageEditPlusPipeline (Qwen-Image-Edit-2509/-2511: several input images, a "Picture N:" template).
+    pipeline_classes = ("QwenImageEditPipeline",)
 
     def parse(self, row: Row) -> QwenRequest:
         request = super().parse(row)

@@ -7,8 +7,9 @@ sees the image, the denoiser takes the image latents that the VAE encoder makes.
 These are ``QwenImageEditPipeline``'s semantics. Qwen-Image-Edit-2509 and -2511 checkpoints name
 ``QwenImageEditPlusPipeline`` (diffusers 0.42.1): up to several input images, a "Picture N:" prompt
 template, the image seen by Qwen2.5-VL at about 384x384 pixels and by the VAE at about 1024x1024. That
-pipeline is not implemented here (and such a checkpoint is not refused at load). Its 2511 transformer
-config (``zero_cond_t``) runs in this denoiser, sequence-parallel included, as the transformer handles it.
+pipeline is not implemented here, and the denoiser refuses such a checkpoint at load. The 2511
+transformer's config (``zero_cond_t``) runs in this denoiser, sequence-parallel included, as the
+transformer handles it (tests put it into the tiny Edit checkpoint).
 """
 
 from ditserve.pipeline import PipelineSpec, StageSpec

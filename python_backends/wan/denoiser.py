@@ -93,6 +93,9 @@ class WanDenoiser(TransformerDenoiser):
 
     # Said when the transformer's input channels are another pipeline's.
     wrong_checkpoint = "an image-to-video checkpoint goes to wan_i2v"
+    # Which of the two a checkpoint is for, the transformer's input channels tell (Wan 2.2 TI2V's WanPipeline
+    # checkpoints serve both): load_components refuses the other's with wrong_checkpoint.
+    pipeline_classes = ("WanPipeline", "WanImageToVideoPipeline")
 
     def transformer_inputs(self) -> tuple[int, str]:
         """The transformer's input channels in this pipeline, and what they are: the noise latents alone
