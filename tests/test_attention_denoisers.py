@@ -206,9 +206,10 @@ def test_wan_auto_picks_our_kernel_for_ring_attention_on_cuda():
 # ------------------------------------------------------------------------------------------ at load
 def _load(model: str, runtime: dict, **options):
     if model.startswith("tiny-qwen"):
-        from ditserve.qwen_image.denoiser import QwenDenoiserOptions, QwenImageDenoiser
+        from ditserve.qwen_image.denoiser import QwenDenoiserOptions, QwenImageDenoiser, QwenImageEditDenoiser
 
-        return QwenImageDenoiser(Runtime(model_path=model, **runtime), QwenDenoiserOptions(**options))
+        denoiser = QwenImageEditDenoiser if model == "tiny-qwen-image-edit" else QwenImageDenoiser
+        return denoiser(Runtime(model_path=model, **runtime), QwenDenoiserOptions(**options))
     from ditserve.wan.denoiser import WanDenoiser, WanDenoiserOptions, WanImageDenoiser
 
     denoiser = WanImageDenoiser if model == "tiny-wan-i2v" else WanDenoiser
