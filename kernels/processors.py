@@ -30,6 +30,7 @@ class BackendProcessor:
         self.backend: Attend = get_backend(backend) if isinstance(backend, str) else backend
         self.k_mode = k_mode
 
+
 # QK norms the prologue can compute: a per-head RMSNorm with an optional weight and no bias.
 _RMS_NORMS = (torch.nn.RMSNorm, DiffusersRMSNorm)
 
