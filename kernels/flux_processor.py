@@ -14,13 +14,17 @@ which the `triton` backend applies inside the kernel; the output comes back in (
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
-from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttention,
+    FluxAttnProcessor,
+    _get_qkv_projections,
+)
 
 from .attention import Prologue
-from .processors import BackendProcessor, key_padding_mask, norm_eps, norm_weight, set_processor
+from .processors import BackendProcessor, key_padding_mask, norm_eps, norm_weight
 
 
 _WHO = "ditserve FLUX processor"
@@ -28,6 +32,9 @@ _WHO = "ditserve FLUX processor"
 
 class DitserveFluxAttnProcessor(BackendProcessor):
     """Drop-in for FluxAttnProcessor: same inputs and outputs, attention through a ditserve backend."""
+
+    module_type = FluxAttention
+    diffusers_processor = FluxAttnProcessor
 
     def __call__(
         self,
@@ -73,14 +80,4 @@ class DitserveFluxAttnProcessor(BackendProcessor):
         return hidden_states
 
 
-def set_attention_backend(
-    transformer: torch.nn.Module, name: str, *, k_mode: Literal["inline", "prepass"] = "prepass"
-) -> int:
-    """Install DitserveFluxAttnProcessor(name) on every FluxAttention of `transformer`; returns how many.
-
-    name "diffusers" restores diffusers' own FluxAttnProcessor.
-    """
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-    processor = FluxAttnProcessor() if name == "diffusers" else DitserveFluxAttnProcessor(name, k_mode)
-    return set_processor(transformer, FluxAttention, processor)
+set_attention_backend = DitserveFluxAttnProcessor.install

@@ -24,11 +24,23 @@ Attend = Callable[..., torch.Tensor]
 
 class BackendProcessor:
     """Base of ditserve's processors: the backend they attend through (a registry name or an Attend) and
-    how the `triton` backend applies the K prologue (Prologue.k_mode)."""
+    how the `triton` backend applies the K prologue (Prologue.k_mode). Each model's subclass names the
+    diffusers attention module it serves and diffusers' own processor for it, which `install` restores."""
+
+    module_type: type
+    diffusers_processor: type
 
     def __init__(self, backend: Union[str, Attend] = "triton", k_mode: Literal["inline", "prepass"] = "prepass") -> None:
         self.backend: Attend = get_backend(backend) if isinstance(backend, str) else backend
         self.k_mode = k_mode
+
+    @classmethod
+    def install(cls, transformer: torch.nn.Module, name: str, *,
+                k_mode: Literal["inline", "prepass"] = "prepass") -> int:
+        """Install cls(name, k_mode) on every `module_type` module of `transformer` (the model's
+        `set_attention_backend`); name "diffusers" restores `diffusers_processor`. Returns how many."""
+        processor = cls.diffusers_processor() if name == "diffusers" else cls(name, k_mode)
+        return set_processor(transformer, cls.module_type, processor)
 
 
 # QK norms the prologue can compute: a per-head RMSNorm with an optional weight and no bias.

@@ -14,13 +14,14 @@ text mask as its key-padding mask; the `triton` backend normalises and rotates Q
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from diffusers.models.attention_processor import Attention
+from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
 from .attention import Prologue
-from .processors import BackendProcessor, key_padding_mask, norm_eps, norm_weight, set_processor
+from .processors import BackendProcessor, key_padding_mask, norm_eps, norm_weight
 
 _WHO = "ditserve Qwen-Image processor"
 
@@ -37,6 +38,9 @@ def rope_tables(img_freqs: torch.Tensor, txt_freqs: torch.Tensor) -> tuple[torch
 class DitserveQwenAttnProcessor(BackendProcessor):
     """Drop-in for QwenDoubleStreamAttnProcessor2_0: same inputs and outputs, attention through a ditserve
     backend. Returns (image stream output, text stream output)."""
+
+    module_type = Attention
+    diffusers_processor = QwenDoubleStreamAttnProcessor2_0
 
     def __call__(
         self,
@@ -92,12 +96,4 @@ class DitserveQwenAttnProcessor(BackendProcessor):
         return image_out, attn.to_add_out(text_out.contiguous())
 
 
-def set_attention_backend(
-    transformer: torch.nn.Module, name: str, *, k_mode: Literal["inline", "prepass"] = "prepass"
-) -> int:
-    """Install DitserveQwenAttnProcessor(name) on every block's attention of a QwenImageTransformer2DModel;
-    returns how many. name "diffusers" restores diffusers' own QwenDoubleStreamAttnProcessor2_0."""
-    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
-
-    processor = QwenDoubleStreamAttnProcessor2_0() if name == "diffusers" else DitserveQwenAttnProcessor(name, k_mode)
-    return set_processor(transformer, Attention, processor)
+set_attention_backend = DitserveQwenAttnProcessor.install

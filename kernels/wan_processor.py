@@ -17,17 +17,18 @@ the prologue.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 from diffusers.models.transformers.transformer_wan import (
     WanAttention,
+    WanAttnProcessor,
     _get_added_kv_projections,
     _get_qkv_projections,
 )
 
 from .attention import Prologue
-from .processors import BackendProcessor, key_padding_mask, set_processor
+from .processors import BackendProcessor, key_padding_mask
 
 _WHO = "ditserve Wan processor"
 
@@ -48,6 +49,9 @@ def rope_tables(freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> tuple[torch
 
 class DitserveWanAttnProcessor(BackendProcessor):
     """Drop-in for WanAttnProcessor: same inputs and outputs, attention through a ditserve backend."""
+
+    module_type = WanAttention
+    diffusers_processor = WanAttnProcessor
 
     def __call__(
         self,
@@ -81,12 +85,4 @@ class DitserveWanAttnProcessor(BackendProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def set_attention_backend(
-    transformer: torch.nn.Module, name: str, *, k_mode: Literal["inline", "prepass"] = "prepass"
-) -> int:
-    """Install DitserveWanAttnProcessor(name) on every WanAttention (self- and cross-attention) of a
-    WanTransformer3DModel; returns how many. name "diffusers" restores diffusers' own WanAttnProcessor."""
-    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-    processor = WanAttnProcessor() if name == "diffusers" else DitserveWanAttnProcessor(name, k_mode)
-    return set_processor(transformer, WanAttention, processor)
+set_attention_backend = DitserveWanAttnProcessor.install
