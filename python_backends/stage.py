@@ -118,6 +118,12 @@ def check_parameter(name: str, value: int, lo: int, hi: int | None = None) -> No
         raise ValueError(f"parameter {name}: must be {limit}, got {value}")
 
 
+def check_choice(name: str, value: str, choices: typing.Sequence[str]) -> None:
+    """``check_parameter`` for a string option with a fixed set of values."""
+    if value not in choices:
+        raise ValueError(f"parameter {name}: must be one of {', '.join(choices)}, got {value!r}")
+
+
 class RequestParameter(typing.NamedTuple):
     """A request parameter (not a tensor) as one row of the request sees it. Parameters, unlike
     optional inputs, do not keep Triton's dynamic batcher from batching requests that have them with

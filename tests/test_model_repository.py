@@ -133,3 +133,16 @@ def test_only_the_stream_models_are_decoupled():
     decoupled = {path.parent.name for path in REPOSITORY.glob("*/config.pbtxt")
                  if load_config(path.parent.name).get("model_transaction_policy", {}).get("decoupled")}
     assert decoupled == {stream_model(p.name) for p in PIPELINES}
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"preset": "fastest"}, "parameter preset: must be one of ultrafast, superfast, .*, veryslow, got 'fastest'"),
+    ({"crf": "52"}, r"parameter crf: must be in \[0, 51\], got 52"),
+    ({"crf": "high"}, "parameter crf: expected int, got 'high'"),
+])
+def test_bad_config_parameters_are_refused_at_load_naming_the_field_and_its_limit(params, message):
+    from ditserve.stage import ConfigError, parse_options
+    from ditserve.wan.postprocess import VideoOptions
+
+    with pytest.raises(ConfigError, match=message):
+        parse_options(VideoOptions, params)

@@ -144,7 +144,7 @@ def test_cuda_graphs_auto_means_sequence_parallel_on_cuda():
     assert not FluxDenoiserOptions(cfg_parallel=True).graphs_enabled(cuda)
     assert FluxDenoiserOptions(cuda_graphs="true").graphs_enabled(cuda)
     assert not FluxDenoiserOptions(sp_degree=4, cuda_graphs="false").graphs_enabled(cuda)
-    with pytest.raises(ValueError, match="parameter cuda_graphs: must be auto, true or false, got 'yes'"):
+    with pytest.raises(ValueError, match="parameter cuda_graphs: must be one of auto, true, false, got 'yes'"):
         FluxDenoiserOptions(cuda_graphs="yes")
 
 

@@ -20,7 +20,7 @@ from ditserve.flux.text_encoder import TextEncoderOptions
 from ditserve.kernels.flux_processor import set_attention_backend
 from ditserve.loading import Checkpoint
 from ditserve.parallel.flux import set_sequence_parallel, sp_forward
-from ditserve.stage import RequestError, Row, tensor_field
+from ditserve.stage import RequestError, Row, check_choice, tensor_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,8 +34,7 @@ class FluxDenoiserOptions(DenoiserOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.cuda_graphs not in ("auto", "true", "false"):
-            raise ValueError(f"parameter cuda_graphs: must be auto, true or false, got {self.cuda_graphs!r}")
+        check_choice("cuda_graphs", self.cuda_graphs, ("auto", "true", "false"))
 
     def graphs_enabled(self, device: torch.device) -> bool:
         if self.cuda_graphs == "auto":

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ditserve.postprocess import to_uint8
-from ditserve.stage import Outputs, RequestError, Row, Stage, check_parameter, int_field, tensor_field
+from ditserve.stage import Outputs, RequestError, Row, Stage, check_choice, check_parameter, int_field, tensor_field
 from ditserve.wan.limits import DEFAULT_FPS, MAX_FPS
 
 
@@ -29,9 +29,8 @@ class VideoOptions:
 
     def __post_init__(self):
         check_parameter("crf", self.crf, 0, 51)
-        presets = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
-        if self.preset not in presets:
-            raise ValueError(f"parameter preset: must be one of {', '.join(presets)}, got {self.preset!r}")
+        check_choice("preset", self.preset, ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
+                                             "slower", "veryslow"))
 
 
 def encode_mp4(frames: np.ndarray, fps: int, options: VideoOptions) -> bytes:
