@@ -110,7 +110,7 @@ def main() -> None:
             while not procs.join(timeout=max(0.0, deadline - time.monotonic())) and time.monotonic() < deadline:
                 pass
             if any(proc.is_alive() for proc in procs.processes):
-                # NCCL_P2P_USE_CUDA_MEMCPY=1 never returned from its first all_to_all (2 H200, 2026-11-27).
+                # NCCL_P2P_USE_CUDA_MEMCPY=1 gave no result in the ~8 minutes a device call had left (2 H200, 2026-11-27).
                 for proc in procs.processes:
                     proc.kill()
                 results = {"error": f"no result in {args.timeout:.0f} s (killed)"}
