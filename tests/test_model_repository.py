@@ -139,7 +139,6 @@ def test_only_the_stream_models_are_decoupled():
     ({"preset": "fastest"}, "parameter preset: must be one of ultrafast, superfast, .*, veryslow, got 'fastest'"),
     ({"crf": "52"}, r"parameter crf: must be in \[0, 51\], got 52"),
     ({"crf": "high"}, "parameter crf: expected int, got 'high'"),
-    ({"threads": "0"}, r"parameter threads: must be in \[1, 64\], got 0"),
 ])
 def test_bad_config_parameters_are_refused_at_load_naming_the_field_and_its_limit(params, message):
     from ditserve.stage import ConfigError, parse_options

@@ -26,14 +26,9 @@ class VideoOptions:
     # libx264's constant rate factor: 0 is lossless, 23 its default; 17-18 look lossless.
     crf: int = 18
     preset: str = "medium"  # libx264's speed/size trade-off; frames look the same
-    # libx264's threads, fixed: its bitstream depends on the thread count, and with libav's "auto" the same
-    # request through the plain and the streaming ensemble of one server came back as different MP4 bytes
-    # (equal frames; 2-core CI machine, 2026-11-27), where 1 or 2 fixed threads gave equal bytes.
-    threads: int = 8
 
     def __post_init__(self):
         check_parameter("crf", self.crf, 0, 51)
-        check_parameter("threads", self.threads, 1, 64)
         check_choice("preset", self.preset, ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                                              "slower", "veryslow"))
 
@@ -45,8 +40,7 @@ def encode_mp4(frames: np.ndarray, fps: int, options: VideoOptions) -> bytes:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(options.crf), "preset": options.preset,
-                          "threads": str(options.threads)}
+        stream.options = {"crf": str(options.crf), "preset": options.preset}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush the encoder's delayed frames
