@@ -3,7 +3,10 @@ and the request check, MP4 and batching behave."""
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
+import random
 import re
 import shutil
 
@@ -18,6 +21,7 @@ from ditserve.checkpoints import resolve_model_path
 from ditserve.stage import RequestError
 from ditserve.wan import WAN_T2V
 from ditserve.wan.denoiser import WanDenoiser
+from ditserve.wan.postprocess import VideoOptions, encode_mp4
 from ditserve.wan.request import WanRequestCheck
 
 
@@ -130,6 +134,34 @@ def test_mp4_decodes_to_the_frames_at_the_fps(wan21):
     # Lossy, and random-weight frames are noise: each decoded frame is nearest to its own frame.
     distance = np.abs(decoded[:, None].astype(int) - frames[None].astype(int)).mean(axis=(2, 3, 4))
     assert (distance.argmin(axis=1) == np.arange(9)).all()
+
+
+def dirty_the_heap(rng: random.Random) -> None:
+    """Leave random bytes in freed blocks of many sizes, where the next mallocs will find them."""
+    libc = ctypes.CDLL(None)
+    libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
+    blocks = []
+    for _ in range(200):
+        size = rng.choice([64, 1024, 4096, 12288, 65536, 100000, 300000])
+        block = ctypes.c_void_p()
+        assert libc.posix_memalign(ctypes.byref(block), 64, size) == 0
+        ctypes.memset(block, rng.randrange(256), size)
+        blocks.append(block)
+    for block in blocks:
+        libc.free(block)
+
+
+def test_mp4_bytes_depend_only_on_the_frames():
+    # libx264's AVX-512 code read memory nobody wrote: the same frames gave different MP4s after different heap
+    # histories (the plain and streamed Wan requests on one server, 2026-11-27). encode_mp4 keeps it off.
+    smooth = torch.rand(5, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    frames = torch.nn.functional.interpolate(smooth, size=(128, 192), mode="bilinear")
+    frames = (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    rng, seen = random.Random(0), set()
+    for _ in range(8):
+        dirty_the_heap(rng)
+        seen.add(hashlib.sha256(encode_mp4(frames, 8, VideoOptions())).hexdigest())
+    assert len(seen) == 1, f"{len(seen)} different MP4s from the same frames"
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ so the halved chroma planes need no padding.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import io
 from collections.abc import Sequence
 from fractions import Fraction
@@ -33,14 +35,47 @@ class VideoOptions:
                                              "slower", "veryslow"))
 
 
+X264_CPU_AVX512 = 1 << 16  # x264.h
+
+
+@functools.cache
+def x264_asm_without_avx512() -> dict[str, str]:
+    """libx264 options that keep its AVX-512 assembly off, {} where it would not use any.
+
+    Why: with AVX-512 (libx264 core 165, as PyAV 18.1 bundles it, on the AVX-512 Xeons of CI and the H100
+    hosts) the same frames encode to different bytes from one call to the next, depending on what the heap
+    held before - measured 2026-11-27: 12 encodes of one 832x480 5-frame clip gave 12 different MP4s, 40 of a
+    64x64 one gave 5; with the AVX-512 bit cleared, or with mbtree=0, every encode was identical. So its
+    AVX-512 macroblock-tree code reads memory nobody wrote. Clearing just that bit keeps mbtree (quality) and
+    cost nothing measurable (81 frames of 832x480: 2.25-2.32 s without AVX-512, 2.36-2.48 s with).
+    x264 takes only a whole CPU mask ("asm=<flags>"), so the mask is its own detection (x264_cpu_detect, exported
+    by the libx264 that libavcodec loaded) less AVX-512. Where that library cannot be found (not Linux, or x264
+    linked into libavcodec statically), the encoder keeps its defaults."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libx264" in line}
+    except OSError:
+        return {}
+    for path in sorted(paths):
+        try:
+            detect = ctypes.CDLL(path).x264_cpu_detect
+        except (OSError, AttributeError):
+            continue
+        detect.restype = ctypes.c_uint32
+        flags = detect()
+        return {"x264-params": f"asm={flags & ~X264_CPU_AVX512}"} if flags & X264_CPU_AVX512 else {}
+    return {}
+
+
 def encode_mp4(frames: np.ndarray, fps: int, options: VideoOptions) -> bytes:
-    """(F, H, W, 3) uint8 RGB -> H.264 MP4 bytes at ``fps`` frames per second."""
+    """(F, H, W, 3) uint8 RGB -> H.264 MP4 bytes at ``fps`` frames per second; the same frames always give
+    the same bytes."""
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(options.crf), "preset": options.preset}
+        stream.options = {"crf": str(options.crf), "preset": options.preset, **x264_asm_without_avx512()}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())  # flush the encoder's delayed frames
