@@ -42,12 +42,13 @@ X264_CPU_AVX512 = 1 << 16  # x264.h
 def x264_asm_without_avx512() -> dict[str, str]:
     """libx264 options that keep its AVX-512 assembly off, {} where it would not use any.
 
-    Why: with AVX-512 (libx264 core 165, as PyAV 18.1 bundles it, on the AVX-512 Xeons of CI and the H100
-    hosts) the same frames encode to different bytes from one call to the next, depending on what the heap
+    Why: with AVX-512 (libx264 core 165, as PyAV 18.1 bundles it, on this project's AVX-512 Xeon dev/CI
+    machine) the same frames encode to different bytes from one call to the next, depending on what the heap
     held before - measured 2026-11-27: 12 encodes of one 832x480 5-frame clip gave 12 different MP4s, 40 of a
-    64x64 one gave 5; with the AVX-512 bit cleared, or with mbtree=0, every encode was identical. So its
-    AVX-512 macroblock-tree code reads memory nobody wrote. Clearing just that bit keeps mbtree (quality) and
-    cost nothing measurable (81 frames of 832x480: 2.25-2.32 s without AVX-512, 2.36-2.48 s with).
+    64x64 one gave 5; with the AVX-512 bit cleared, or with mbtree=0, every encode was identical. So the fault
+    is in x264's AVX-512 macroblock-tree code, which reads memory nobody wrote (the heap dependence says so).
+    Clearing just that bit keeps mbtree (quality) and cost nothing measurable (81 frames of 832x480:
+    2.25-2.32 s without AVX-512, 2.36-2.48 s with).
     x264 takes only a whole CPU mask ("asm=<flags>"), so the mask is its own detection (x264_cpu_detect, exported
     by the libx264 that libavcodec loaded) less AVX-512. Where that library cannot be found (not Linux, or x264
     linked into libavcodec statically), the encoder keeps its defaults."""
