@@ -6,7 +6,8 @@
     "USP UxR"               sp_degree U*R: Ulysses U x ring R
     "CFG parallel 2"        cfg_parallel (implies true CFG)
 
-followed by any of ", true CFG", ", CUDA graphs", ", eager", ", cuDNN", ", SDPA" (e.g. "Ulysses 4, eager").
+followed by any of ", true CFG", ", CUDA graphs", ", eager", ", cuDNN", ", SDPA", ", N chunks" (ulysses_chunks N)
+(e.g. "Ulysses 4, eager", "Ulysses 2, 2 chunks").
 Without ", CUDA graphs" or ", eager" the denoiser's default applies (FLUX: `cuda_graphs=auto`, graphs when
 sequence-parallel on CUDA; before 2026-11-26 the default was eager, which the older RESULTS rows ran).
 """
@@ -48,12 +49,14 @@ def parse_layout(name: str) -> Layout:
         options.update(sp_degree=u * r, ulysses_degree=u, ring_degree=r)
     else:
         raise ValueError(f"layout {name!r}: expected '1 GPU', 'Ulysses N', 'Ring N', 'USP UxR' or 'CFG parallel 2', "
-                         f"then any of ', true CFG', {', '.join(repr(', ' + k) for k in MODIFIERS)}")
+                         f"then any of ', true CFG', {', '.join(repr(', ' + k) for k in MODIFIERS)}, ', N chunks'")
     for mod in mods:
         if mod == "true CFG":
             true_cfg = True
         elif mod in MODIFIERS:
             options.update(MODIFIERS[mod])
+        elif m := re.fullmatch(r"(\d+) chunks?", mod):
+            options["ulysses_chunks"] = int(m[1])
         else:
             raise ValueError(f"layout {name!r}: unknown modifier {mod!r}")
     return Layout(name, options, true_cfg)

@@ -376,6 +376,10 @@ class TransformerDenoiser(GroupedDenoiser):
                 check_heads(transformer.config.num_attention_heads, config.ulysses_degree)
             except ValueError as exc:
                 raise ConfigError(f"parameter ulysses_degree: {exc}") from None
+            try:
+                check_heads(transformer.config.num_attention_heads, config.ulysses_degree, config.ulysses_chunks)
+            except ValueError as exc:
+                raise ConfigError(f"parameter ulysses_chunks: {exc}") from None
 
     def use_sequence_parallel(self, mesh: SPMesh) -> None:
         for transformer in self.experts():

@@ -134,6 +134,7 @@ def test_layout_names_give_the_denoiser_options_and_gpu_count():
     usp = parse_layout("USP 2x2, CUDA graphs")
     assert usp.gpus == 4 and usp.options == {"sp_degree": 4, "ulysses_degree": 2, "ring_degree": 2, "cuda_graphs": "true"}
     assert parse_layout("CFG parallel 2").gpus == 2 and parse_layout("1 GPU, true CFG").true_cfg
+    assert parse_layout("Ulysses 2, 2 chunks").options == {"sp_degree": 2, "ulysses_degree": 2, "ulysses_chunks": 2}
     assert layout_sets("Ring 4") == (4, ["flux_denoiser.sp_degree=4", "flux_denoiser.ring_degree=4"])
     for bad in ("Ulysses", "USP 4", "Ulysses 2, graphs"):
         with pytest.raises(ValueError, match="layout"):

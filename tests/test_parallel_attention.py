@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ditserve.parallel import (build_mesh, gather, local_key_mask, plan, ring_attention, shard, ulysses_attention,
                                usp_attention)
+from ditserve.parallel.ulysses import auto_chunks
 
 TOL = 1e-5
 
@@ -84,6 +85,17 @@ def _check_schemes(ulysses_heads: int) -> None:
     for i, (text_len, image_len) in enumerate(lengths):
         _expect_equal("ring", ring, text_len, image_len, heads=2, seed=i)
         _expect_equal("ulysses", uly, text_len, image_len, heads=ulysses_heads, seed=i)
+    # 8 heads a rank in 2 (also auto_chunks' choice, 0) or 4 pipelined groups: bit for bit one exchange's result.
+    assert [auto_chunks(h) for h in (1, 2, 6, 8, 9, 12, 20)] == [1, 1, 1, 2, 1, 2, 2]
+    for chunks in (0, 2, 4):
+        chunked = lambda q, k, v, m: ulysses_attention(q, k, v, group, mask=m, prepare=_scale_qk, chunks=chunks)
+        for batch in (1, 2):
+            _expect_equal(f"ulysses, {chunks} chunks", chunked, 3, 2 * world + 1, heads=8 * world, seed=9,
+                          batch=batch, prepared=True)
+        q, k, v = (torch.randn(2, 2 * world, 8 * world, 8, generator=torch.Generator().manual_seed(rank)) for _ in "qkv")
+        assert torch.equal(ulysses_attention(q, k, v, group, chunks=chunks), ulysses_attention(q, k, v, group))
+    with pytest.raises(ValueError, match=r"ulysses_chunks=3 does not divide the 8 heads a rank attends with"):
+        ulysses_attention(q, k, v, group, chunks=3)
     for u, r in ((world, 1), (1, world)):
         mesh = build_mesh(u, r)
         assert mesh.rank == rank
@@ -113,6 +125,9 @@ def _checks_4() -> None:
     _expect_equal("usp 2x2", usp, 0, 17, heads=2, seed=12)
     usp = lambda q, k, v, m: usp_attention(q, k, v, mesh, mask=m, prepare=_scale_qk)
     _expect_equal("usp 2x2, prepared, batch 1", usp, 3, 10, heads=4, seed=13, batch=1, prepared=True)
+    chunked = build_mesh(2, 2, ulysses_chunks=2)  # a ring in each of the 2 head chunks
+    usp = lambda q, k, v, m: usp_attention(q, k, v, chunked, mask=m, prepare=_scale_qk)
+    _expect_equal("usp 2x2, 2 chunks", usp, 3, 10, heads=4, seed=14, prepared=True)
 
 
 def test_two_ranks(tmp_path):

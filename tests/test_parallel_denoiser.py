@@ -125,6 +125,7 @@ def test_killed_worker_fails_the_request_and_the_group_restarts(reference):
 
 @pytest.mark.parametrize("options, message", [
     (dict(sp_degree=3), "parameter ulysses_degree: ulysses_degree=3 does not divide the 2 attention heads"),
+    (dict(sp_degree=2, ulysses_chunks=2), "parameter ulysses_chunks: ulysses_chunks=2 does not divide the 1 heads"),
     (dict(sp_degree=2, ring_degree=2, attention_backend="triton_fp8"),
      "parameter ring_degree: ring attention merges partial results by their log-sum-exp"),
     (dict(sp_degree=2, gpus="0,1"), "parameter gpus: set to '0,1' but the model runs on cpu"),
@@ -153,6 +154,7 @@ def test_cuda_graphs_auto_means_sequence_parallel_on_cuda():
     (dict(sp_degree=4, ring_degree=3), "parameter ring_degree: 3 does not divide sp_degree 4"),
     (dict(sp_degree=4, ulysses_degree=2, ring_degree=3), "must equal sp_degree 4, got 2 \\* 3"),
     (dict(parallel_timeout_s=0), "parameter parallel_timeout_s: must be > 0"),
+    (dict(sp_degree=2, ulysses_chunks=-1), "parameter ulysses_chunks: must be >= 0 \\(0: auto\\), got -1"),
 ])
 def test_parallel_config_validation(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -162,7 +164,7 @@ def test_parallel_config_validation(options, message):
 def test_parallel_config_layout():
     config = ParallelConfig.from_options(ParallelOptions(sp_degree=4, ring_degree=2, cfg_parallel=True),
                                          torch.device("cpu"))
-    assert (config.ulysses_degree, config.ring_degree, config.world_size) == (2, 2, 8)
+    assert (config.ulysses_degree, config.ring_degree, config.world_size, config.ulysses_chunks) == (2, 2, 8, 1)
     assert [config.cfg_branch(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert not ParallelConfig.from_options(ParallelOptions(), torch.device("cpu")).enabled
 

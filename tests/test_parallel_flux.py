@@ -10,12 +10,12 @@ import torch.distributed as dist
 from test_parallel_attention import TOL, run_group
 
 
-def _tiny_flux():
+def _tiny_flux(heads: int = 2):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)  # the same weights on every rank
     model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                   attention_head_dim=16, num_attention_heads=heads, joint_attention_dim=24,
                                    pooled_projection_dim=12, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
     # Default init zeroes the AdaLN and output projections, which would hide a wrong attention.
     with torch.no_grad():
@@ -54,6 +54,16 @@ def _checks_flux() -> None:
                 set_sequence_parallel(model, mesh)
                 err = (sp_forward(model, mesh, **inputs) - reference).abs().max().item()
                 assert err < TOL, f"FLUX usp {u}x{r}, text {text_len}, grid {grid}: max abs err {err}"
+    # Ulysses with the 2 heads of each rank in 2 pipelined chunks (4 heads in all).
+    inputs, model = _inputs(3, (3, 4)), _tiny_flux(heads=4)
+    with torch.inference_mode():
+        reference = model(**inputs, return_dict=False)[0]
+        mesh = build_mesh(2, 1, ulysses_chunks=2)
+        set_sequence_parallel(model, mesh)
+        err = (sp_forward(model, mesh, **inputs) - reference).abs().max().item()
+        assert err < TOL, f"FLUX Ulysses 2, 2 chunks: max abs err {err}"
+    with pytest.raises(ValueError, match="ulysses_chunks=2 does not divide the 1 heads a rank attends with"):
+        set_sequence_parallel(_tiny_flux(), build_mesh(2, 1, ulysses_chunks=2))
     with pytest.raises(ValueError, match="ulysses_degree=2 does not divide the 3 attention heads"):
         from diffusers import FluxTransformer2DModel
 

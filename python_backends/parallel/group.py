@@ -63,6 +63,10 @@ class ParallelOptions:
     sp_degree: int = 1
     ulysses_degree: int = 0  # 0: sp_degree / ring_degree
     ring_degree: int = 0  # 0: sp_degree / ulysses_degree (1 when both are 0: Ulysses only)
+    # Ulysses' heads a rank attends with, in this many groups whose exchanges overlap the attention
+    # (ulysses.ulysses_attention); must divide them. 0: ulysses.auto_chunks. 1 until chunks are checked
+    # against one exchange on GPUs (bit-identical on CPU; only timed on GPUs so far, perf/RESULTS.md).
+    ulysses_chunks: int = 1
     cfg_parallel: bool = False
     # GPU of each rank, in rank order ("2,3"); rank 0 is the Triton model's own process. Default:
     # consecutive GPUs from the model instance's device.
@@ -78,6 +82,7 @@ class ParallelConfig:
     cfg_parallel: bool = False
     devices: tuple[torch.device, ...] = ()  # one per rank
     timeout_s: float = 600.0
+    ulysses_chunks: int = 1
 
     @property
     def sp_degree(self) -> int:
@@ -114,11 +119,13 @@ class ParallelConfig:
             u, r = (sp // r, r) if u == 0 else (u, sp // u)
         elif u * r != sp:
             raise ConfigError(f"parameters ulysses_degree * ring_degree must equal sp_degree {sp}, got {u} * {r}")
+        if options.ulysses_chunks < 0:
+            raise ConfigError(f"parameter ulysses_chunks: must be >= 0 (0: auto), got {options.ulysses_chunks}")
         if options.parallel_timeout_s <= 0:
             raise ConfigError(f"parameter parallel_timeout_s: must be > 0, got {options.parallel_timeout_s}")
         world = sp * (2 if options.cfg_parallel else 1)
         devices = _devices(options.gpus, device, world)
-        return cls(u, r, options.cfg_parallel, devices, options.parallel_timeout_s)
+        return cls(u, r, options.cfg_parallel, devices, options.parallel_timeout_s, options.ulysses_chunks)
 
 
 def _devices(gpus: str, device: torch.device, world: int) -> tuple[torch.device, ...]:
@@ -191,7 +198,8 @@ def connect(config: ParallelConfig, rank: int, store: dist.Store) -> ParallelCon
     sp = config.sp_degree
     meshes = []
     if sp > 1:  # new_group is collective: every rank builds every group, in the same order
-        meshes = [build_mesh(config.ulysses_degree, config.ring_degree, first_rank=b * sp)
+        meshes = [build_mesh(config.ulysses_degree, config.ring_degree, first_rank=b * sp,
+                             ulysses_chunks=config.ulysses_chunks)
                   for b in range(2 if config.cfg_parallel else 1)]
     pair = None
     if config.cfg_parallel:

@@ -76,7 +76,7 @@ def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: s
     Raises ValueError when ulysses_degree does not divide the head count (checked here, at load,
     rather than in the first request).
     """
-    check_heads(transformer.config.num_attention_heads, mesh.layout.ulysses_degree)
+    check_heads(transformer.config.num_attention_heads, mesh.layout.ulysses_degree, mesh.ulysses_chunks)
     processor = QwenSequenceParallelProcessor(mesh, backend)
     for block in transformer.transformer_blocks:
         block.attn.set_processor(processor)

@@ -22,17 +22,51 @@ from ._comm import all_gather_mask
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
-def check_heads(heads: int, ulysses_degree: int) -> None:
+def check_heads(heads: int, ulysses_degree: int, chunks: int = 1) -> None:
+    """chunks: ulysses_attention's (0: auto_chunks, which always fits)."""
     if heads % ulysses_degree:
         raise ValueError(f"ulysses_degree={ulysses_degree} does not divide the {heads} attention heads: "
                          f"choose a ulysses_degree that divides {heads} and put the rest of the sequence "
                          f"parallelism in ring_degree")
+    if chunks and (heads // ulysses_degree) % chunks:
+        raise ValueError(f"ulysses_chunks={chunks} does not divide the {heads // ulysses_degree} heads a rank "
+                         f"attends with (ulysses_degree {ulysses_degree})")
 
 
 # Writes prepared Q (index 0) or K (index 1) heads into a send buffer: (index, a (B, L/P, H/P, D) slice,
 # its (B, L/P, H/P, D) strided destination). FLUX passes its QK norm + RoPE prologue here, so the
 # normalised Q and K are written once, straight into the buffer. V is sent as it is.
 Prepare = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def _send_buffer(xs: Sequence[torch.Tensor], size: int, prepare: Optional[Prepare], chunk: int,
+                 chunks: int) -> torch.Tensor:
+    """(P, B, L/P, N, hc, D): for each rank j, head chunk `chunk` of its H/P heads (hc = H/P/chunks) of
+    all N tensors, interleaved per token. The only copy of Q, K and V on the way out."""
+    b, lp, h, d = xs[0].shape
+    hc = h // size // chunks
+    send = xs[0].new_empty(size, b, lp, len(xs), hc, d)
+    for n, x in enumerate(xs):
+        heads = x.unflatten(2, (size, chunks, hc))[:, :, :, chunk]  # (B, L/P, P, hc, D), a view
+        if prepare is None or n > 1:
+            send[:, :, :, n].copy_(heads.permute(2, 0, 1, 3, 4))
+        else:
+            for j in range(size):
+                prepare(n, heads[:, :, j], send[j, :, :, n])
+    return send
+
+
+def _unpack(recv: torch.Tensor) -> list[torch.Tensor]:
+    """What arrived, (P, B, L/P, N, hc, D) with rank i's tokens in [i], -> N (B, L, hc, D) tensors. A view
+    when B == 1 (rank-i chunks are adjacent token runs); reshape copies otherwise."""
+    size, b, lp, n_tensors, hc, d = recv.shape
+    return [recv[:, :, :, n].transpose(0, 1).reshape(b, size * lp, hc, d) for n in range(n_tensors)]
+
+
+def _to_ranks(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, L, hc, D) -> (P, B, L/P, hc, D): the tokens of rank j in [j], the send buffer of the way back."""
+    b, l, hc, d = x.shape
+    return x.reshape(b, size, l // size, hc, d).permute(1, 0, 2, 3, 4).contiguous()
 
 
 def seq_to_heads(xs: Sequence[torch.Tensor], group: dist.ProcessGroup,
@@ -48,27 +82,17 @@ def seq_to_heads(xs: Sequence[torch.Tensor], group: dist.ProcessGroup,
     of a 93 ms Ulysses-2 FLUX step (H200 profile, 2026-11-26); now the only copy is into the send
     buffer, and `prepare` can make even that one the prologue's own output.
     """
-    size = dist.get_world_size(group)
-    b, lp, h, d = xs[0].shape
-    hp = h // size
-    send = xs[0].new_empty(size, b, lp, len(xs), hp, d)
-    for n, x in enumerate(xs):
-        if prepare is None or n > 1:
-            send[:, :, :, n].copy_(x.unflatten(2, (size, hp)).permute(2, 0, 1, 3, 4))
-        else:
-            for j in range(size):
-                prepare(n, x[:, :, j * hp:(j + 1) * hp], send[j, :, :, n])
+    send = _send_buffer(xs, dist.get_world_size(group), prepare, 0, 1)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # recv[i]: rank i's tokens, our heads
-    # A view when B == 1 (rank-i chunks are adjacent token runs); reshape copies otherwise.
-    return [recv[:, :, :, n].transpose(0, 1).reshape(b, size * lp, hp, d) for n in range(len(xs))]
+    return _unpack(recv)
 
 
 def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Inverse of seq_to_heads: (B, L, H/P, D) -> (B, L/P, H, D)."""
     size = dist.get_world_size(group)
     b, l, hp, d = x.shape
-    send = x.reshape(b, size, l // size, hp, d).permute(1, 0, 2, 3, 4).contiguous()  # tokens of rank j
+    send = _to_ranks(x, size)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # recv[i]: our tokens, rank i's heads
     return recv.permute(1, 2, 0, 3, 4).reshape(b, l // size, size * hp, d)
@@ -79,18 +103,53 @@ def backend_attend(backend: str) -> Attend:
     return lambda q, k, v, mask: fn(q, k, v, mask=mask)
 
 
+def auto_chunks(heads_per_rank: int) -> int:
+    """Head chunks when none are configured: 2 where a rank attends with an even number of heads, at least 8,
+    else 1. FLUX.1-dev 1024x1024 under Ulysses 2 (12 heads a rank) on 2 H200s, 2026-11-27: 85.4-86.4 ms a step
+    with 2 chunks against 88.2-88.5 ms with one exchange, 87.4 with 4 (perf/RESULTS.md); fewer heads make a
+    chunk's attention grid too small to hide an exchange behind."""
+    return 2 if heads_per_rank >= 8 and heads_per_rank % 2 == 0 else 1
+
+
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
                       mask: Optional[torch.Tensor] = None, backend: str = "sdpa",
-                      attend: Optional[Attend] = None, prepare: Optional[Prepare] = None) -> torch.Tensor:
+                      attend: Optional[Attend] = None, prepare: Optional[Prepare] = None,
+                      chunks: int = 1) -> torch.Tensor:
     """Attention of the local queries over the whole sequence of `group`.
 
     q, k, v: this rank's (B, L/P, H, D) shards; mask: this rank's (B, L/P) key mask (True = attend).
     backend: a ditserve.kernels.registry name; attend: an explicit attention function over the
     gathered sequence instead (USP passes ring attention here); prepare: see seq_to_heads. Returns
     (B, L/P, H, D).
+
+    chunks > 1 pipelines the exchanges with the attention, by heads: each rank's H/P heads go in `chunks`
+    groups, and while the attention runs on one group the next group's Q/K/V and the last group's output
+    travel (asynchronous all_to_alls). Same result, bit for bit: attention is per head. 0: auto_chunks.
     """
-    check_heads(q.shape[2], dist.get_world_size(group))
+    size = dist.get_world_size(group)
+    check_heads(q.shape[2], size, chunks)
+    chunks = chunks or auto_chunks(q.shape[2] // size)
     attend = attend or backend_attend(backend)
     full_mask = torch.cat(all_gather_mask(mask, group), dim=1) if mask is not None else None
-    out = attend(*seq_to_heads((q, k, v), group, prepare), full_mask)
-    return heads_to_seq(out, group)
+    if chunks == 1:
+        out = attend(*seq_to_heads((q, k, v), group, prepare), full_mask)
+        return heads_to_seq(out, group)
+
+    def exchange(send: torch.Tensor) -> tuple[torch.Tensor, dist.Work]:
+        recv = torch.empty_like(send)
+        return recv, dist.all_to_all_single(recv, send, group=group, async_op=True)
+
+    incoming = exchange(_send_buffer((q, k, v), size, prepare, 0, chunks))
+    outgoing = []
+    for c in range(chunks):
+        recv, work = incoming
+        if c + 1 < chunks:  # packed and sent before this chunk's attention, so it travels meanwhile
+            incoming = exchange(_send_buffer((q, k, v), size, prepare, c + 1, chunks))
+        work.wait()
+        outgoing.append(exchange(_to_ranks(attend(*_unpack(recv), full_mask), size)))
+    out = torch.empty_like(q)
+    per_rank = out.unflatten(2, (size, chunks, q.shape[2] // size // chunks))  # (B, L/P, P, chunks, hc, D)
+    for c, (recv, work) in enumerate(outgoing):  # recv[i]: our tokens, chunk c of rank i's heads
+        work.wait()
+        per_rank[:, :, :, c].copy_(recv.permute(1, 2, 0, 3, 4))
+    return out

@@ -52,6 +52,7 @@ class SPMesh:
     group: dist.ProcessGroup  # all ranks of the layout, in shard order (gathers whole sequences)
     ulysses_group: dist.ProcessGroup
     ring_group: dist.ProcessGroup
+    ulysses_chunks: int = 1  # ulysses_attention's chunks (0: auto)
 
     @property
     def degree(self) -> int:
@@ -63,7 +64,8 @@ class SPMesh:
         return dist.get_rank(self.ring_group) * self.layout.ulysses_degree + dist.get_rank(self.ulysses_group)
 
 
-def build_mesh(ulysses_degree: int, ring_degree: int, first_rank: int = 0) -> Optional[SPMesh]:
+def build_mesh(ulysses_degree: int, ring_degree: int, first_rank: int = 0,
+               ulysses_chunks: int = 1) -> Optional[SPMesh]:
     """Create the USP groups over global ranks [first_rank, first_rank + ulysses_degree * ring_degree).
 
     Every rank of the default group must call it with the same arguments, also ranks outside the
@@ -82,7 +84,7 @@ def build_mesh(ulysses_degree: int, ring_degree: int, first_rank: int = 0) -> Op
     me = dist.get_rank() - first_rank
     if not 0 <= me < degree:
         return None
-    return SPMesh(layout, whole, ulysses[me // ulysses_degree], ring[me % ulysses_degree])
+    return SPMesh(layout, whole, ulysses[me // ulysses_degree], ring[me % ulysses_degree], ulysses_chunks)
 
 
 def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: SPMesh, *,
@@ -98,10 +100,12 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: SPMes
         if prepare is not None:
             q, k = (_prepared(n, x, prepare) for n, x in enumerate((q, k)))
         return ring_attention(q, k, v, mesh.ring_group, mask=mask, backend=backend)
-    attend = None
+    attend, chunks = None, mesh.ulysses_chunks
     if mesh.layout.ring_degree > 1:
         attend = lambda q, k, v, m: ring_attention(q, k, v, mesh.ring_group, mask=m, backend=backend)  # noqa: E731
-    return ulysses_attention(q, k, v, mesh.ulysses_group, mask=mask, backend=backend, attend=attend, prepare=prepare)
+        chunks = chunks or 1  # auto_chunks was measured with plain attention, not with a ring in each chunk
+    return ulysses_attention(q, k, v, mesh.ulysses_group, mask=mask, backend=backend, attend=attend, prepare=prepare,
+                             chunks=chunks)
 
 
 def _prepared(n: int, x: torch.Tensor, prepare: Prepare) -> torch.Tensor:
