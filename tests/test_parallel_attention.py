@@ -92,7 +92,8 @@ def _check_schemes(ulysses_heads: int) -> None:
         for batch in (1, 2):
             _expect_equal(f"ulysses, {chunks} chunks", chunked, 3, 2 * world + 1, heads=8 * world, seed=9,
                           batch=batch, prepared=True)
-        q, k, v = (torch.randn(2, 2 * world, 8 * world, 8, generator=torch.Generator().manual_seed(rank)) for _ in "qkv")
+        g = torch.Generator().manual_seed(rank)
+        q, k, v = (torch.randn(2, 2 * world, 8 * world, 8, generator=g) for _ in "qkv")
         assert torch.equal(ulysses_attention(q, k, v, group, chunks=chunks), ulysses_attention(q, k, v, group))
     with pytest.raises(ValueError, match=r"ulysses_chunks=3 does not divide the 8 heads a rank attends with"):
         ulysses_attention(q, k, v, group, chunks=3)
