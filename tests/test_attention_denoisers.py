@@ -168,7 +168,7 @@ def test_wan_triton_gives_the_sdpa_frames(i2v):
 # ------------------------------------------------------------------------------- sequence parallelism
 # The ring and Ulysses numerics on the triton backend: test_parallel_wan (ring 2 on gloo ranks). Here: the
 # denoisers hand their chosen backend to their sequence-parallel processors (what the group's attach calls).
-ONE_RANK_MESH = SimpleNamespace(layout=SimpleNamespace(ulysses_degree=1))
+ONE_RANK_MESH = SimpleNamespace(layout=SimpleNamespace(ulysses_degree=1), ulysses_chunks=1)
 
 
 @interp
