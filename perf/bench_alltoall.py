@@ -46,9 +46,13 @@ def parse_variant(text: str) -> dict[str, str]:
 
 
 def buffers(world: int, tokens: int, heads: int, head_dim: int, device) -> dict[str, torch.Tensor]:
-    lp, hp = tokens // world, heads // world
-    return {"qkv": torch.randn(world, 1, lp, 3, hp, head_dim, device=device, dtype=torch.bfloat16),
-            "out": torch.randn(world, 1, lp, hp, head_dim, device=device, dtype=torch.bfloat16)}
+    """The send buffers of one Ulysses attention (batch 1, one exchange), packed by ditserve's own code."""
+    from ditserve.parallel.ulysses import heads_to_seq_send, seq_to_heads_send
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16)
+    return {"qkv": seq_to_heads_send([rand(1, tokens // world, heads, head_dim) for _ in "qkv"], world),
+            "out": heads_to_seq_send(rand(1, tokens, heads // world, head_dim), world)}
 
 
 def _worker(rank: int, world: int, port: int, env: dict, args, results) -> None:

@@ -23,7 +23,7 @@ def test_variants_parse_to_environment_settings():
 
 def test_buffers_are_a_flux_block_of_ulysses_2():
     bufs = bench_alltoall.buffers(2, 4608, 24, 128, torch.device("cpu"))
-    # Q, K, V interleaved per token, chunk j for rank j (ditserve.parallel.ulysses.seq_to_heads), and the output
+    # packed by ditserve.parallel.ulysses: Q, K, V interleaved per token, chunk j for rank j; and the output
     assert bufs["qkv"].shape == (2, 1, 2304, 3, 12, 128) and bufs["out"].shape == (2, 1, 2304, 12, 128)
     mb = {k: b.numel() * b.element_size() / 1e6 for k, b in bufs.items()}
     assert round(mb["qkv"], 1) == 42.5 and round(mb["out"], 1) == 14.2

@@ -39,8 +39,8 @@ def check_heads(heads: int, ulysses_degree: int, chunks: int = 1) -> None:
 Prepare = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-def _send_buffer(xs: Sequence[torch.Tensor], size: int, prepare: Optional[Prepare], chunk: int,
-                 chunks: int) -> torch.Tensor:
+def seq_to_heads_send(xs: Sequence[torch.Tensor], size: int, prepare: Optional[Prepare] = None, chunk: int = 0,
+                      chunks: int = 1) -> torch.Tensor:
     """(P, B, L/P, N, hc, D): for each rank j, head chunk `chunk` of its H/P heads (hc = H/P/chunks) of
     all N tensors, interleaved per token. The only copy of Q, K and V on the way out."""
     b, lp, h, d = xs[0].shape
@@ -63,7 +63,7 @@ def _unpack(recv: torch.Tensor) -> list[torch.Tensor]:
     return [recv[:, :, :, n].transpose(0, 1).reshape(b, size * lp, hc, d) for n in range(n_tensors)]
 
 
-def _to_ranks(x: torch.Tensor, size: int) -> torch.Tensor:
+def heads_to_seq_send(x: torch.Tensor, size: int) -> torch.Tensor:
     """(B, L, hc, D) -> (P, B, L/P, hc, D): the tokens of rank j in [j], the send buffer of the way back."""
     b, l, hc, d = x.shape
     return x.reshape(b, size, l // size, hc, d).permute(1, 0, 2, 3, 4).contiguous()
@@ -82,7 +82,7 @@ def seq_to_heads(xs: Sequence[torch.Tensor], group: dist.ProcessGroup,
     of a 93 ms Ulysses-2 FLUX step (H200 profile, 2026-11-26); now the only copy is into the send
     buffer, and `prepare` can make even that one the prologue's own output.
     """
-    send = _send_buffer(xs, dist.get_world_size(group), prepare, 0, 1)
+    send = seq_to_heads_send(xs, dist.get_world_size(group), prepare)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # recv[i]: rank i's tokens, our heads
     return _unpack(recv)
@@ -92,7 +92,7 @@ def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Inverse of seq_to_heads: (B, L, H/P, D) -> (B, L/P, H, D)."""
     size = dist.get_world_size(group)
     b, l, hp, d = x.shape
-    send = _to_ranks(x, size)
+    send = heads_to_seq_send(x, size)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)  # recv[i]: our tokens, rank i's heads
     return recv.permute(1, 2, 0, 3, 4).reshape(b, l // size, size * hp, d)
@@ -139,14 +139,14 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
         recv = torch.empty_like(send)
         return recv, dist.all_to_all_single(recv, send, group=group, async_op=True)
 
-    incoming = exchange(_send_buffer((q, k, v), size, prepare, 0, chunks))
+    incoming = exchange(seq_to_heads_send((q, k, v), size, prepare, 0, chunks))
     outgoing = []
     for c in range(chunks):
         recv, work = incoming
         if c + 1 < chunks:  # packed and sent before this chunk's attention, so it travels meanwhile
-            incoming = exchange(_send_buffer((q, k, v), size, prepare, c + 1, chunks))
+            incoming = exchange(seq_to_heads_send((q, k, v), size, prepare, c + 1, chunks))
         work.wait()
-        outgoing.append(exchange(_to_ranks(attend(*_unpack(recv), full_mask), size)))
+        outgoing.append(exchange(heads_to_seq_send(attend(*_unpack(recv), full_mask), size)))
     out = torch.empty_like(q)
     per_rank = out.unflatten(2, (size, chunks, q.shape[2] // size // chunks))  # (B, L/P, P, chunks, hc, D)
     for c, (recv, work) in enumerate(outgoing):  # recv[i]: our tokens, chunk c of rank i's heads
