@@ -3,7 +3,8 @@
 Each test starts one group and runs several checks in it (starting costs more than the checks).
 Every rank draws the same full q/k/v from one seeded generator, attends with its shard, and the
 gathered result is compared with SDPA over the whole sequence (fp32, key-padding mask included,
-lengths that do not divide the degree).
+lengths that do not divide the degree). One GPU-marked test runs chunked Ulysses on 2 GPUs over NCCL, in a CUDA
+graph too.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from ditserve.parallel.ulysses import auto_chunks
 TOL = 1e-5
 
 
-def _worker(rank: int, world: int, init_file: str, checks: Callable[[], None]) -> None:
+def _worker(rank: int, world: int, init_file: str, checks: Callable[[], None], backend: str) -> None:
     torch.set_num_threads(1)  # the test machines have few cores; ranks must not fight over them
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         checks()
     finally:
@@ -37,8 +40,9 @@ def _worker(rank: int, world: int, init_file: str, checks: Callable[[], None]) -
 RANK_MODULES = ("ditserve.flux.denoiser", "ditserve.parallel.flux", "ditserve.parallel.qwen_image", "ditserve.parallel.wan")
 
 
-def run_group(world: int, tmp_path, checks: Callable[[], None]) -> None:
-    """Run `checks` (a module-level function) on `world` gloo ranks; a failing rank fails the test.
+def run_group(world: int, tmp_path, checks: Callable[[], None], backend: str = "gloo") -> None:
+    """Run `checks` (a module-level function) on `world` gloo ranks (nccl: one GPU each); a failing rank
+    fails the test.
 
     The ranks fork from multiprocessing's fork server, which imports torch, diffusers and these test
     modules once: spawned ranks imported them each time (2.5 to 8 s of CPU a rank, about 20 ranks).
@@ -46,7 +50,7 @@ def run_group(world: int, tmp_path, checks: Callable[[], None]) -> None:
     process (OpenMP and other threads) would not be."""
     users = [name for name, module in list(sys.modules.items()) if getattr(module, "run_group", None) is run_group]
     mp.get_context("forkserver").set_forkserver_preload([*users, *RANK_MODULES])  # used when the server starts
-    mp.start_processes(_worker, args=(world, str(tmp_path / "pg_init"), checks), nprocs=world, join=True,
+    mp.start_processes(_worker, args=(world, str(tmp_path / "pg_init"), checks, backend), nprocs=world, join=True,
                        start_method="forkserver")
 
 
@@ -141,3 +145,41 @@ def test_three_ranks(tmp_path):
 
 def test_usp_2x2(tmp_path):
     run_group(4, tmp_path, _checks_4)
+
+
+def _chunks_on_gpus() -> None:
+    """Chunked Ulysses on NCCL, eager and captured in a CUDA graph (as the FLUX denoiser runs it), equals one
+    exchange bit for bit. Our Triton kernel attends (per head, one config for any head count); torch SDPA may
+    split keys differently for a different head count."""
+    group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+
+    def inputs(seed: int) -> list[torch.Tensor]:
+        g = torch.Generator("cuda").manual_seed(seed * world + rank)
+        return [torch.randn(1, 1031, 8 * world, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "qkv"]
+
+    def attention(*qkv, chunks):
+        return ulysses_attention(*qkv, group, backend="triton", chunks=chunks)
+
+    qkv = inputs(0)
+    one = attention(*qkv, chunks=1)
+    for chunks in (2, 4):
+        assert torch.equal(attention(*qkv, chunks=chunks), one), f"{chunks} chunks, eager"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        attention(*qkv, chunks=2)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention(*qkv, chunks=2)
+    for seed in (1, 2):  # fresh inputs into the captured ones, replay
+        for x, fresh in zip(qkv, inputs(seed)):
+            x.copy_(fresh)
+        graph.replay()
+        assert torch.equal(out, attention(*qkv, chunks=1)), f"graph replay {seed}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_chunked_ulysses_on_two_gpus_equals_one_exchange(tmp_path):
+    run_group(2, tmp_path, _chunks_on_gpus, backend="nccl")
