@@ -20,7 +20,8 @@ difference from ours is the yardstick of bf16 noise), Ulysses 2, Ring 2; with tr
 a negative prompt): one GPU against CFG parallel 2.
 
 Error: the latents after N2 steps against the one-GPU latents of the same requests (relative L2
-and max abs), next to the same measure between our one-GPU attention and SDPA.
+and max abs; filled in once both have run, whatever the order), next to the same measure between our one-GPU
+attention and SDPA.
 
 FLOP per step: bench_e2e's formulas (ENVIRONMENT.md's convention), split over the GPUs.
 Writes bench_parallel.json / .md to ``--out`` (default $OUT, else out/bench) after every layout.
@@ -211,10 +212,12 @@ def main() -> int:
                 run = timed["runs"][cfg]
                 latents[name] = run.pop("latents")
                 res["layouts"][name] = {"gpus": world, "cfg": cfg, "load_s": timed["load_s"], **run}
-                base = BASELINE[cfg]
-                if name != base and base in latents:
-                    res["layouts"][name]["error_vs_1gpu"] = error(latents[name], latents[base])
                 bench_e2e.log(f"{name}: {run['step_ms']:.1f} ms/step")
+            # Against the baseline whenever both have run, in whichever order they came.
+            for name, entry in res["layouts"].items():
+                base = BASELINE[entry.get("cfg", False)]
+                if name != base and name in latents and base in latents:
+                    entry["error_vs_1gpu"] = error(latents[name], latents[base])
         except Exception as exc:  # noqa: BLE001 - record and go on with the next layout
             for name in names:
                 res["layouts"][name] = {"error": f"{type(exc).__name__}: {exc}"}
