@@ -61,7 +61,7 @@ from ditserve.kernels.registry import get_backend
 from ditserve.loading import Checkpoint
 from ditserve.parallel.group import ParallelConfig, ParallelContext, ParallelOptions, WorkerGroup
 from ditserve.parallel.ring import RING_BACKENDS
-from ditserve.parallel.ulysses import check_heads
+from ditserve.parallel.ulysses import HeadsError, check_heads
 from ditserve.parallel.usp import SPMesh
 from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage, check_parameter
 
@@ -373,13 +373,9 @@ class TransformerDenoiser(GroupedDenoiser):
     def check_parallel(self, config: ParallelConfig) -> None:
         for transformer in self.experts():
             try:
-                check_heads(transformer.config.num_attention_heads, config.ulysses_degree)
-            except ValueError as exc:
-                raise ConfigError(f"parameter ulysses_degree: {exc}") from None
-            try:
                 check_heads(transformer.config.num_attention_heads, config.ulysses_degree, config.ulysses_chunks)
-            except ValueError as exc:
-                raise ConfigError(f"parameter ulysses_chunks: {exc}") from None
+            except HeadsError as exc:
+                raise ConfigError(f"parameter {exc.parameter}: {exc}") from None
 
     def use_sequence_parallel(self, mesh: SPMesh) -> None:
         for transformer in self.experts():

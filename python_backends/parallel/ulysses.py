@@ -22,27 +22,45 @@ from ._comm import all_gather_mask
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
+class HeadsError(ValueError):
+    """A Ulysses layout that does not fit the head count; `parameter` is the model parameter at fault."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+
 def check_heads(heads: int, ulysses_degree: int, chunks: int = 1) -> None:
     """chunks: ulysses_attention's (0: auto_chunks, which always fits)."""
     if heads % ulysses_degree:
-        raise ValueError(f"ulysses_degree={ulysses_degree} does not divide the {heads} attention heads: "
+        raise HeadsError("ulysses_degree",
+                         f"ulysses_degree={ulysses_degree} does not divide the {heads} attention heads: "
                          f"choose a ulysses_degree that divides {heads} and put the rest of the sequence "
                          f"parallelism in ring_degree")
     if chunks and (heads // ulysses_degree) % chunks:
-        raise ValueError(f"ulysses_chunks={chunks} does not divide the {heads // ulysses_degree} heads a rank "
+        raise HeadsError("ulysses_chunks",
+                         f"ulysses_chunks={chunks} does not divide the {heads // ulysses_degree} heads a rank "
                          f"attends with (ulysses_degree {ulysses_degree})")
 
 
-# Writes prepared Q (index 0) or K (index 1) heads into a send buffer: (index, a (B, L/P, H/P, D) slice,
-# its (B, L/P, H/P, D) strided destination). FLUX passes its QK norm + RoPE prologue here, so the
+# Writes prepared Q (index 0) or K (index 1) heads into a send buffer: (index, the (B, L/P, hc, D) heads of one
+# rank's chunk, their (B, L/P, hc, D) strided destination). FLUX passes its QK norm + RoPE prologue here, so the
 # normalised Q and K are written once, straight into the buffer. V is sent as it is.
 Prepare = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def seq_to_heads_send(xs: Sequence[torch.Tensor], size: int, prepare: Optional[Prepare] = None, chunk: int = 0,
                       chunks: int = 1) -> torch.Tensor:
-    """(P, B, L/P, N, hc, D): for each rank j, head chunk `chunk` of its H/P heads (hc = H/P/chunks) of
-    all N tensors, interleaved per token. The only copy of Q, K and V on the way out."""
+    """The send buffer from (B, L/P, H, D) sequence shards to head shards: (P, B, L/P, N, hc, D), for each rank j
+    head chunk `chunk` of its H/P heads (hc = H/P/chunks) of all N tensors, interleaved per token, so that one
+    all_to_all carries Q, K and V (three collectives were more launches for a step that is host-bound once it is
+    split: FLUX at 1024x1024 on 2-4 GPUs, perf/RESULTS.md).
+
+    What arrives (rank i's tokens in [i]) unpacks, with B == 1, to (1, L, hc, D) views with token stride
+    N * hc * D, which the attention kernels take as they are. Packing tensor-major (a stack and a permuted copy)
+    and unpacking with three more copies took ~7 ms of a 93 ms Ulysses-2 FLUX step (H200 profile, 2026-11-26);
+    now the only copy of Q, K and V on the way out is into this buffer, and `prepare` can make even that one the
+    prologue's own output."""
     b, lp, h, d = xs[0].shape
     hc = h // size // chunks
     send = xs[0].new_empty(size, b, lp, len(xs), hc, d)
@@ -69,35 +87,6 @@ def heads_to_seq_send(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.reshape(b, size, l // size, hc, d).permute(1, 0, 2, 3, 4).contiguous()
 
 
-def seq_to_heads(xs: Sequence[torch.Tensor], group: dist.ProcessGroup,
-                 prepare: Optional[Prepare] = None) -> list[torch.Tensor]:
-    """(B, L/P, H, D) sequence shards -> (B, L, H/P, D) head shards (whole sequence), all tensors of
-    one shape in one all_to_all: one collective for Q, K and V instead of three, fewer launches for a
-    step that is host-bound once it is split (FLUX at 1024x1024 on 2-4 GPUs, perf/RESULTS.md).
-
-    Layout: the chunk for rank j is (B, L/P, N, H/P, D), the N tensors interleaved per token, so what
-    arrives (rank i's tokens in chunk i) is (P, B, L/P, N, H/P, D): with B == 1 each tensor is a
-    (1, L, H/P, D) view with token stride N * H/P * D, which the attention kernels take as it is.
-    Packing tensor-major (a stack and a permuted copy) and unpacking with three more copies took ~7 ms
-    of a 93 ms Ulysses-2 FLUX step (H200 profile, 2026-11-26); now the only copy is into the send
-    buffer, and `prepare` can make even that one the prologue's own output.
-    """
-    send = seq_to_heads_send(xs, dist.get_world_size(group), prepare)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)  # recv[i]: rank i's tokens, our heads
-    return _unpack(recv)
-
-
-def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Inverse of seq_to_heads: (B, L, H/P, D) -> (B, L/P, H, D)."""
-    size = dist.get_world_size(group)
-    b, l, hp, d = x.shape
-    send = heads_to_seq_send(x, size)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)  # recv[i]: our tokens, rank i's heads
-    return recv.permute(1, 2, 0, 3, 4).reshape(b, l // size, size * hp, d)
-
-
 def backend_attend(backend: str) -> Attend:
     fn = get_backend(backend)
     return lambda q, k, v, mask: fn(q, k, v, mask=mask)
@@ -119,21 +108,19 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
 
     q, k, v: this rank's (B, L/P, H, D) shards; mask: this rank's (B, L/P) key mask (True = attend).
     backend: a ditserve.kernels.registry name; attend: an explicit attention function over the
-    gathered sequence instead (USP passes ring attention here); prepare: see seq_to_heads. Returns
+    gathered sequence instead (USP passes ring attention here); prepare: see Prepare. Returns
     (B, L/P, H, D).
 
     chunks > 1 pipelines the exchanges with the attention, by heads: each rank's H/P heads go in `chunks`
     groups, and while the attention runs on one group the next group's Q/K/V and the last group's output
     travel (asynchronous all_to_alls). Same result, bit for bit: attention is per head. 0: auto_chunks.
+    With 1 chunk it is one exchange there and one back.
     """
     size = dist.get_world_size(group)
     check_heads(q.shape[2], size, chunks)
     chunks = chunks or auto_chunks(q.shape[2] // size)
     attend = attend or backend_attend(backend)
     full_mask = torch.cat(all_gather_mask(mask, group), dim=1) if mask is not None else None
-    if chunks == 1:
-        out = attend(*seq_to_heads((q, k, v), group, prepare), full_mask)
-        return heads_to_seq(out, group)
 
     def exchange(send: torch.Tensor) -> tuple[torch.Tensor, dist.Work]:
         recv = torch.empty_like(send)
@@ -147,7 +134,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
             incoming = exchange(seq_to_heads_send((q, k, v), size, prepare, c + 1, chunks))
         work.wait()
         outgoing.append(exchange(heads_to_seq_send(attend(*_unpack(recv), full_mask), size)))
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     per_rank = out.unflatten(2, (size, chunks, q.shape[2] // size // chunks))  # (B, L/P, P, chunks, hc, D)
     for c, (recv, work) in enumerate(outgoing):  # recv[i]: our tokens, chunk c of rank i's heads
         work.wait()
