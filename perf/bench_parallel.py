@@ -47,7 +47,7 @@ import bench_e2e  # noqa: E402  (checkpoint building, FLOP formulas, GPU info)
 from layouts import parse_layout  # noqa: E402
 
 BASELINE = {False: "1 GPU", True: "1 GPU, true CFG"}
-# Qwen-Image has CFG parallelism only (its denoiser refuses sp_degree > 1).
+# Qwen-Image: the CFG layouts (its sequence-parallel ones run too, e.g. "Ulysses 2, true CFG").
 DEFAULT_LAYOUTS = {"flux": ["1 GPU", "Ulysses 2", "Ring 2", "Ulysses 2, cuDNN", "1 GPU, true CFG", "CFG parallel 2", "1 GPU, SDPA"], "qwen-image": ["1 GPU, true CFG", "CFG parallel 2"]}
 DEFAULT_PRESETS = {"flux": "flux.1-dev", "qwen-image": "qwen-image"}
 

@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import socket
 import statistics
 import sys
@@ -63,6 +64,7 @@ class Layout:
     ulysses: int
     ring: int
     cfg: bool
+    chunks: int = 1  # ulysses_chunks (0: auto)
 
     @property
     def sp(self) -> int:
@@ -74,10 +76,13 @@ class Layout:
 
 
 def parse_layout(name: str) -> Layout:
-    """'sp 1', 'Ulysses N', 'Ring N', 'USP UxR', each optionally after 'CFG 2 x '; or 'CFG 2'."""
+    """'sp 1', 'Ulysses N', 'Ring N', 'USP UxR', each optionally after 'CFG 2 x '; or 'CFG 2'; then
+    optionally ', N chunks' (ulysses_chunks N)."""
     text = name.strip()
-    cfg = text.startswith("CFG 2")
-    sp_text = text[len("CFG 2"):].strip().removeprefix("x").strip() if cfg else text
+    layout_text, _, chunks_text = text.partition(",")
+    chunks = re.fullmatch(r"(\d+) chunks?", chunks_text.strip()) if chunks_text else None
+    cfg = layout_text.startswith("CFG 2")
+    sp_text = layout_text[len("CFG 2"):].strip().removeprefix("x").strip() if cfg else layout_text.strip()
     kind, _, degree = (sp_text or "sp 1").partition(" ")
     try:
         if kind == "sp" and degree == "1":
@@ -90,10 +95,12 @@ def parse_layout(name: str) -> Layout:
             u, r = (int(d) for d in degree.split("x"))
         else:
             raise ValueError
+        if chunks_text and not chunks:
+            raise ValueError
     except ValueError:
         raise ValueError(f"layout {name!r}: expected 'sp 1', 'Ulysses N', 'Ring N', 'USP UxR', optionally "
-                         f"prefixed by 'CFG 2 x ', or 'CFG 2'") from None
-    return Layout(text, u, r, cfg)
+                         f"prefixed by 'CFG 2 x ', or 'CFG 2'; then optionally ', N chunks'") from None
+    return Layout(text, u, r, cfg, int(chunks[1]) if chunks else 1)
 
 
 DEFAULT_LAYOUTS = {2: "Ulysses 2;Ring 2;CFG 2",
@@ -159,14 +166,16 @@ def meshes(layout: Layout, world: int):
     rank = dist.get_rank()
     mesh = None
     if layout.sp > 1:
-        built = [build_mesh(layout.ulysses, layout.ring, first_rank=b * layout.sp) for b in range(2 if layout.cfg else 1)]
+        built = [build_mesh(layout.ulysses, layout.ring, first_rank=b * layout.sp, ulysses_chunks=layout.chunks)
+                 for b in range(2 if layout.cfg else 1)]
         mesh = next((m for m in built if m is not None), None)
     if not layout.cfg:
         return mesh, None
     pairs = [dist.new_group([i, i + layout.sp]) for i in range(layout.sp)]
     if rank >= layout.gpus:
         return None, None
-    config = ParallelConfig(layout.ulysses, layout.ring, True, (torch.device("cpu"),) * layout.gpus)
+    config = ParallelConfig(layout.ulysses, layout.ring, True, (torch.device("cpu"),) * layout.gpus,
+                            ulysses_chunks=layout.chunks)
     return mesh, ParallelContext(config, rank, mesh, pairs[rank % layout.sp])
 
 
@@ -255,7 +264,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
 
 def record(results: dict, layout: Layout, row: dict, args: argparse.Namespace) -> None:
     """Print the layout's row now (a run cut short still shows the layouts done) and rewrite the JSON."""
-    row = {**row, "gpus": layout.gpus, "cfg_parallel": layout.cfg, "ulysses": layout.ulysses, "ring": layout.ring}
+    row = {**row, "gpus": layout.gpus, "cfg_parallel": layout.cfg, "ulysses": layout.ulysses, "ring": layout.ring,
+           "ulysses_chunks": layout.chunks}
     if "ms" in row:
         base = results["layouts"]["sp 1"]["ms"] if results["layouts"] else row["ms"]
         # Without CFG parallelism the two CFG forwards run one after the other.

@@ -47,11 +47,15 @@ def run_group(world: int, tmp_path, checks: Callable[[], None], backend: str = "
     The ranks fork from multiprocessing's fork server, which imports torch, diffusers and these test
     modules once: spawned ranks imported them each time (2.5 to 8 s of CPU a rank, about 20 ranks).
     The server is one fresh single-threaded process, so forking it is safe where forking pytest's
-    process (OpenMP and other threads) would not be."""
-    users = [name for name, module in list(sys.modules.items()) if getattr(module, "run_group", None) is run_group]
-    mp.get_context("forkserver").set_forkserver_preload([*users, *RANK_MODULES])  # used when the server starts
+    process (OpenMP and other threads) would not be. NCCL ranks are spawned: on a GPU host those imports
+    query CUDA (``torch.cuda.is_available()`` at module level), after which torch refuses CUDA in a forked
+    child ("Cannot re-initialize CUDA in forked subprocess", H200 pair, 2026-11-27)."""
+    start_method = "spawn" if backend == "nccl" else "forkserver"
+    if start_method == "forkserver":
+        users = [name for name, module in list(sys.modules.items()) if getattr(module, "run_group", None) is run_group]
+        mp.get_context("forkserver").set_forkserver_preload([*users, *RANK_MODULES])  # used when the server starts
     mp.start_processes(_worker, args=(world, str(tmp_path / "pg_init"), checks, backend), nprocs=world, join=True,
-                       start_method="forkserver")
+                       start_method=start_method)
 
 
 def _scale_qk(index: int, x: torch.Tensor, out: torch.Tensor) -> None:

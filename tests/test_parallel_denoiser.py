@@ -164,7 +164,7 @@ def test_parallel_config_validation(options, message):
 def test_parallel_config_layout():
     config = ParallelConfig.from_options(ParallelOptions(sp_degree=4, ring_degree=2, cfg_parallel=True),
                                          torch.device("cpu"))
-    assert (config.ulysses_degree, config.ring_degree, config.world_size, config.ulysses_chunks) == (2, 2, 8, 1)
+    assert (config.ulysses_degree, config.ring_degree, config.world_size, config.ulysses_chunks) == (2, 2, 8, 0)
     assert [config.cfg_branch(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert not ParallelConfig.from_options(ParallelOptions(), torch.device("cpu")).enabled
 

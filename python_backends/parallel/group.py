@@ -64,9 +64,9 @@ class ParallelOptions:
     ulysses_degree: int = 0  # 0: sp_degree / ring_degree
     ring_degree: int = 0  # 0: sp_degree / ulysses_degree (1 when both are 0: Ulysses only)
     # Ulysses' heads a rank attends with, in this many groups whose exchanges overlap the attention
-    # (ulysses.ulysses_attention); must divide them. 0: ulysses.auto_chunks. 1 until chunks are checked
-    # against one exchange on GPUs (bit-identical on CPU; only timed on GPUs so far, perf/RESULTS.md).
-    ulysses_chunks: int = 1
+    # (ulysses.ulysses_attention); must divide them. 0: ulysses.auto_chunks (bit-identical to one exchange,
+    # on CPU and over NCCL on 2 GPUs; faster for FLUX, not for Wan 14B: perf/RESULTS.md).
+    ulysses_chunks: int = 0
     cfg_parallel: bool = False
     # GPU of each rank, in rank order ("2,3"); rank 0 is the Triton model's own process. Default:
     # consecutive GPUs from the model instance's device.
@@ -82,7 +82,7 @@ class ParallelConfig:
     cfg_parallel: bool = False
     devices: tuple[torch.device, ...] = ()  # one per rank
     timeout_s: float = 600.0
-    ulysses_chunks: int = 1
+    ulysses_chunks: int = 0
 
     @property
     def sp_degree(self) -> int:

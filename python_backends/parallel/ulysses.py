@@ -94,9 +94,10 @@ def backend_attend(backend: str) -> Attend:
 
 def auto_chunks(heads_per_rank: int) -> int:
     """Head chunks when none are configured: 2 where a rank attends with an even number of heads, at least 8,
-    else 1. FLUX.1-dev 1024x1024 under Ulysses 2 (12 heads a rank) on 2 H200s, 2026-11-27: 85.4-86.4 ms a step
-    with 2 chunks against 88.2-88.5 ms with one exchange, 87.4 with 4 (perf/RESULTS.md); fewer heads make a
-    chunk's attention grid too small to hide an exchange behind."""
+    else 1. FLUX.1-dev 1024x1024 under Ulysses 2 (12 heads a rank) on 2 H200s, 2026-11-27, three machines:
+    84.3-86.4 ms a step with 2 chunks against 87.0-88.5 ms with one exchange, 87.4 with 4 (perf/RESULTS.md);
+    fewer heads make a chunk's attention grid too small to hide an exchange behind. Long sequences gain
+    nothing (Wan 14B, 32,760 tokens: WanDenoiserOptions keeps one exchange)."""
     return 2 if heads_per_rank >= 8 and heads_per_rank % 2 == 0 else 1
 
 

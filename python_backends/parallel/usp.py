@@ -52,7 +52,7 @@ class SPMesh:
     group: dist.ProcessGroup  # all ranks of the layout, in shard order (gathers whole sequences)
     ulysses_group: dist.ProcessGroup
     ring_group: dist.ProcessGroup
-    ulysses_chunks: int = 1  # ulysses_attention's chunks (0: auto)
+    ulysses_chunks: int = 0  # ulysses_attention's chunks (0: auto)
 
     @property
     def degree(self) -> int:
@@ -65,7 +65,7 @@ class SPMesh:
 
 
 def build_mesh(ulysses_degree: int, ring_degree: int, first_rank: int = 0,
-               ulysses_chunks: int = 1) -> Optional[SPMesh]:
+               ulysses_chunks: int = 0) -> Optional[SPMesh]:
     """Create the USP groups over global ranks [first_rank, first_rank + ulysses_degree * ring_degree).
 
     Every rank of the default group must call it with the same arguments, also ranks outside the
