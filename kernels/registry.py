@@ -10,7 +10,7 @@ Backends that cannot fuse the prologue apply it with torch first (`reference_pro
 backend computes the same function.
 
 Names: "sdpa" (torch scaled_dot_product_attention; the reference), "triton" (ditserve::attention),
-"triton_fp8" (ditserve::attention_fp8, e4m3 Q/K/V), "flash_attn" (only listed when flash_attn imports).
+"triton_fp8" (ditserve::attention_fp8: int8 Q/K, e4m3 P/V), "flash_attn" (only listed when flash_attn imports).
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ _BACKENDS: dict[str, Backend] = {
         "triton_fp8", _triton_fp8, {"cuda": _HALF},
         head_dims=frozenset({64, 128}), supports_mask=True, fuses_prologue=False,
         min_capability=(8, 9),
-        notes="e4m3 Q/K/V, per-token Q / per-128-token K / per-channel V scales, fp32 softmax, bf16 out",
+        notes="int8 Q/K (per-token Q, smoothed per-128-token K scales), e4m3 P and V (per-channel V scales), "
+              "fp32 softmax, bf16 out",
     ),
 }
 try:
