@@ -10,8 +10,8 @@ followed by any of ", true CFG", ", CUDA graphs", ", eager", ", cuDNN", ", SDPA"
 (e.g. "Ulysses 4, eager", "Ulysses 2, 2 chunks").
 Without ", CUDA graphs" or ", eager" the denoiser's default applies (FLUX: `cuda_graphs=auto`, graphs when
 sequence-parallel on CUDA; before 2026-11-26 the default was eager, which the older RESULTS rows ran).
-Without ", N chunks" the denoiser's `ulysses_chunks` default applies (FLUX, Qwen-Image: 0, auto, since
-2026-11-27; one exchange before, which the older RESULTS rows ran).
+Without ", N chunks" the denoiser's `ulysses_chunks` default applies (0, auto, since 2026-11-27: 2 chunks in
+FLUX's CUDA graphs, else one exchange, which every older RESULTS row ran).
 """
 
 from __future__ import annotations

@@ -93,8 +93,10 @@ def _check_schemes(ulysses_heads: int) -> None:
     for i, (text_len, image_len) in enumerate(lengths):
         _expect_equal("ring", ring, text_len, image_len, heads=2, seed=i)
         _expect_equal("ulysses", uly, text_len, image_len, heads=ulysses_heads, seed=i)
-    # 8 heads a rank in 2 (also auto_chunks' choice, 0) or 4 pipelined groups: bit for bit one exchange's result.
-    assert [auto_chunks(h) for h in (1, 2, 6, 8, 9, 12, 20)] == [1, 1, 1, 2, 1, 2, 2]
+    # 8 heads a rank in 2 (auto_chunks' choice inside a CUDA graph) or 4 pipelined groups, or auto (0, here one
+    # exchange): bit for bit one exchange's result.
+    assert [auto_chunks(h, captured=True) for h in (1, 2, 6, 8, 9, 12, 20)] == [1, 1, 1, 2, 1, 2, 2]
+    assert [auto_chunks(h, captured=False) for h in (8, 12, 20)] == [1, 1, 1]
     for chunks in (0, 2, 4):
         chunked = lambda q, k, v, m: ulysses_attention(q, k, v, group, mask=m, prepare=_scale_qk, chunks=chunks)
         for batch in (1, 2):
@@ -175,7 +177,7 @@ def _chunks_on_gpus() -> None:
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = attention(*qkv, chunks=2)
+        out = attention(*qkv, chunks=0)  # auto: 2 chunks inside a graph (8 heads a rank)
     for seed in (1, 2):  # fresh inputs into the captured ones, replay
         for x, fresh in zip(qkv, inputs(seed)):
             x.copy_(fresh)

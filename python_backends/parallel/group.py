@@ -65,7 +65,7 @@ class ParallelOptions:
     ring_degree: int = 0  # 0: sp_degree / ulysses_degree (1 when both are 0: Ulysses only)
     # Ulysses' heads a rank attends with, in this many groups whose exchanges overlap the attention
     # (ulysses.ulysses_attention); must divide them. 0: ulysses.auto_chunks (bit-identical to one exchange,
-    # on CPU and over NCCL on 2 GPUs; faster for FLUX, not for Wan 14B: perf/RESULTS.md).
+    # on CPU and over NCCL on 2 GPUs; 2 only inside CUDA graphs, where it was faster: perf/RESULTS.md).
     ulysses_chunks: int = 0
     cfg_parallel: bool = False
     # GPU of each rank, in rank order ("2,3"); rank 0 is the Triton model's own process. Default:

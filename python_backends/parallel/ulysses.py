@@ -92,13 +92,15 @@ def backend_attend(backend: str) -> Attend:
     return lambda q, k, v, mask: fn(q, k, v, mask=mask)
 
 
-def auto_chunks(heads_per_rank: int) -> int:
-    """Head chunks when none are configured: 2 where a rank attends with an even number of heads, at least 8,
-    else 1. FLUX.1-dev 1024x1024 under Ulysses 2 (12 heads a rank) on 2 H200s, 2026-11-27, three machines:
-    84.3-86.4 ms a step with 2 chunks against 87.0-88.5 ms with one exchange, 87.4 with 4 (perf/RESULTS.md);
-    fewer heads make a chunk's attention grid too small to hide an exchange behind. Long sequences gain
-    nothing (Wan 14B, 32,760 tokens: WanDenoiserOptions keeps one exchange)."""
-    return 2 if heads_per_rank >= 8 and heads_per_rank % 2 == 0 else 1
+def auto_chunks(heads_per_rank: int, captured: bool) -> int:
+    """Head chunks when none are configured: 2 where the call is being captured into a CUDA graph and a rank
+    attends with an even number of heads, at least 8; else 1. Measured on 2 H200s, 2026-11-27 (perf/RESULTS.md):
+    FLUX.1-dev 1024x1024 under Ulysses 2 (12 heads a rank, CUDA graphs) 84.3-86.4 ms a step with 2 chunks against
+    87.0-88.5 ms with one exchange, 87.4 with 4, as fewer heads make a chunk's attention grid too small to hide an
+    exchange behind; but Qwen-Image (12 heads a rank, eager) 291.8 ms against 260.4, as each chunk adds kernel
+    launches to a step that is host-bound without graphs, and Wan 14B (20 heads a rank, eager, 32,760 tokens)
+    1,693.5-1,696.0 against 1,686.8-1,690.9 ms a forward."""
+    return 2 if captured and heads_per_rank >= 8 and heads_per_rank % 2 == 0 else 1
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup, *,
@@ -119,7 +121,7 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: 
     """
     size = dist.get_world_size(group)
     check_heads(q.shape[2], size, chunks)
-    chunks = chunks or auto_chunks(q.shape[2] // size)
+    chunks = chunks or auto_chunks(q.shape[2] // size, q.is_cuda and torch.cuda.is_current_stream_capturing())
     attend = attend or backend_attend(backend)
     full_mask = torch.cat(all_gather_mask(mask, group), dim=1) if mask is not None else None
 

@@ -46,9 +46,6 @@ from ditserve.wan.request import VideoGeometry, VideoParams
 @dataclasses.dataclass(frozen=True)
 class WanDenoiserOptions(TransformerOptions):
     max_batch_videos: int = 4  # videos per transformer forward (twice the rows with guidance); a video is never split
-    # One exchange: Wan 14B at 480p, 81 frames (32,760 tokens, 20 heads a rank under Ulysses 2) gained nothing
-    # from 2 head chunks on 2 H200s (1,686.8-1,690.9 ms a forward, 1,693.5-1,696.0 with 2; perf/RESULTS.md).
-    ulysses_chunks: int = 1
 
     def __post_init__(self):
         check_parameter("max_batch_videos", self.max_batch_videos, 1)
