@@ -181,10 +181,14 @@ def _softmax_pv_fp8(acc, l_i, m_i, qk, q_row_scale, Vtd, vt_row0, vt_ptrs, ks_pt
     qk = mask_keys(qk, mask_ptr, start_n, LK, TAIL, HAS_MASK, BLOCK_N)
     # INT8 scores arrive as score + SCORE_OFFSET: the offset is taken out of the row max (exact: both in
     # [2^22, 2^24)) and of the exponent's per-row bias, so no per-element subtraction is needed (H100: 549-554
-    # -> 588-596 TFLOP/s at (1,24,4608,128), perf/RESULTS.md). The bias's rounding (~0.5 s) is far below int8's.
+    # -> 588-596 TFLOP/s at (1,24,4608,128), perf/RESULTS.md). Exactly: s keeps 22 significant bits, so that
+    # shift = SCORE_OFFSET * s is exact, and the running max becomes the one the rounded bias really takes off,
+    # (bias - shift) + 8 (exact, Sterbenz), so P, its row sum and the LSE use the same max.
     if QK_INT8:
-        m_ij = tl.maximum(m_i, (tl.max(qk, 1) - SCORE_OFFSET) * s)
-        bias = SCORE_OFFSET * s + m_ij - 8.0
+        s = (s.to(tl.int32, bitcast=True) & -4).to(tl.float32, bitcast=True)
+        shift = SCORE_OFFSET * s
+        bias = shift + (tl.maximum(m_i, (tl.max(qk, 1) - SCORE_OFFSET) * s) - 8.0)
+        m_ij = (bias - shift) + 8.0
     else:
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * s)
         bias = m_ij - 8.0
