@@ -139,3 +139,33 @@ def test_layout_names_give_the_denoiser_options_and_gpu_count():
     for bad in ("Ulysses", "USP 4", "Ulysses 2, graphs"):
         with pytest.raises(ValueError, match="layout"):
             parse_layout(bad)
+
+
+
+def test_wan_bench_layouts_take_chunks():
+    from bench_parallel_wan import parse_layout as wan_layout
+
+    assert (wan_layout("Ulysses 2, 2 chunks").chunks, wan_layout("Ulysses 2").chunks) == (2, 1)
+    assert wan_layout("CFG 2 x USP 2x2, 1 chunk").gpus == 8
+    with pytest.raises(ValueError, match="N chunks"):
+        wan_layout("Ulysses 2, two chunks")
+
+
+def test_parallel_bench_times_every_layout_at_every_load(tmp_path):
+    """bench_parallel on CPU (tiny FLUX, gloo): two rounds of loads, medians, latents equal across loads, and
+    Ulysses' latents against one GPU's although "1 GPU" runs second."""
+    import json
+    import statistics
+    import subprocess
+
+    run = subprocess.run([sys.executable, str(REPO / "perf" / "bench_parallel.py"), "--device", "cpu", "--preset", "tiny",
+                          "--model-dir", str(tmp_path / "ckpt"), "--size", "64", "--text-tokens", "8", "--repeats", "1",
+                          "--layouts", "Ulysses 2;1 GPU", "--loads", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    layouts = json.loads((tmp_path / "bench_parallel.json").read_text())["layouts"]
+    for name, row in layouts.items():
+        assert len(row["loads"]) == 2 and row["loads_identical"], name
+        assert row["step_ms"] == statistics.median(load["step_ms"] for load in row["loads"]), name
+    assert layouts["Ulysses 2"]["error_vs_1gpu"]["rel_l2"] < 1e-5
+    assert "2 loads" in (tmp_path / "bench_parallel.md").read_text()
