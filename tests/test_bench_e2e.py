@@ -141,7 +141,6 @@ def test_layout_names_give_the_denoiser_options_and_gpu_count():
             parse_layout(bad)
 
 
-
 def test_wan_bench_layouts_take_chunks():
     from bench_parallel_wan import parse_layout as wan_layout
 
