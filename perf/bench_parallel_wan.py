@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import socket
 import statistics
 import sys
@@ -47,6 +46,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layouts import chunks_modifier  # noqa: E402  (the ", N chunks" modifier of bench_parallel.py's layouts)
 
 WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True)
@@ -80,7 +82,7 @@ def parse_layout(name: str) -> Layout:
     optionally ', N chunks' (ulysses_chunks N)."""
     text = name.strip()
     layout_text, _, chunks_text = text.partition(",")
-    chunks = re.fullmatch(r"(\d+) chunks?", chunks_text.strip()) if chunks_text else None
+    chunks = chunks_modifier(chunks_text) if chunks_text else 1
     cfg = layout_text.startswith("CFG 2")
     sp_text = layout_text[len("CFG 2"):].strip().removeprefix("x").strip() if cfg else layout_text.strip()
     kind, _, degree = (sp_text or "sp 1").partition(" ")
@@ -95,12 +97,12 @@ def parse_layout(name: str) -> Layout:
             u, r = (int(d) for d in degree.split("x"))
         else:
             raise ValueError
-        if chunks_text and not chunks:
+        if chunks is None:
             raise ValueError
     except ValueError:
         raise ValueError(f"layout {name!r}: expected 'sp 1', 'Ulysses N', 'Ring N', 'USP UxR', optionally "
                          f"prefixed by 'CFG 2 x ', or 'CFG 2'; then optionally ', N chunks'") from None
-    return Layout(text, u, r, cfg, int(chunks[1]) if chunks else 1)
+    return Layout(text, u, r, cfg, chunks)
 
 
 DEFAULT_LAYOUTS = {2: "Ulysses 2;Ring 2;CFG 2",

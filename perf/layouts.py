@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Optional
 
 MODIFIERS = {"CUDA graphs": {"cuda_graphs": "true"}, "eager": {"cuda_graphs": "false"},
              "cuDNN": {"attention_backend": "cudnn"},
@@ -33,6 +34,13 @@ class Layout:
     @property
     def gpus(self) -> int:
         return self.options.get("sp_degree", 1) * (2 if self.options.get("cfg_parallel") else 1)
+
+
+def chunks_modifier(mod: str) -> Optional[int]:
+    """N of the modifier "N chunks" (ulysses_chunks N), None for any other text (bench_parallel_wan.py's
+    layouts take it too)."""
+    m = re.fullmatch(r"(\d+) chunks?", mod.strip())
+    return int(m[1]) if m else None
 
 
 def parse_layout(name: str) -> Layout:
@@ -57,8 +65,8 @@ def parse_layout(name: str) -> Layout:
             true_cfg = True
         elif mod in MODIFIERS:
             options.update(MODIFIERS[mod])
-        elif m := re.fullmatch(r"(\d+) chunks?", mod):
-            options["ulysses_chunks"] = int(m[1])
+        elif (chunks := chunks_modifier(mod)) is not None:
+            options["ulysses_chunks"] = chunks
         else:
             raise ValueError(f"layout {name!r}: unknown modifier {mod!r}")
     return Layout(name, options, true_cfg)
