@@ -8,10 +8,10 @@
 
 followed by any of ", true CFG", ", CUDA graphs", ", eager", ", cuDNN", ", SDPA", ", N chunks" (ulysses_chunks N)
 (e.g. "Ulysses 4, eager", "Ulysses 2, 2 chunks").
-Without ", CUDA graphs" or ", eager" the denoiser's default applies (FLUX: `cuda_graphs=auto`, graphs when
-sequence-parallel on CUDA; before 2026-11-26 the default was eager, which the older RESULTS rows ran).
-Without ", N chunks" the denoiser's `ulysses_chunks` default applies (0, auto, since 2026-11-27: 2 chunks in
-FLUX's CUDA graphs, else one exchange, which every older RESULTS row ran).
+Without ", CUDA graphs" or ", eager" the denoiser's default applies (`cuda_graphs=auto`, graphs when
+sequence-parallel on CUDA: FLUX since 2026-11-26, Qwen-Image since 2026-11-27; the older RESULTS rows ran eager).
+Without ", N chunks" the denoiser's `ulysses_chunks` default applies (0, auto, since 2026-11-27: 2 chunks inside
+CUDA graphs, else one exchange, which every older RESULTS row ran).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ MODIFIERS = {"CUDA graphs": {"cuda_graphs": "true"}, "eager": {"cuda_graphs": "f
 @dataclasses.dataclass(frozen=True)
 class Layout:
     name: str
-    options: dict  # denoiser options (FluxDenoiserOptions fields)
+    options: dict  # denoiser options (DenoiserOptions fields)
     true_cfg: bool
 
     @property

@@ -14,37 +14,41 @@ match. Each graph keeps its own memory pool (graphs of different signatures may 
 order); at most ``max_graphs`` signatures are kept, least recently used dropped.
 
 The callable must be free of host synchronisation and of data-dependent control flow (the graph
-replays the capture's kernels whatever the inputs' values), take only tensor (or None) keyword
-arguments and return one tensor.
+replays the capture's kernels whatever the inputs' values), take keyword arguments and return one
+tensor. Tensor (or None) arguments are copied into the graph's buffers; any other argument must be
+hashable and is part of the signature, as it is (a graph per value): what the capture baked in from
+it, e.g. Qwen-Image's ``img_shapes`` (rotary positions), must never be replayed for another value.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Optional
+from typing import Any
 
 import torch
 
 Signature = tuple
 
 
-def signature(inputs: dict[str, Optional[torch.Tensor]]) -> Signature:
-    return tuple((name, None if t is None else (tuple(t.shape), t.dtype, t.device)) for name, t in sorted(inputs.items()))
+def signature(inputs: dict[str, Any]) -> Signature:
+    """Tensors by shape, dtype and device; None and other (hashable) values as they are."""
+    return tuple((name, (tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x)
+                 for name, x in sorted(inputs.items()))
 
 
 class _Graph:
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: dict[str, Optional[torch.Tensor]]):
-        self.static = {k: (None if t is None else t.clone()) for k, t in inputs.items()}
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: dict[str, Any]):
+        self.static = {k: (x.clone() if isinstance(x, torch.Tensor) else x) for k, x in inputs.items()}
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: other threads of the process (e.g. the worker group's monitor) may use CUDA.
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = fn(**self.static)
 
-    def __call__(self, inputs: dict[str, Optional[torch.Tensor]]) -> torch.Tensor:
-        for name, t in inputs.items():
-            if t is not None:
-                self.static[name].copy_(t)
+    def __call__(self, inputs: dict[str, Any]) -> torch.Tensor:
+        for name, x in inputs.items():
+            if isinstance(x, torch.Tensor):
+                self.static[name].copy_(x)
         self.graph.replay()
         # A copy: the next replay overwrites the static output, and callers keep predictions across
         # calls (the conditional one while the unconditional one runs).
@@ -61,7 +65,7 @@ class GraphedCall:
         self.graphs: OrderedDict[Signature, _Graph] = OrderedDict()
         self.eager_calls: dict[Signature, int] = {}
 
-    def __call__(self, **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, **inputs: Any) -> torch.Tensor:
         key = signature(inputs)
         graph = self.graphs.get(key)
         if graph is not None:

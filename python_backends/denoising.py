@@ -63,7 +63,7 @@ from ditserve.parallel.group import ParallelConfig, ParallelContext, ParallelOpt
 from ditserve.parallel.ring import RING_BACKENDS
 from ditserve.parallel.ulysses import HeadsError, check_heads
 from ditserve.parallel.usp import SPMesh
-from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage, check_parameter
+from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage, check_choice, check_parameter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,12 +107,25 @@ def attention_fits(name: str, runtime: Runtime, head_dim: int, *, masked: bool =
 
 @dataclasses.dataclass(frozen=True)
 class DenoiserOptions(TransformerOptions):
+    """The image denoisers' parameters (FLUX, Qwen-Image)."""
+
     # Images per transformer forward. A group of rows larger than this runs in chunks of
     # whole rows; a single row is never split (its latents come from one seeded draw).
     max_batch_images: int = 8
+    # Replay the transformer call as a CUDA graph per input signature (ditserve.cuda_graphs): "true",
+    # "false", or "auto": on when the step is sequence-parallel on CUDA, which is host-bound without
+    # graphs (FLUX, Ulysses 4 on H200s: 131.5 ms a step eager, 47.4 ms with graphs); off otherwise, where
+    # they gain nothing (FLUX, 1 GPU: 145.2 vs 145.7 ms) and would only hold memory (perf/RESULTS.md).
+    cuda_graphs: str = "auto"
 
     def __post_init__(self):
         check_parameter("max_batch_images", self.max_batch_images, 1)
+        check_choice("cuda_graphs", self.cuda_graphs, ("auto", "true", "false"))
+
+    def graphs_enabled(self, device: torch.device) -> bool:
+        if self.cuda_graphs == "auto":
+            return device.type == "cuda" and self.sp_degree > 1
+        return self.cuda_graphs == "true"
 
 
 class GroupedDenoiser(Stage):

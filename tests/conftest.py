@@ -13,6 +13,7 @@
   first test, and the modules marked ``server`` run after all others: the repository loads
   while the other tests run (they leave about one core idle), and ``triton_server`` only
   waits for whatever is left.
+- ``zero_cond_t_edit``: tiny-qwen-image-edit as Qwen-Image-Edit-2511 (``zero_cond_t``), saved in a temporary folder.
 - Tests marked ``gpu`` are skipped when torch sees no CUDA device.
 
 Markers themselves are declared in pyproject.toml.
@@ -20,7 +21,9 @@ Markers themselves are declared in pyproject.toml.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -140,3 +143,16 @@ def ready_server(server):
         server.stop(timeout=0)
         raise
     return server
+
+
+@pytest.fixture(scope="session")
+def zero_cond_t_edit(tmp_path_factory) -> str:
+    """tiny-qwen-image-edit with ``zero_cond_t`` in its transformer config, as Qwen-Image-Edit-2511's: the
+    same weights, since the flag adds none."""
+    from ditserve.checkpoints import resolve_model_path
+
+    path = tmp_path_factory.mktemp("qwen-edit-zero-cond-t") / "ckpt"
+    shutil.copytree(resolve_model_path("tiny-qwen-image-edit"), path)
+    config_file = path / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "zero_cond_t": True}))
+    return str(path)

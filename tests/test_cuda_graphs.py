@@ -1,7 +1,5 @@
-"""CUDA-graph replay of the denoiser's transformer call (ditserve.cuda_graphs), on a GPU.
-
-The multi-GPU case (graphs with the sequence-parallel collectives captured) is checked by
-perf/bench_parallel.py's "CUDA graphs" layouts, which compare the latents with one GPU's.
+"""CUDA-graph replay of the denoiser's transformer call (ditserve.cuda_graphs), on one GPU and, with the
+sequence-parallel collectives captured, on two; graphed results against eager ones of the same layout.
 """
 
 from __future__ import annotations
@@ -15,6 +13,9 @@ from ditserve.cuda_graphs import GraphedCall
 from ditserve.flux import FLUX_T2I
 from ditserve.flux.denoiser import FluxDenoiserOptions
 from ditserve.pipeline import LocalPipeline
+from ditserve.qwen_image import QWEN_IMAGE_EDIT, QWEN_IMAGE_T2I
+from ditserve.qwen_image.denoiser import QwenDenoiserOptions
+from ditserve.qwen_image.request import EditRequestOptions
 from ditserve.stage import Runtime
 
 pytestmark = pytest.mark.gpu
@@ -70,5 +71,51 @@ def test_sequence_parallel_flux_denoiser_with_cuda_graphs_equals_eager(layout):
             for ours, ref in zip(graphed(rows), expected):
                 torch.testing.assert_close(ours["LATENTS"], ref["LATENTS"], atol=2e-2, rtol=2e-2)
         assert denoiser._graphed[0].graphs, "no graph was captured"
+    finally:
+        denoiser.close()
+
+
+def _qwen_case(variant: str, request) -> tuple:
+    """(pipeline, denoiser name, model path, rows, other stage options): true CFG beside a plain row, texts of
+    different lengths (a key mask)."""
+    if variant == "t2i":
+        # 64x80 and 80x64: one token count, told apart only by img_shapes (the rotary positions), which is
+        # part of a graph's signature: each must replay its own graph.
+        rows = [make_row("a red fox", "fog", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=4, SEED=5, TRUE_CFG_SCALE=2.0),
+                make_row("a lighthouse by the sea at night", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=4, SEED=6),
+                make_row("a lighthouse", HEIGHT=80, WIDTH=64, NUM_INFERENCE_STEPS=4, SEED=7)]
+        return QWEN_IMAGE_T2I, "qwen_image_denoiser", "tiny-qwen-image", rows, {}
+    # Qwen-Image-Edit-2511 (zero_cond_t): the condition tokens' modulation index is built inside the graph.
+    from test_qwen_image_edit_parity import edit_row, encoded
+
+    data, _ = encoded(64, 48, seed=3)
+    rows = [edit_row("make the cat red", "blurry", image=data, HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=4, SEED=3,
+                     TRUE_CFG_SCALE=4.0),
+            edit_row("a dog", image=data, HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=4, SEED=4)]
+    return (QWEN_IMAGE_EDIT, "qwen_image_edit_denoiser", request.getfixturevalue("zero_cond_t_edit"), rows,
+            {"qwen_image_edit_request": EditRequestOptions(condition_area=64 * 64)})
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("variant", ["t2i", "edit-zero-cond-t"])
+def test_sequence_parallel_qwen_image_denoiser_with_cuda_graphs_equals_eager(variant, request):
+    spec, name, model, rows, options = _qwen_case(variant, request)
+    runtime = Runtime(model_path=model, device=torch.device("cuda"), dtype=torch.bfloat16)
+
+    def pipeline(cuda_graphs: str) -> LocalPipeline:
+        return LocalPipeline(spec, runtime, {**options, name: QwenDenoiserOptions(warmup=False, sp_degree=2,
+                                                                                  cuda_graphs=cuda_graphs)})
+
+    eager = pipeline("false")
+    expected = eager(rows)
+    dict(eager.stages)[name].close()
+    graphed = pipeline("true")
+    denoiser = dict(graphed.stages)[name]
+    try:
+        for _ in range(2):  # captures, then replays
+            for ours, ref in zip(graphed(rows), expected):
+                torch.testing.assert_close(ours["LATENTS"], ref["LATENTS"], atol=2e-2, rtol=2e-2)
+                assert np.abs(ours["IMAGE"].astype(int) - ref["IMAGE"].astype(int)).max() <= 1
+        assert len(denoiser._graphed[0].graphs) >= (2 if variant == "t2i" else 1)
     finally:
         denoiser.close()

@@ -136,6 +136,17 @@ def test_bad_layouts_fail_at_load(options, message):
         parallel_pipeline(**options)
 
 
+def test_graph_signature_keeps_non_tensor_values():
+    """Qwen-Image's latent grids (img_shapes) are no tensor: two grids of one token count must not share a graph."""
+    from ditserve.cuda_graphs import signature
+
+    x = torch.zeros(2, 3)
+    one = signature({"x": x, "shapes": ((1, 4, 5),), "mask": None})
+    assert one == signature({"x": torch.ones(2, 3), "shapes": ((1, 4, 5),), "mask": None})
+    assert one != signature({"x": x, "shapes": ((1, 5, 4),), "mask": None})
+    assert one != signature({"x": x, "shapes": ((1, 4, 5),), "mask": torch.ones(2, dtype=torch.bool)})
+
+
 def test_cuda_graphs_auto_means_sequence_parallel_on_cuda():
     from ditserve.flux.denoiser import FluxDenoiserOptions
 
@@ -147,6 +158,15 @@ def test_cuda_graphs_auto_means_sequence_parallel_on_cuda():
     assert not FluxDenoiserOptions(sp_degree=4, cuda_graphs="false").graphs_enabled(cuda)
     with pytest.raises(ValueError, match="parameter cuda_graphs: must be one of auto, true, false, got 'yes'"):
         FluxDenoiserOptions(cuda_graphs="yes")
+
+
+def test_qwen_image_graphs_need_sequence_parallel():
+    """On one GPU Qwen-Image runs diffusers' forward, which graph capture refuses: said at load, not mid-request."""
+    from ditserve.qwen_image.denoiser import QwenDenoiserOptions, QwenImageDenoiser
+
+    with pytest.raises(ConfigError, match="parameter cuda_graphs: 'true' needs sp_degree > 1 for Qwen-Image"):
+        QwenImageDenoiser(Runtime(model_path="tiny-qwen-image", **CPU_FP32),
+                          QwenDenoiserOptions(cuda_graphs="true", warmup=False))
 
 
 @pytest.mark.parametrize("options, message", [

@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import functools
-import json
-import shutil
 
 import pytest
 import torch
@@ -137,19 +135,6 @@ def _t2i_rows() -> list[dict]:
 
     return [make_row("a red kite", "blurry", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=2, SEED=3, TRUE_CFG_SCALE=4.0),
             make_row("a green field in the morning light", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=2, SEED=4)]
-
-
-@pytest.fixture(scope="module")
-def zero_cond_t_edit(tmp_path_factory) -> str:
-    """tiny-qwen-image-edit with ``zero_cond_t`` in its transformer config, as Qwen-Image-Edit-2511's: the
-    same weights, since the flag adds none."""
-    from ditserve.checkpoints import resolve_model_path
-
-    path = tmp_path_factory.mktemp("qwen-edit-zero-cond-t") / "ckpt"
-    shutil.copytree(resolve_model_path("tiny-qwen-image-edit"), path)
-    config_file = path / "transformer" / "config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "zero_cond_t": True}))
-    return str(path)
 
 
 @functools.cache

@@ -20,26 +20,10 @@ from ditserve.flux.text_encoder import TextEncoderOptions
 from ditserve.kernels.flux_processor import set_attention_backend
 from ditserve.loading import Checkpoint
 from ditserve.parallel.flux import set_sequence_parallel, sp_forward
-from ditserve.stage import RequestError, Row, check_choice, tensor_field
+from ditserve.stage import RequestError, Row, tensor_field
 
 
-@dataclasses.dataclass(frozen=True)
-class FluxDenoiserOptions(DenoiserOptions):
-    # attention_backend "auto" (DenoiserOptions): triton on CUDA where it fits, sdpa elsewhere.
-    # Replay the transformer call as a CUDA graph per input shape (ditserve.cuda_graphs): "true",
-    # "false", or "auto": on when the step is sequence-parallel on CUDA, which is host-bound without
-    # graphs (Ulysses 4 on H200s: 131.5 ms a step eager, 47.4 ms with graphs); off otherwise, where
-    # they gain nothing (1 GPU: 145.2 vs 145.7 ms) and would only hold memory (perf/RESULTS.md).
-    cuda_graphs: str = "auto"
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_choice("cuda_graphs", self.cuda_graphs, ("auto", "true", "false"))
-
-    def graphs_enabled(self, device: torch.device) -> bool:
-        if self.cuda_graphs == "auto":
-            return device.type == "cuda" and self.sp_degree > 1
-        return self.cuda_graphs == "true"
+FluxDenoiserOptions = DenoiserOptions  # the common image-denoiser parameters, cuda_graphs included
 
 
 @dataclasses.dataclass(frozen=True)

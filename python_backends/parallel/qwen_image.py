@@ -85,9 +85,13 @@ def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: s
 
 def condition_index(img_shapes: list, device: torch.device) -> torch.Tensor:
     """zero_cond_t's (B, image tokens) modulation index, as QwenImageTransformer2DModel.forward builds it:
-    0 for the tokens of each sample's first grid (noise), 1 for those of the grids after it (condition images)."""
-    rows = [[0] * math.prod(grids[0]) + [1] * sum(math.prod(grid) for grid in grids[1:]) for grids in img_shapes]
-    return torch.tensor(rows, dtype=torch.int, device=device)
+    0 for the tokens of each sample's first grid (noise), 1 for those of the grids after it (condition images).
+    Filled on the device, never copied from the host: a CUDA graph captures this (cuda_graphs)."""
+    tokens = sum(math.prod(grid) for grid in img_shapes[0])
+    index = torch.zeros(len(img_shapes), tokens, dtype=torch.int, device=device)
+    for row, grids in zip(index, img_shapes):
+        row[math.prod(grids[0]):] = 1
+    return index
 
 
 def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: torch.Tensor,

@@ -23,6 +23,7 @@ its key mask).
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 import torch
@@ -105,6 +106,16 @@ class QwenImageDenoiser(TransformerDenoiser):
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
         self.min_steps = min_steps(checkpoint)
         self.latent_channels = self.transformer.config.in_channels // 4
+        graphs = self.options.graphs_enabled(self.runtime.device)
+        if graphs and self.options.sp_degree == 1:
+            # diffusers' QwenImageTransformer2DModel.forward (0.42.1) turns the text length into a CUDA
+            # tensor from a host int whenever a text mask is given (compute_text_seq_len_from_mask), a
+            # copy CUDA graph capture refuses; the sequence-parallel forward (ditserve.parallel.qwen_image)
+            # is ours and has none. Graphs pay where the step is host-bound, which is the sequence-parallel
+            # one (Ulysses 2 with true CFG on H200s: 275.6 ms a step eager, 185.6 with graphs, RESULTS).
+            raise ConfigError("parameter cuda_graphs: 'true' needs sp_degree > 1 for Qwen-Image (diffusers' own "
+                              "forward, used on one GPU, copies host data to the GPU, which graph capture forbids)")
+        self.forward = self.graphed(self._forward, graphs)
 
     def warmup_batches(self, steps: int) -> list[list[QwenRequest]]:
         """QwenImagePipeline's default size with true CFG, in two batches that between them call the four
@@ -149,6 +160,20 @@ class QwenImageDenoiser(TransformerDenoiser):
                 raise RequestError("NEGATIVE_PROMPT_EMBEDS", f"width {negative.shape[-1]} != PROMPT_EMBEDS {prompt.shape[-1]}")
         return QwenRequest(prompt, negative, parse_params(row, self.size_multiple, self.default_size, self.min_steps))
 
+    def _forward(self, *, hidden_states: torch.Tensor, image_tokens: Optional[torch.Tensor], shapes: tuple,
+                 **inputs: Optional[torch.Tensor]) -> torch.Tensor:
+        """One transformer call (sequence-parallel on the group's mesh when there is one): the noise tokens'
+        prediction. Edit's input-image tokens follow the noise tokens; `shapes` are the (frames, h, w)
+        latent grids of both, the same for every row."""
+        noise_tokens = hidden_states.shape[1]
+        if image_tokens is not None:
+            hidden_states = torch.cat([hidden_states, image_tokens], dim=1)
+        inputs.update(hidden_states=hidden_states, img_shapes=[list(shapes)] * hidden_states.shape[0])
+        mesh = self.parallel.mesh if self.parallel is not None else None
+        if mesh is not None:
+            return sp_forward(self.transformer, mesh, **inputs)[:, :noise_tokens]
+        return self.transformer(**inputs, guidance=None, return_dict=False)[0][:, :noise_tokens]
+
     @torch.inference_mode()
     def denoise(self, requests: list[QwenRequest]) -> list[torch.Tensor]:
         """Denoise requests of one (height, width, steps): per request (num_images, h/2, w/2, 4C) fp32,
@@ -177,7 +202,7 @@ class QwenImageDenoiser(TransformerDenoiser):
             grids = torch.cat([r.image_latents.expand(n, -1, -1, -1) for r, n in zip(requests, counts)])
             shapes.append((1, *grids.shape[1:3]))
             image_tokens = grids.flatten(1, 2)
-        img_shapes = [shapes] * latents.shape[0]
+        shapes = tuple(shapes)  # hashable: part of a CUDA graph's signature (the rotary positions come from it)
 
         cfg_requests = [(r, n) for r, n in zip(requests, counts) if r.do_true_cfg]
         cfg_index = torch.tensor(
@@ -191,17 +216,9 @@ class QwenImageDenoiser(TransformerDenoiser):
                 [r.params.true_cfg for r, n in cfg_requests for _ in range(n)], device=device, dtype=dtype
             ).view(-1, 1, 1)
 
-        mesh = self.parallel.mesh if self.parallel is not None else None
-
         def transformer(hidden, timestep, text, mask, images):
-            noise_tokens = hidden.shape[1]
-            if images is not None:
-                hidden = torch.cat([hidden, images], dim=1)
-            inputs = dict(hidden_states=hidden, timestep=timestep, encoder_hidden_states_mask=mask,
-                          encoder_hidden_states=text, img_shapes=img_shapes[: hidden.shape[0]])
-            if mesh is not None:
-                return sp_forward(self.transformer, mesh, **inputs)[:, :noise_tokens]
-            return self.transformer(**inputs, guidance=None, return_dict=False)[0][:, :noise_tokens]
+            return self.forward(hidden_states=hidden, timestep=timestep, encoder_hidden_states=text,
+                                encoder_hidden_states_mask=mask, image_tokens=images, shapes=shapes)
 
         scheduler = flow_match_scheduler(
             self.scheduler_class, self.scheduler_config, first.params.steps, latents.shape[1], self.runtime.device
