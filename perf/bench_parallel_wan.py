@@ -17,7 +17,9 @@ group directly (not the worker group), so the numbers are the transformer's alon
   kernel (it returns the log-sum-exp that merging needs; an SDPA ring block would materialise fp32
   scores, 16,380^2 x 40 heads = 43 GB at 480p);
 * ``CFG 2`` and ``CFG 2 x <sp layout>``: the conditional and unconditional forwards on two groups of
-  ranks, exchanged through ``ParallelContext.branches`` (what the Wan denoiser runs each step).
+  ranks, exchanged through ``ParallelContext.branches`` (what the Wan denoiser runs each step);
+* any of them followed by ``, N chunks`` (``ulysses_chunks``). The names are perf/layouts.py's grammar
+  ("CFG 2" = "CFG parallel 2"), less the denoiser's modifiers, which this bench has no use for.
 A step without CFG is one forward; a step with CFG (WanPipeline's guidance) is two: for the layouts
 without CFG parallelism it is reported as twice their forward (the two forwards have the same shapes and
 run one after the other), for the CFG layouts it is measured. Per step: median of ``--repeats`` after
@@ -34,7 +36,6 @@ Writes bench_parallel_wan.json to ``--out`` (default $OUT, else out/bench).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import socket
@@ -48,7 +49,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layouts import chunks_modifier  # noqa: E402  (the ", N chunks" modifier of bench_parallel.py's layouts)
+from layouts import Layout  # noqa: E402
+from layouts import parse_layout as parse_any_layout  # noqa: E402
 
 WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True)
@@ -60,49 +62,17 @@ LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160), "tiny": (3, 10, 14)}
 TEXT_TOKENS = {False: 512, True: 8}
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    name: str
-    ulysses: int
-    ring: int
-    cfg: bool
-    chunks: int = 1  # ulysses_chunks (0: auto)
-
-    @property
-    def sp(self) -> int:
-        return self.ulysses * self.ring
-
-    @property
-    def gpus(self) -> int:
-        return self.sp * (2 if self.cfg else 1)
+# This bench builds its meshes itself (no denoiser): of perf/layouts.py's grammar it takes the parallel layout
+# and ", N chunks" (ulysses_chunks; default 0, auto: one exchange here, as nothing is captured in a graph).
+PARALLEL_OPTIONS = {"sp_degree", "ulysses_degree", "ring_degree", "cfg_parallel", "ulysses_chunks"}
 
 
 def parse_layout(name: str) -> Layout:
-    """'sp 1', 'Ulysses N', 'Ring N', 'USP UxR', each optionally after 'CFG 2 x '; or 'CFG 2'; then
-    optionally ', N chunks' (ulysses_chunks N)."""
-    text = name.strip()
-    layout_text, _, chunks_text = text.partition(",")
-    chunks = chunks_modifier(chunks_text) if chunks_text else 1
-    cfg = layout_text.startswith("CFG 2")
-    sp_text = layout_text[len("CFG 2"):].strip().removeprefix("x").strip() if cfg else layout_text.strip()
-    kind, _, degree = (sp_text or "sp 1").partition(" ")
-    try:
-        if kind == "sp" and degree == "1":
-            u, r = 1, 1
-        elif kind == "Ulysses":
-            u, r = int(degree), 1
-        elif kind == "Ring":
-            u, r = 1, int(degree)
-        elif kind == "USP":
-            u, r = (int(d) for d in degree.split("x"))
-        else:
-            raise ValueError
-        if chunks is None:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"layout {name!r}: expected 'sp 1', 'Ulysses N', 'Ring N', 'USP UxR', optionally "
-                         f"prefixed by 'CFG 2 x ', or 'CFG 2'; then optionally ', N chunks'") from None
-    return Layout(text, u, r, cfg, chunks)
+    layout = parse_any_layout(name)
+    if set(layout.options) - PARALLEL_OPTIONS or layout.true_cfg != layout.cfg_parallel:
+        raise ValueError(f"layout {name!r}: this bench takes a parallel layout ('sp 1', 'Ulysses N', 'Ring N', "
+                         f"'USP UxR', 'CFG 2', 'CFG 2 x <one of those>') and ', N chunks' only")
+    return layout
 
 
 DEFAULT_LAYOUTS = {2: "Ulysses 2;Ring 2;CFG 2",
@@ -167,18 +137,18 @@ def meshes(layout: Layout, world: int):
 
     rank = dist.get_rank()
     mesh = None
-    if layout.sp > 1:
-        built = [build_mesh(layout.ulysses, layout.ring, first_rank=b * layout.sp, ulysses_chunks=layout.chunks)
-                 for b in range(2 if layout.cfg else 1)]
+    if layout.sp_degree > 1:
+        built = [build_mesh(layout.ulysses_degree, layout.ring_degree, first_rank=b * layout.sp_degree,
+                            ulysses_chunks=layout.ulysses_chunks) for b in range(2 if layout.cfg_parallel else 1)]
         mesh = next((m for m in built if m is not None), None)
-    if not layout.cfg:
+    if not layout.cfg_parallel:
         return mesh, None
-    pairs = [dist.new_group([i, i + layout.sp]) for i in range(layout.sp)]
+    pairs = [dist.new_group([i, i + layout.sp_degree]) for i in range(layout.sp_degree)]
     if rank >= layout.gpus:
         return None, None
-    config = ParallelConfig(layout.ulysses, layout.ring, True, (torch.device("cpu"),) * layout.gpus,
-                            ulysses_chunks=layout.chunks)
-    return mesh, ParallelContext(config, rank, mesh, pairs[rank % layout.sp])
+    config = ParallelConfig(layout.ulysses_degree, layout.ring_degree, True, (torch.device("cpu"),) * layout.gpus,
+                            ulysses_chunks=layout.ulysses_chunks)
+    return mesh, ParallelContext(config, rank, mesh, pairs[rank % layout.sp_degree])
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
@@ -204,7 +174,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                    "text_tokens": positive["encoder_hidden_states"].shape[1], "gpus": world,
                    "device": torch.cuda.get_device_name(device) if cuda else "cpu", "build_s": build_s, "layouts": {}}
         layouts = [parse_layout(n) for n in args.layouts.split(";") if n.strip()]
-        need_negative = any(layout.cfg for layout in layouts)
+        need_negative = any(layout.cfg_parallel for layout in layouts)
         if rank == 0:
             print(f"Wan transformer step, {world} x {results['device']}, latents {results['latents']}, "
                   f"{results['text_tokens']} text tokens, model built in {build_s:.1f} s\n"
@@ -218,14 +188,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                 reference = [out.float()]
                 if need_negative:  # untimed: the CFG layouts' second prediction is checked against it
                     reference.append(model(**negative, return_dict=False)[0].float())
-                record(results, Layout("sp 1", 1, 1, False), {"ms": ms}, args)
+                record(results, parse_layout("sp 1"), {"ms": ms}, args)
             dist.barrier()
             for layout in layouts:
                 if layout.gpus > world:
                     if rank == 0:
                         record(results, layout, {"skipped": f"needs {layout.gpus} GPUs, have {world}"}, args)
                     continue
-                backend = "triton" if cuda and layout.ring > 1 else "sdpa"
+                backend = "triton" if cuda and layout.ring_degree > 1 else "sdpa"
                 mesh, context = meshes(layout, world)
                 if rank < layout.gpus:
                     try:  # the kernel's and Ulysses' constraints before any collective; every rank skips alike
@@ -266,14 +236,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
 
 def record(results: dict, layout: Layout, row: dict, args: argparse.Namespace) -> None:
     """Print the layout's row now (a run cut short still shows the layouts done) and rewrite the JSON."""
-    row = {**row, "gpus": layout.gpus, "cfg_parallel": layout.cfg, "ulysses": layout.ulysses, "ring": layout.ring,
-           "ulysses_chunks": layout.chunks}
+    row = {**row, "gpus": layout.gpus, "cfg_parallel": layout.cfg_parallel, "ulysses": layout.ulysses_degree,
+           "ring": layout.ring_degree, "ulysses_chunks": layout.ulysses_chunks}
     if "ms" in row:
         base = results["layouts"]["sp 1"]["ms"] if results["layouts"] else row["ms"]
         # Without CFG parallelism the two CFG forwards run one after the other.
-        row["step_ms"] = None if layout.cfg else row["ms"]
-        row["cfg_step_ms"] = row["ms"] if layout.cfg else 2 * row["ms"]
-        row["speedup"] = None if layout.cfg else base / row["ms"]
+        row["step_ms"] = None if layout.cfg_parallel else row["ms"]
+        row["cfg_step_ms"] = row["ms"] if layout.cfg_parallel else 2 * row["ms"]
+        row["speedup"] = None if layout.cfg_parallel else base / row["ms"]
         row["cfg_speedup"] = 2 * base / row["cfg_step_ms"]
     results["layouts"][layout.name] = row
     label = layout.name + (f" ({row['backend']})" if row.get("backend") == "triton" else "")
@@ -287,7 +257,7 @@ def record(results: dict, layout: Layout, row: dict, args: argparse.Namespace) -
         print(f"| {label} | {layout.gpus} | skipped: {row['skipped'][:100]} | | | | | | |", flush=True)
     else:
         error = "-" if layout.name == "sp 1" else f"{row['rel_l2']:.2e} / {row['max_abs']:.3e}"
-        cfg_ms = f"{row['cfg_step_ms']:,.1f}" + ("" if layout.cfg else " (2 x)")
+        cfg_ms = f"{row['cfg_step_ms']:,.1f}" + ("" if layout.cfg_parallel else " (2 x)")
         print(f"| {label} | {layout.gpus} | {cells(row['step_ms'], row['speedup'])} | {cfg_ms} | "
               f"{row['cfg_speedup']:.2f}x | {100 * row['cfg_speedup'] / layout.gpus:.0f}% | {error} |", flush=True)
     out_dir = Path(args.out or os.environ.get("OUT") or "out/bench")

@@ -135,19 +135,24 @@ def test_layout_names_give_the_denoiser_options_and_gpu_count():
     assert usp.gpus == 4 and usp.options == {"sp_degree": 4, "ulysses_degree": 2, "ring_degree": 2, "cuda_graphs": "true"}
     assert parse_layout("CFG parallel 2").gpus == 2 and parse_layout("1 GPU, true CFG").true_cfg
     assert parse_layout("Ulysses 2, 2 chunks").options == {"sp_degree": 2, "ulysses_degree": 2, "ulysses_chunks": 2}
+    both = parse_layout("CFG parallel 2 x USP 2x2, 1 chunk")
+    assert (both.gpus, both.ulysses_degree, both.ring_degree, both.ulysses_chunks, both.true_cfg) == (8, 2, 2, 1, True)
+    assert parse_layout("CFG 2").options == parse_layout("CFG parallel 2 x 1 GPU").options == {"cfg_parallel": True}
     assert layout_sets("Ring 4") == (4, ["flux_denoiser.sp_degree=4", "flux_denoiser.ring_degree=4"])
-    for bad in ("Ulysses", "USP 4", "Ulysses 2, graphs"):
+    for bad in ("Ulysses", "USP 4", "Ulysses 2, graphs", "CFG 2 x CFG 2", "CFG 3"):
         with pytest.raises(ValueError, match="layout"):
             parse_layout(bad)
 
 
-def test_wan_bench_layouts_take_chunks():
+def test_wan_bench_takes_the_parallel_part_of_the_layouts():
+    """bench_parallel_wan builds its meshes itself: the denoiser modifiers would be silently ignored, so they are refused."""
     from bench_parallel_wan import parse_layout as wan_layout
 
-    assert (wan_layout("Ulysses 2, 2 chunks").chunks, wan_layout("Ulysses 2").chunks) == (2, 1)
+    assert (wan_layout("Ulysses 2, 2 chunks").ulysses_chunks, wan_layout("Ulysses 2").ulysses_chunks) == (2, 0)
     assert wan_layout("CFG 2 x USP 2x2, 1 chunk").gpus == 8
-    with pytest.raises(ValueError, match="N chunks"):
-        wan_layout("Ulysses 2, two chunks")
+    for bad in ("Ulysses 2, two chunks", "Ulysses 2, CUDA graphs", "sp 1, true CFG", "Ring 2, cuDNN"):
+        with pytest.raises(ValueError, match="layout"):
+            wan_layout(bad)
 
 
 def test_parallel_bench_times_every_layout_at_every_load(tmp_path):
