@@ -93,7 +93,7 @@ def time_layout(args, model_dir: Path, options: dict, cfg_runs: list[bool]) -> d
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device(args.device)
     runtime = Runtime(model_path=str(model_dir), device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    denoiser = denoiser_class(runtime, options_class(**options))  # starts the workers (FLUX: and warms up)
+    denoiser = denoiser_class(runtime, options_class(**options))  # starts the workers and warms up
     out = {"load_s": time.perf_counter() - t0, "runs": {}}
     try:
         for cfg in cfg_runs:
