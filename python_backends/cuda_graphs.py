@@ -11,7 +11,9 @@ capture); the next call captures the call on static input buffers and replays it
 their inputs into the buffers and replay. Every rank of a sequence-parallel group makes the same
 calls with the same shapes, so all ranks capture at the same step and their graphs' collectives
 match. Each graph keeps its own memory pool (graphs of different signatures may replay in any
-order); at most ``max_graphs`` signatures are kept, least recently used dropped.
+order); at most ``max_graphs`` signatures are kept, least recently used dropped. The eager-call counts of
+signatures not captured yet are bounded too (``max_pending``, least recently seen dropped): Qwen-Image's
+texts are not padded to one length, so a long-running server sees ever new signatures.
 
 The callable must be free of host synchronisation and of data-dependent control flow (the graph
 replays the capture's kernels whatever the inputs' values), take keyword arguments and return one
@@ -56,14 +58,16 @@ class _Graph:
 
 
 class GraphedCall:
-    def __init__(self, fn: Callable[..., torch.Tensor], *, warmup: int = 2, max_graphs: int = 4):
+    def __init__(self, fn: Callable[..., torch.Tensor], *, warmup: int = 2, max_graphs: int = 4,
+                 max_pending: int = 64):
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the eager calls tune kernels before capture), got {warmup}")
         self.fn = fn
         self.warmup = warmup
         self.max_graphs = max_graphs
+        self.max_pending = max_pending
         self.graphs: OrderedDict[Signature, _Graph] = OrderedDict()
-        self.eager_calls: dict[Signature, int] = {}
+        self.eager_calls: OrderedDict[Signature, int] = OrderedDict()
 
     def __call__(self, **inputs: Any) -> torch.Tensor:
         key = signature(inputs)
@@ -71,11 +75,12 @@ class GraphedCall:
         if graph is not None:
             self.graphs.move_to_end(key)
             return graph(inputs)
-        seen = self.eager_calls.get(key, 0)
+        seen = self.eager_calls.pop(key, 0)
         if seen < self.warmup:
-            self.eager_calls[key] = seen + 1
+            self.eager_calls[key] = seen + 1  # (re)inserted last: the most recently seen
+            if len(self.eager_calls) > self.max_pending:
+                self.eager_calls.popitem(last=False)
             return self.fn(**inputs)
-        del self.eager_calls[key]
         if len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
         torch.cuda.synchronize()

@@ -147,6 +147,21 @@ def test_graph_signature_keeps_non_tensor_values():
     assert one != signature({"x": x, "shapes": ((1, 4, 5),), "mask": torch.ones(2, dtype=torch.bool)})
 
 
+def test_graphed_call_bounds_the_signatures_waiting_for_capture():
+    """Eager-call counts of signatures not captured yet stay bounded (Qwen-Image's texts come in ever new
+    lengths), the least recently seen dropped. On CPU: no signature here reaches capture."""
+    from ditserve.cuda_graphs import GraphedCall, signature
+
+    def key(n: int):
+        return signature({"x": torch.ones(n)})
+
+    graphed = GraphedCall(lambda x: 2 * x, warmup=2, max_pending=3)
+    for n in (1, 2, 3, 1, 4):  # 1 seen again before 4 comes: 2 is the least recently seen
+        assert torch.equal(graphed(x=torch.ones(n)), torch.full((n,), 2.0))
+    assert list(graphed.eager_calls) == [key(3), key(1), key(4)]
+    assert graphed.eager_calls[key(1)] == 2 and not graphed.graphs
+
+
 def test_cuda_graphs_auto_means_sequence_parallel_on_cuda():
     from ditserve.flux.denoiser import FluxDenoiserOptions
 
