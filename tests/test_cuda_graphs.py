@@ -4,6 +4,8 @@ sequence-parallel collectives captured, on two; graphed results against eager on
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import pytest
 import torch
@@ -53,26 +55,42 @@ def test_flux_denoiser_with_cuda_graphs_equals_eager():
     assert dict(graphed.stages)["flux_denoiser"]._graphed[0].graphs, "no graph was captured"
 
 
+def _sequence_parallel_graphed_vs_eager(spec, name: str, runtime: Runtime, rows: list, options, *,
+                                        stage_options: Optional[dict] = None, images: bool = False) -> int:
+    """Denoise `rows` on a 2-GPU group eagerly, then twice with CUDA graphs (captured, then replayed) on a
+    fresh group; assert the graphed results equal the eager ones. `options(cuda_graphs)` makes the denoiser's
+    options. Returns how many graphs were captured.
+
+    The graphs hold the sequence-parallel collectives (all_to_all / ring P2P, the output all_gather): every
+    rank must capture at the same call and replay them in lockstep."""
+    def pipeline(cuda_graphs: str) -> LocalPipeline:
+        return LocalPipeline(spec, runtime, {**(stage_options or {}), name: options(cuda_graphs)})
+
+    eager = pipeline("false")
+    expected = eager(rows)
+    dict(eager.stages)[name].close()
+    graphed = pipeline("true")
+    denoiser = dict(graphed.stages)[name]
+    try:
+        for _ in range(2):  # captures, then replays
+            for ours, ref in zip(graphed(rows), expected):
+                torch.testing.assert_close(ours["LATENTS"], ref["LATENTS"], atol=2e-2, rtol=2e-2)
+                if images:
+                    assert np.abs(ours["IMAGE"].astype(int) - ref["IMAGE"].astype(int)).max() <= 1
+        return len(denoiser._graphed[0].graphs)
+    finally:
+        denoiser.close()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.parametrize("layout", [dict(sp_degree=2), dict(sp_degree=2, ring_degree=2)], ids=["ulysses", "ring"])
 def test_sequence_parallel_flux_denoiser_with_cuda_graphs_equals_eager(layout):
-    # The graphs hold the sequence-parallel collectives (all_to_all / ring P2P, the output all_gather):
-    # every rank must capture at the same call and replay them in lockstep.
     runtime = Runtime(model_path="tiny", device=torch.device("cuda"), dtype=torch.bfloat16)
     rows = [make_row("a red fox", HEIGHT=64, WIDTH=80, NUM_INFERENCE_STEPS=4, SEED=5)]
-    eager = LocalPipeline(FLUX_T2I, runtime, {"flux_denoiser": FluxDenoiserOptions(warmup=False, **layout)})
-    expected = eager(rows)
-    dict(eager.stages)["flux_denoiser"].close()
-    graphed = LocalPipeline(FLUX_T2I, runtime,
-                            {"flux_denoiser": FluxDenoiserOptions(warmup=False, cuda_graphs="true", **layout)})
-    denoiser = dict(graphed.stages)["flux_denoiser"]
-    try:
-        for _ in range(2):
-            for ours, ref in zip(graphed(rows), expected):
-                torch.testing.assert_close(ours["LATENTS"], ref["LATENTS"], atol=2e-2, rtol=2e-2)
-        assert denoiser._graphed[0].graphs, "no graph was captured"
-    finally:
-        denoiser.close()
+    captured = _sequence_parallel_graphed_vs_eager(
+        FLUX_T2I, "flux_denoiser", runtime, rows,
+        lambda cuda_graphs: FluxDenoiserOptions(warmup=False, cuda_graphs=cuda_graphs, **layout))
+    assert captured, "no graph was captured"
 
 
 def _qwen_case(variant: str, request) -> tuple:
@@ -99,23 +117,10 @@ def _qwen_case(variant: str, request) -> tuple:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.parametrize("variant", ["t2i", "edit-zero-cond-t"])
 def test_sequence_parallel_qwen_image_denoiser_with_cuda_graphs_equals_eager(variant, request):
-    spec, name, model, rows, options = _qwen_case(variant, request)
+    spec, name, model, rows, stage_options = _qwen_case(variant, request)
     runtime = Runtime(model_path=model, device=torch.device("cuda"), dtype=torch.bfloat16)
-
-    def pipeline(cuda_graphs: str) -> LocalPipeline:
-        return LocalPipeline(spec, runtime, {**options, name: QwenDenoiserOptions(warmup=False, sp_degree=2,
-                                                                                  cuda_graphs=cuda_graphs)})
-
-    eager = pipeline("false")
-    expected = eager(rows)
-    dict(eager.stages)[name].close()
-    graphed = pipeline("true")
-    denoiser = dict(graphed.stages)[name]
-    try:
-        for _ in range(2):  # captures, then replays
-            for ours, ref in zip(graphed(rows), expected):
-                torch.testing.assert_close(ours["LATENTS"], ref["LATENTS"], atol=2e-2, rtol=2e-2)
-                assert np.abs(ours["IMAGE"].astype(int) - ref["IMAGE"].astype(int)).max() <= 1
-        assert len(denoiser._graphed[0].graphs) >= (2 if variant == "t2i" else 1)
-    finally:
-        denoiser.close()
+    captured = _sequence_parallel_graphed_vs_eager(
+        spec, name, runtime, rows,
+        lambda cuda_graphs: QwenDenoiserOptions(warmup=False, sp_degree=2, cuda_graphs=cuda_graphs),
+        stage_options=stage_options, images=True)
+    assert captured >= (2 if variant == "t2i" else 1)
