@@ -18,9 +18,9 @@ commands to the workers, the whole denoising loop on every rank). Per-step time 
 schedule, commands) cancel. With ``--loads N`` every layout is loaded N times, in rounds (A, B, A, B, ...),
 and its per-step time is the median over the loads, shown with their range: the same code measured 2-5% apart
 between two loads (FLUX.1-dev at 2048x2048 on 2 H200s, perf/RESULTS.md), more than some differences it was asked
-to resolve; whether a later load's latents equal the first's bit for bit is recorded too. Layouts: one GPU (our Triton attention; also torch SDPA, whose
-difference from ours is the yardstick of bf16 noise), Ulysses 2, Ring 2; with true CFG (scale 4,
-a negative prompt): one GPU against CFG parallel 2.
+to resolve; whether a later load's latents equal the first's bit for bit is recorded too. Layouts: one GPU (our
+Triton attention; also torch SDPA, whose difference from ours is the yardstick of bf16 noise), Ulysses 2, Ring 2;
+with true CFG (scale 4, a negative prompt): one GPU against CFG parallel 2.
 
 Error: the latents after N2 steps against the one-GPU latents of the same requests (relative L2
 and max abs; filled in once both have run, whatever the order), next to the same measure between our one-GPU

@@ -40,7 +40,7 @@ from ditserve.qwen_image.text_encoder import TextEncoderOptions
 from ditserve.stage import ConfigError, RequestError, Row, tensor_field
 
 
-QwenDenoiserOptions = DenoiserOptions  # the common denoiser parameters, attention_backend included
+QwenDenoiserOptions = DenoiserOptions  # the common image-denoiser parameters, cuda_graphs included
 
 # The negative texts of the warm-up: short (as a negative prompt often is) and not a multiple of 16 tokens.
 WARMUP_NEGATIVE_TOKENS = 7
