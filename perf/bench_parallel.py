@@ -26,7 +26,9 @@ Error: the latents after N2 steps against the one-GPU latents of the same reques
 and max abs; filled in once both have run, whatever the order), next to the same measure between our one-GPU
 attention and SDPA.
 
-FLOP per step: bench_e2e's formulas (ENVIRONMENT.md's convention), split over the GPUs.
+FLOP per step: bench_e2e's formulas (ENVIRONMENT.md's convention), split over the GPUs. Memory: the most
+rank 0's torch allocator held on its GPU over the load and the runs (`max_memory_reserved`: weights, activations,
+CUDA graph pools; the workers hold about as much each).
 Writes bench_parallel.json / .md to ``--out`` (default $OUT, else out/bench) after every layout.
 """
 
@@ -93,6 +95,9 @@ def time_layout(args, model_dir: Path, options: dict, cfg_runs: list[bool]) -> d
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device(args.device)
     runtime = Runtime(model_path=str(model_dir), device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.init()  # the allocator's statistics exist only once CUDA is initialised ("Invalid device argument")
+        torch.cuda.reset_peak_memory_stats(device)
     denoiser = denoiser_class(runtime, options_class(**options))  # starts the workers and warms up
     out = {"load_s": time.perf_counter() - t0, "runs": {}}
     try:
@@ -118,6 +123,10 @@ def time_layout(args, model_dir: Path, options: dict, cfg_runs: list[bool]) -> d
                 denoiser.dispatch(batch)
                 sync()
             out["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        if device.type == "cuda":
+            # What rank 0's allocator took from its GPU at the most (weights, activations, CUDA graph pools):
+            # whether a layout that ran on 141 GB H200s fits an 80 GB H100.
+            out["peak_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     finally:
         denoiser.close()
         del denoiser
@@ -133,11 +142,12 @@ def error(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 def report(res: dict) -> str:
     flops = res.get("flops", {}).get("total_flop")
-    lines = ["| layout | GPUs | per step (ms) | speed-up | TFLOP/s per GPU | latents vs 1 GPU (rel L2, max abs) | load (s) |",
-             "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    lines = ["| layout | GPUs | per step (ms) | speed-up | TFLOP/s per GPU | latents vs 1 GPU (rel L2, max abs) | load (s) "
+             "| peak GiB, rank 0 |",
+             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for name, row in res["layouts"].items():
         if "error" in row:
-            lines.append(f"| {name} | | failed: {row['error'][:120]} | | | | |")
+            lines.append(f"| {name} | | failed: {row['error'][:120]} | | | | | |")
             continue
         cfg = row["cfg"]
         base = res["layouts"].get(BASELINE[cfg], {})
@@ -151,8 +161,9 @@ def report(res: dict) -> str:
         if len(loads) > 1:
             same = "" if row["loads_identical"] else "; latents differ"
             step_text += f" ({min(loads):.1f}-{max(loads):.1f}, {len(loads)} loads{same})"
+        peak = row.get("peak_gib")
         lines.append(f"| {name} | {row['gpus']} | {step_text} | {speed} | {flop / step / 1e9 / row['gpus']:.0f} | "
-                     f"{err_text} | {row['load_s']:.0f} |")
+                     f"{err_text} | {row['load_s']:.0f} | {'-' if peak is None else f'{peak:.1f}'} |")
     return "\n".join(lines)
 
 
@@ -227,9 +238,11 @@ def main() -> int:
                     run_latents = run.pop("latents")
                     entry = res["layouts"].setdefault(name, {"gpus": world, "cfg": cfg, "loads": [],
                                                              "loads_identical": True})
-                    entry["loads"].append({"load_s": timed["load_s"], **run})
+                    entry["loads"].append({"load_s": timed["load_s"], "peak_gib": timed.get("peak_gib"), **run})
                     entry["step_ms"] = statistics.median(x["step_ms"] for x in entry["loads"])
                     entry["load_s"] = statistics.median(x["load_s"] for x in entry["loads"])
+                    if timed.get("peak_gib") is not None:
+                        entry["peak_gib"] = max(x["peak_gib"] for x in entry["loads"])
                     if name in latents:  # the first load's latents are the layout's
                         entry["loads_identical"] &= torch.equal(run_latents, latents[name])
                     else:
