@@ -364,9 +364,15 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
             r = run(fn, base, cx, w, 2)
             rows.append({"kernel": f"{fn.__name__}[int8={int8}]", **r})
             print(json.dumps(rows[-1]), flush=True)
-    r = run(A8._quant_vt_kernel, dict(X="*bf16", S="*fp32", Yt="*fp8e4nv"), dict(HEAD_DIM=D, BLOCK_L=64), 4, 2)
-    rows.append({"kernel": "_quant_vt_kernel", **r})
-    print(json.dumps(rows[-1]), flush=True)
+    for fn, types, cx, w in (
+            (A8._quant_vt_kernel, dict(X="*bf16", S="*fp32", Yt="*fp8e4nv"), dict(HEAD_DIM=D, BLOCK_L=64), 4),
+            (A8._kv_stats_kernel, dict(K="*bf16", V="*bf16", KSum="*fp32", VMax="*fp32"),
+             dict(HEAD_DIM=D, K_BLOCK=A8.K_BLOCK, BLOCKS=A8.STATS_BLOCKS), 8),
+            (A8._kv_finish_kernel, dict(KSum="*fp32", VMax="*fp32", Mean="*fp32", VS="*fp32"),
+             dict(HEAD_DIM=D, VMAX=A8.FP8_MAX, BLOCK_B=16, BLOCK_D=32), 4)):
+        r = run(fn, types, cx, w, 2)
+        rows.append({"kernel": fn.__name__, **r})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
