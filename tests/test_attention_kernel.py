@@ -412,7 +412,7 @@ def test_gpu_token_interleaved_views_match_fp64():
     stride of 3 * H * D, and the prologue writing into a send-buffer slice."""
     L, H, D = 4608, 6, 128
     q, k, v = interleaved_qkv(L, H, D, torch.bfloat16, "cuda")
-    assert A._tma_descriptors(q, k, v, "BLHD") is not None
+    assert A._tma_views(q, k, v, "BLHD") is not None
     out = attention(q, k, v)
     check_finite(out)
     assert rel_err(out, ref_attention(q, k, v)[0]) <= 1e-2
