@@ -114,19 +114,38 @@ def _prologue_kernel(
     INTERLEAVED: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """Writes norm+RoPE(X) once (the `k_mode="prepass"` path for K)."""
-    pid_l = tl.program_id(0)
-    off_b = tl.program_id(1) // H
-    off_h = tl.program_id(1) % H
-    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    """Writes norm+RoPE(X) once (the prepass on K, and on Q before the Gluon kernel): BLOCK_L tokens of one
+    batch, every head, so cos/sin and the norm weights are loaded once for all heads. RoPE's partner column
+    (d ^ 1, or d ^ D/2 for rotate-half) is a second load of the same row, not a register shuffle: the
+    reshape/split form of `_norm_rope` ran this pass at ~0.5 TB/s on an H100 (perf/RESULTS.md)."""
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    off_b = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     ok = (rows < L)[:, None]
-    x_base = X + off_b.to(tl.int64) * stride_xb + off_h.to(tl.int64) * stride_xh
-    x = tl.load(x_base + rows[:, None] * stride_xl + d[None, :], mask=ok, other=0.0).to(tl.float32)
-    x = _norm_rope(x, rows, L, W0, W1, norm_split, Cos, Sin, stride_cl, eps,
-                   NORM, ROPE, INTERLEAVED, BLOCK_L, HEAD_DIM)
-    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    tl.store(o_base + rows[:, None] * stride_ol + d[None, :], x.to(Out.dtype.element_ty), mask=ok)
+    partner = d ^ 1 if INTERLEAVED else d ^ (HEAD_DIM // 2)
+    first = (d & 1) == 0 if INTERLEAVED else d < HEAD_DIM // 2
+    if NORM:
+        later = (rows >= norm_split)[:, None]
+        w = tl.where(later, tl.load(W1 + d)[None, :], tl.load(W0 + d)[None, :]).to(tl.float32)
+        wp = tl.where(later, tl.load(W1 + partner)[None, :], tl.load(W0 + partner)[None, :]).to(tl.float32)
+    if ROPE:
+        cs = rows[:, None] * stride_cl + d[None, :]
+        cos = tl.load(Cos + cs, mask=ok, other=0.0)
+        sin = tl.where(first[None, :], -1.0, 1.0) * tl.load(Sin + cs, mask=ok, other=0.0)
+    for h in range(H):
+        x_row = X + off_b * stride_xb + h * stride_xh + rows[:, None] * stride_xl
+        x = tl.load(x_row + d[None, :], mask=ok, other=0.0).to(tl.float32)
+        if ROPE:
+            xp = tl.load(x_row + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+        if NORM:
+            inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+            x = x * inv_rms * w
+            if ROPE:
+                xp = xp * inv_rms * wp
+        if ROPE:
+            x = x * cos + xp * sin
+        o_row = Out + off_b * stride_ob + h * stride_oh + rows[:, None] * stride_ol
+        tl.store(o_row + d[None, :], x.to(Out.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -418,7 +437,7 @@ _attn_fwd_tuned = triton.autotune(
 
 
 def _prologue_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_L": bl}, num_warps=w) for bl in (32, 64) for w in (4, 8)]
+    return [triton.Config({"BLOCK_L": bl}, num_warps=w) for bl in (16, 32, 64) for w in (4, 8)]
 
 
 _prologue_tuned = triton.autotune(configs=_prologue_configs(), key=["L", "HEAD_DIM", "NORM", "ROPE"])(
@@ -497,9 +516,9 @@ def _launch_prologue(x: torch.Tensor, layout: str, w: Optional[torch.Tensor], p:
     args = (x, out, w0, w1, cos, sin, p.eps, p.norm_split, sxb, sxh, sxl, sob, soh, sol, cos.stride(0), H, L)
     meta = dict(HEAD_DIM=D, NORM=w is not None, ROPE=p.cos is not None, INTERLEAVED=p.interleaved)
     if INTERPRET:
-        _prologue_kernel[(triton.cdiv(L, 64), B * H)](*args, **meta, BLOCK_L=64)
+        _prologue_kernel[(triton.cdiv(L, 64), B)](*args, **meta, BLOCK_L=64)
     else:
-        _prologue_tuned[lambda m: (triton.cdiv(L, m["BLOCK_L"]), B * H)](*args, **meta)
+        _prologue_tuned[lambda m: (triton.cdiv(L, m["BLOCK_L"]), B)](*args, **meta)
     return out
 
 
