@@ -21,6 +21,9 @@ Optional, all in the same launch:
     recomputed for every query block) or as a prepass kernel that writes K' once (`k_mode`, default
     "prepass": 2.2x faster on the H100 at FLUX size, perf/ATTENTION_NOTES.md).
 
+On sm_90 (H100/H200) the same function runs as the Gluon kernel of attention_hopper.py (FlashAttention-3's
+warp-specialised structure) whenever it supports the call; the prologue is then a prepass on Q and K.
+
 Under TRITON_INTERPRET=1 (CPU) the kernels run in Triton's interpreter: tl.dot on bf16 is wrong there
 (shared/ENVIRONMENT.md), so CPU use is restricted to fp16/fp32 by the registry.
 """
@@ -37,10 +40,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import attention_hopper as _hopper
+
 # Read once, like triton.jit does at decoration time: setting it after this import has no effect.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 Layout = Literal["BLHD", "BHLD"]
+# On an H100 the Gluon kernel (attention_hopper.py) takes every call it supports: 1.0-1.13x cuDNN SDPA against
+# this kernel's 0.78-0.86x (perf/RESULTS.md). Benchmarks set False to time the Triton-lang kernel.
+HOPPER_KERNEL: bool = True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,19 +114,38 @@ def _prologue_kernel(
     INTERLEAVED: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """Writes norm+RoPE(X) once (the `k_mode="prepass"` path for K)."""
-    pid_l = tl.program_id(0)
-    off_b = tl.program_id(1) // H
-    off_h = tl.program_id(1) % H
-    rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    """Writes norm+RoPE(X) once (the prepass on K, and on Q before the Gluon kernel): BLOCK_L tokens of one
+    batch, every head, so cos/sin and the norm weights are loaded once for all heads. RoPE's partner column
+    (d ^ 1, or d ^ D/2 for rotate-half) is a second load of the same row, not a register shuffle: the
+    reshape/split form of `_norm_rope` ran this pass at ~0.5 TB/s on an H100 (perf/RESULTS.md)."""
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    off_b = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
     ok = (rows < L)[:, None]
-    x_base = X + off_b.to(tl.int64) * stride_xb + off_h.to(tl.int64) * stride_xh
-    x = tl.load(x_base + rows[:, None] * stride_xl + d[None, :], mask=ok, other=0.0).to(tl.float32)
-    x = _norm_rope(x, rows, L, W0, W1, norm_split, Cos, Sin, stride_cl, eps,
-                   NORM, ROPE, INTERLEAVED, BLOCK_L, HEAD_DIM)
-    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    tl.store(o_base + rows[:, None] * stride_ol + d[None, :], x.to(Out.dtype.element_ty), mask=ok)
+    partner = d ^ 1 if INTERLEAVED else d ^ (HEAD_DIM // 2)
+    first = (d & 1) == 0 if INTERLEAVED else d < HEAD_DIM // 2
+    if NORM:
+        later = (rows >= norm_split)[:, None]
+        w = tl.where(later, tl.load(W1 + d)[None, :], tl.load(W0 + d)[None, :]).to(tl.float32)
+        wp = tl.where(later, tl.load(W1 + partner)[None, :], tl.load(W0 + partner)[None, :]).to(tl.float32)
+    if ROPE:
+        cs = rows[:, None] * stride_cl + d[None, :]
+        cos = tl.load(Cos + cs, mask=ok, other=0.0)
+        sin = tl.where(first[None, :], -1.0, 1.0) * tl.load(Sin + cs, mask=ok, other=0.0)
+    for h in range(H):
+        x_row = X + off_b * stride_xb + h * stride_xh + rows[:, None] * stride_xl
+        x = tl.load(x_row + d[None, :], mask=ok, other=0.0).to(tl.float32)
+        if ROPE:
+            xp = tl.load(x_row + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+        if NORM:
+            inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
+            x = x * inv_rms * w
+            if ROPE:
+                xp = xp * inv_rms * wp
+        if ROPE:
+            x = x * cos + xp * sin
+        o_row = Out + off_b * stride_ob + h * stride_oh + rows[:, None] * stride_ol
+        tl.store(o_row + d[None, :], x.to(Out.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -410,7 +437,7 @@ _attn_fwd_tuned = triton.autotune(
 
 
 def _prologue_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_L": bl}, num_warps=w) for bl in (32, 64) for w in (4, 8)]
+    return [triton.Config({"BLOCK_L": bl}, num_warps=w) for bl in (16, 32, 64) for w in (4, 8)]
 
 
 _prologue_tuned = triton.autotune(configs=_prologue_configs(), key=["L", "HEAD_DIM", "NORM", "ROPE"])(
@@ -489,9 +516,9 @@ def _launch_prologue(x: torch.Tensor, layout: str, w: Optional[torch.Tensor], p:
     args = (x, out, w0, w1, cos, sin, p.eps, p.norm_split, sxb, sxh, sxl, sob, soh, sol, cos.stride(0), H, L)
     meta = dict(HEAD_DIM=D, NORM=w is not None, ROPE=p.cos is not None, INTERLEAVED=p.interleaved)
     if INTERPRET:
-        _prologue_kernel[(triton.cdiv(L, 64), B * H)](*args, **meta, BLOCK_L=64)
+        _prologue_kernel[(triton.cdiv(L, 64), B)](*args, **meta, BLOCK_L=64)
     else:
-        _prologue_tuned[lambda m: (triton.cdiv(L, m["BLOCK_L"]), B * H)](*args, **meta)
+        _prologue_tuned[lambda m: (triton.cdiv(L, m["BLOCK_L"]), B)](*args, **meta)
     return out
 
 
@@ -514,12 +541,12 @@ def _validate_prologue(p: Prologue, D: int, Lq: int, Lk: int, device: torch.devi
     return p
 
 
-def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str
-                     ) -> Optional[tuple[TensorDescriptor, ...]]:
-    """2-D TMA views (token rows, row width) of q, k, v, or None when a tensor's token rows are not evenly
-    spaced or are misaligned; the tuner then only times pointer loads. BLHD rows may be wider than
-    H * D (Ulysses hands over Q, K and V interleaved per token: one (1, L, H, D) view each)."""
-    descs = []
+def _tma_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str
+               ) -> Optional[tuple[tuple[torch.Tensor, int, int, int], ...]]:
+    """(tensor, rows, width, row stride) of the 2-D token-row views a TMA reads, for q, k, v; None when a
+    tensor's token rows are not evenly spaced or are misaligned. BLHD rows may be wider than H * D (Ulysses
+    hands over Q, K and V interleaved per token: one (1, L, H, D) view each)."""
+    views = []
     for x in (q, k, v):
         B, H, L, D = dims(x, layout)
         if layout == "BLHD":
@@ -530,8 +557,13 @@ def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
             row, dense, rows, width = D, x.is_contiguous(), B * H * L, D
         if not dense or x.data_ptr() % 16 or (row * x.element_size()) % 16:
             return None
-        descs.append(TensorDescriptor(x, [rows, width], [row, 1], [1, D]))
-    return tuple(descs)
+        views.append((x, rows, width, row))
+    return tuple(views)
+
+
+def _tma_descriptors(views) -> tuple[TensorDescriptor, ...]:
+    """Host TMA descriptors of `_tma_views` for the Triton-lang kernel (its tuner sets the block shapes)."""
+    return tuple(TensorDescriptor(x, [rows, width], [row, 1], [1, x.shape[-1]]) for x, rows, width, row in views)
 
 
 def _attention_impl(
@@ -548,14 +580,22 @@ def _attention_impl(
     if (norm or rope) and not k_inline:
         k = _launch_prologue(k, layout, p.k_weight, p)
 
+    views = _tma_views(q, k, v, layout) if not INTERPRET else None
     out = _alloc(tuple(q.shape), q, q.dtype)
     lse = _alloc((B, H, Lq), q, torch.float32)
-    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else q  # q: unused pointer when HAS_MASK=False
+    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else None
+    if HOPPER_KERNEL and not k_inline and _hopper.supported(q, views):
+        if norm or rope:
+            q = _launch_prologue(q, layout, p.q_weight, p)
+            views = _tma_views(q, k, v, layout)
+        _hopper.launch(q, views, out, lse, mask_u8, _strides(out, layout), H, Lq, Lk, scale, layout == "BLHD")
+        return out, lse
+    mask_u8 = mask_u8 if mask_u8 is not None else q  # q: unused pointer when HAS_MASK=False
     qw0, qw1 = _norm_weights(p.q_weight if norm else None, D, q)
     kw0, kw1 = _norm_weights(p.k_weight if norm else None, D, q)
     cos = p.cos if rope else q
     sin = p.sin if rope else q
-    descs = _tma_descriptors(q, k, v, layout) if not INTERPRET else None
+    descs = _tma_descriptors(views) if views is not None else None
     args = (
         q, k, v, out, lse, mask_u8, *(descs or (q, k, v)), int(descs is not None), qw0, qw1, kw0, kw1, cos, sin,
         scale, p.eps if p is not None else 0.0, p.norm_split if p is not None else 0,

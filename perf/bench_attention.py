@@ -39,6 +39,7 @@ from triton.testing import do_bench
 
 from ditserve.kernels import attention as A
 from ditserve.kernels import attention_fp8 as A8
+from ditserve.kernels import attention_hopper as AH
 from ditserve.kernels.attention import Prologue, attention
 from ditserve.kernels.attention_fp8 import attention_fp8, attention_fp8_quantized, quantize_fp8
 
@@ -67,13 +68,32 @@ def sdpa(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return run
 
 
+@contextlib.contextmanager
+def triton_lang_kernel():
+    """attention() on the Triton-lang kernel even where the Gluon one (attention_hopper.py) would run."""
+    saved, A.HOPPER_KERNEL = A.HOPPER_KERNEL, False
+    try:
+        yield
+    finally:
+        A.HOPPER_KERNEL = saved
+
+
+def on_triton_lang(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        with triton_lang_kernel():
+            return fn()
+
+    return run
+
+
 def attention_row(B: int, H: int, L: int, D: int) -> dict:
     q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     t8 = quantize_fp8(q, k, v)
     t8e4 = quantize_fp8(q, k, v, qk_format="fp8")
     fns = {
-        "triton_bf16": lambda: attention(q, k, v),
+        "triton_bf16": lambda: attention(q, k, v),  # the Gluon kernel on sm_90
+        "triton_lang_bf16": on_triton_lang(lambda: attention(q, k, v)),
         "triton_fp8_kernel": lambda: attention_fp8_quantized(t8),
         "triton_fp8_e2e": lambda: attention_fp8(q, k, v),
         "triton_e4m3qk_kernel": lambda: attention_fp8_quantized(t8e4),
@@ -81,7 +101,7 @@ def attention_row(B: int, H: int, L: int, D: int) -> dict:
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, qh, kh, vh),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION, qh, kh, vh),
     }
-    tuners = {"triton_bf16": A._attn_fwd_tuned, "triton_fp8_kernel": A8._attn_fwd_fp8_tuned,
+    tuners = {"triton_lang_bf16": A._attn_fwd_tuned, "triton_fp8_kernel": A8._attn_fwd_fp8_tuned,
               "triton_e4m3qk_kernel": A8._attn_fwd_fp8_tuned}
     row: dict = {"shape": [B, H, L, D]}
     for name, fn in fns.items():
@@ -249,7 +269,8 @@ def step_model(name: str, device: torch.device, dtype: torch.dtype, tiny: bool
 def step_rows(name: str, backends: list[str], runs: int, device: torch.device, tiny: bool) -> dict:
     """One transformer step of `name` per attention backend: "diffusers" (diffusers' processors, torch's SDPA
     dispatch), "cudnn" (the same restricted to cuDNN, as the denoisers' attention_backend=cudnn) and the
-    registry backends through our processors (fused prologue on "triton"). Median of `runs` timed steps after
+    registry backends through our processors (fused prologue on "triton"; "triton_lang": the same on the Triton-lang
+    kernel where the Gluon one would run). Median of `runs` timed steps after
     one untimed step (Triton's autotuning), and the output's error against "diffusers"."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     what, model, inputs, set_attention_backend, flop = step_model(name, device, dtype, tiny)
@@ -271,8 +292,9 @@ def step_rows(name: str, backends: list[str], runs: int, device: torch.device, t
     ref = None
     with torch.no_grad():
         for backend in ["diffusers", *backends]:
-            set_attention_backend(model, "diffusers" if backend == "cudnn" else backend)
-            context = sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if backend == "cudnn" else contextlib.nullcontext()
+            set_attention_backend(model, {"cudnn": "diffusers", "triton_lang": "triton"}.get(backend, backend))
+            context = (sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if backend == "cudnn"
+                       else triton_lang_kernel() if backend == "triton_lang" else contextlib.nullcontext())
             try:
                 with context:
                     out = model(**inputs, return_dict=False)[0]
@@ -303,18 +325,21 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     D = 128
 
-    def run(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    def run(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int, **options) -> dict:
         sig = {name: types.get(name, "i32") for name in fn.arg_names}
         sig.update({name: "constexpr" for name in constexprs})
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                  if name not in constexprs and sig[name] in ("i32",) or sig[name].startswith("*")}
+        source = GluonASTSource if fn.is_gluon() else ASTSource
         try:
-            k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                               options={"num_warps": num_warps, "num_stages": num_stages})
+            k = triton.compile(source(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                               options={"num_warps": num_warps, "num_stages": num_stages, **options})
         except Exception as e:
             return {"error": repr(e)[:300]}
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -343,6 +368,16 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
                       K_PROLOGUE=False, PRECISION="tf32", USE_TMA=tma, PIPE=pipe, BLOCK_M=bm, BLOCK_N=bn)
             r = run(A._attn_fwd_kernel, types, cx, w, st)
             rows.append({"kernel": "bf16" + ("+prologue" if prologue else ""), "cfg": [bm, bn, w, st, tma, pipe], **r})
+            print(json.dumps(rows[-1]), flush=True)
+    for d in (128,) if quick else AH.HEAD_DIMS:
+        for masked in (True,) if quick else (False, True):
+            descs = {name: f"tensordesc<bf16[{rows}, {d}],"
+                           f"{gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)!r}>"
+                     for name, rows in (("q_desc", AH.BLOCK_M), ("k_desc", AH.BLOCK_N), ("v_desc", AH.BLOCK_N))}
+            types = dict(descs, Out="*bf16", Lse="*fp32", Mask="*u8", qk_scale="fp32")
+            cx = dict(BLHD=True, STAGES=AH.STAGES, TAIL=True, HAS_MASK=masked)
+            r = run(AH._attn_fwd_hopper, types, cx, 4, 1, maxnreg=AH.MAXNREG)
+            rows.append({"kernel": "bf16 hopper (gluon)", "cfg": [d, masked], **r})
             print(json.dumps(rows[-1]), flush=True)
     for bm, bn, w, st, tma, pipe in pick(A8.FP8_LONG):
         for int8 in (True, False):
@@ -434,8 +469,9 @@ def main() -> None:
 
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
     print("TFLOP/s (4*B*H*L^2*D / median time)")
-    cols = ["triton_bf16", "triton_fp8_kernel", "triton_fp8_e2e", "triton_e4m3qk_kernel", "sdpa_cudnn", "sdpa_flash"]
-    heads = ["bf16", "int8qk-fp8pv", "...e2e", "e4m3-all", "cuDNN", "flash"]
+    cols = ["triton_bf16", "triton_lang_bf16", "triton_fp8_kernel", "triton_fp8_e2e", "triton_e4m3qk_kernel",
+            "sdpa_cudnn", "sdpa_flash"]
+    heads = ["bf16", "bf16 tl", "int8qk-fp8pv", "...e2e", "e4m3-all", "cuDNN", "flash"]
     print(f"{'shape':<20}" + "".join(f"{c:>14}" for c in heads) + f"{'bf16/cuDNN':>11}{'fp8/cuDNN':>10}{'cos fp8':>9}")
     for r in rows:
         t = {c: r[c]["tflops"] for c in cols}

@@ -383,22 +383,46 @@ GPU_CASES = [
 ]
 
 
+@pytest.fixture(params=["gluon", "triton-lang"])
+def bf16_kernel(request, monkeypatch):
+    """Runs a GPU test on each bf16 kernel: the Gluon one (sm_90 only) and the Triton-lang one, and checks that
+    attention() dispatched to the one meant."""
+    gluon = request.param == "gluon"
+    if gluon and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel is sm_90 only")
+    monkeypatch.setattr(A, "HOPPER_KERNEL", gluon)
+    calls = []
+    launch = A._hopper.launch
+    monkeypatch.setattr(A._hopper, "launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    yield
+    assert bool(calls) == gluon
+
+
 @gpu
 @pytest.mark.parametrize("B,H,Lq,Lk,D,masked", GPU_CASES)
-def test_gpu_bf16_matches_fp64(B, H, Lq, Lk, D, masked):
-    q, k, v = make_qkv(B, H, Lq, Lk, D, torch.bfloat16, "BLHD", "cuda")
+@pytest.mark.parametrize("layout", ["BLHD", "BHLD"])
+def test_gpu_bf16_matches_fp64(B, H, Lq, Lk, D, masked, layout, bf16_kernel):
+    q, k, v = make_qkv(B, H, Lq, Lk, D, torch.bfloat16, layout, "cuda")
     mask = make_mask(B, Lk, "cuda") if masked else None
-    out, lse = attention(q, k, v, mask=mask, return_lse=True)
+    out, lse = attention(q, k, v, mask=mask, layout=layout, return_lse=True)
     check_finite(out, lse)
-    ref, ref_lse = ref_attention(q, k, v, mask)
+    ref, ref_lse = ref_attention(q, k, v, mask, layout)
     assert rel_err(out, ref) <= 1e-2
     assert (lse.double() - ref_lse).abs().max().item() < 5e-2
 
 
 @gpu
-@pytest.mark.parametrize("k_mode,D", [("inline", 64), ("prepass", 64), ("prepass", 128)])
-@pytest.mark.parametrize("interleaved", [True, False])
-def test_gpu_bf16_prologue_matches_fp64(k_mode, D, interleaved):
+def test_gpu_bf16_fully_masked_rows_give_zero(bf16_kernel):
+    q, k, v = make_qkv(2, 2, 300, 257, 128, torch.bfloat16, "BLHD", "cuda")
+    mask = make_mask(2, 257, "cuda")
+    mask[1] = False
+    out, lse = attention(q, k, v, mask=mask, return_lse=True)
+    assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
+    ref, ref_lse = ref_attention(q[:1], k[:1], v[:1], mask[:1])
+    assert rel_err(out[:1], ref) <= 1e-2 and (lse[:1].double() - ref_lse).abs().max().item() < 5e-2
+
+
+def check_gpu_prologue(k_mode, D, interleaved):
     B, H, L = 1, 4, 1000
     q, k, v = make_qkv(B, H, L, L, D, torch.bfloat16, "BLHD", "cuda")
     p = make_prologue(L, D, norm=True, rope=True, interleaved=interleaved, k_mode=k_mode, split=300, device="cuda")
@@ -410,12 +434,26 @@ def test_gpu_bf16_prologue_matches_fp64(k_mode, D, interleaved):
 
 
 @gpu
-def test_gpu_token_interleaved_views_match_fp64():
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_gpu_bf16_prologue_matches_fp64(D, interleaved, bf16_kernel):
+    check_gpu_prologue("prepass", D, interleaved)
+
+
+@gpu
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_gpu_bf16_inline_prologue_matches_fp64(interleaved):
+    """k_mode="inline" (K's prologue inside the key loop) exists in the Triton-lang kernel only."""
+    check_gpu_prologue("inline", 64, interleaved)
+
+
+@gpu
+def test_gpu_token_interleaved_views_match_fp64(bf16_kernel):
     """The Ulysses receive layout at FLUX's size on 4 GPUs (6 heads a rank): TMA descriptors with a row
     stride of 3 * H * D, and the prologue writing into a send-buffer slice."""
     L, H, D = 4608, 6, 128
     q, k, v = interleaved_qkv(L, H, D, torch.bfloat16, "cuda")
-    assert A._tma_descriptors(q, k, v, "BLHD") is not None
+    assert A._tma_views(q, k, v, "BLHD") is not None
     out = attention(q, k, v)
     check_finite(out)
     assert rel_err(out, ref_attention(q, k, v)[0]) <= 1e-2
@@ -453,7 +491,7 @@ def test_gpu_fp8_cosine(B, H, Lq, Lk, D, masked, qk_format, min_cos):
 
 
 @gpu
-def test_gpu_lse_merge():
+def test_gpu_lse_merge(bf16_kernel):
     q, k, v = make_qkv(1, 4, 1000, 2000, 128, torch.bfloat16, "BLHD", "cuda")
     o1, l1 = attention(q, k[:, :1000], v[:, :1000], return_lse=True)
     o2, l2 = attention(q, k[:, 1000:], v[:, 1000:], return_lse=True)

@@ -1,0 +1,232 @@
+"""Forward attention for Hopper (sm_90) in Gluon, FlashAttention-3's structure: warp-specialised, with the
+tensor cores and the softmax overlapped explicitly.
+
+Why a second kernel: `attention.py` (Triton-lang) stays at 0.78-0.86x cuDNN SDPA on an H100 because the
+softmax of a key tile and the two MMAs of that tile run one after the other within a warpgroup (perf/RESULTS.md:
+Triton's own warp specialisation and software pipelining of that kernel were slower still). Gluon exposes what
+those passes decide for us: asynchronous `warpgroup_mma` with explicit waits, TMA with mbarriers, and
+warp-specialised partitions with their register budgets.
+
+One program computes 2 x BLOCK_M query rows of one (batch, head):
+  * a producer warp loads the two Q tiles once and streams K and V tiles by TMA into a STAGES-deep ring
+    (ready barriers signalled by the copies, empty barriers by both consumers);
+  * two consumer warpgroups (the default partition and one worker) each own BLOCK_M = 64 rows. Per key
+    tile j a consumer issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, waits for S_j only, and
+    exponentiates it while the P V product is still on the tensor cores (FA3's intra-warpgroup overlap);
+    then it waits for O, rescales it and moves on. The two warpgroups are not synchronised with each
+    other, so the SM's schedulers also overlap one warpgroup's softmax with the other's MMAs.
+
+Used by `attention.attention` (the `triton` backend) when `supported`: an sm_90 GPU, bf16/fp16, head dim 64 or
+128, token rows a TMA can address. Non-causal, optional key-padding mask; the norm/RoPE prologue runs as a
+prepass on Q and K first. Keys past Lk in the last tile are masked; in the 2-D TMA views those rows belong to the
+next batch/head and reach P V with P = 0 (finite values, as every activation here).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+BLOCK_M = 64  # query rows per consumer warpgroup (wgmma's M is 64 per warpgroup)
+CONSUMERS = 2
+
+
+@gluon.jit
+def _softmax_update(s, m_i, l_i, j, n_kv, LK, mask_ptr, qk_scale, TAIL: gl.constexpr, HAS_MASK: gl.constexpr,
+                    BLOCK_N: gl.constexpr):
+    """Online-softmax step on the raw scores s of key tile j: returns P (unnormalised), alpha, m, l."""
+    cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s.type.layout))
+    if HAS_MASK:
+        keep = gl.load(mask_ptr + cols, mask=cols < LK, other=0) != 0
+        s = gl.where(keep[None, :], s, float("-inf"))
+    elif TAIL:
+        if j == n_kv - 1:
+            s = gl.where((cols < LK)[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _consumer(args, WG: gl.constexpr, TAIL: gl.constexpr, HAS_MASK: gl.constexpr):
+    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+     o_ptr, lse_ptr, mask_ptr, stride_ol, q_row0, m0, k_row0, col0, LQ, LK, n_kv, qk_scale) = args
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q = q_smem.index(WG)
+    mbarrier.wait(q_bar.index(WG), 0)
+    zero_s = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
+    o = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+    m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+
+    # Tile 0: scores and softmax alone (no P V to overlap with yet).
+    mbarrier.wait(k_ready.index(0), 0)
+    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, 0, n_kv, LK, mask_ptr, qk_scale, TAIL, HAS_MASK, BLOCK_N)
+    p_op = gl.convert_layout(p.to(v_desc.dtype), p_layout)
+
+    for j in range(1, n_kv):
+        sk = j % STAGES
+        mbarrier.wait(k_ready.index(sk), (j // STAGES) & 1)
+        s_tok = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        sv = (j - 1) % STAGES
+        mbarrier.wait(v_ready.index(sv), ((j - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_smem.index(sv), o, is_async=True)
+        # S_j is done once at most one wgmma (the P V product) is in flight: exponentiate it meanwhile.
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(sk), count=1)
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, j, n_kv, LK, mask_ptr, qk_scale, TAIL, HAS_MASK, BLOCK_N)
+        o, _ = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+        mbarrier.arrive(v_empty.index(sv), count=1)
+        o = o * gl.convert_layout(alpha, o_rows)[:, None]
+        p_op = gl.convert_layout(p.to(v_desc.dtype), p_layout)
+
+    sv = (n_kv - 1) % STAGES
+    mbarrier.wait(v_ready.index(sv), ((n_kv - 1) // STAGES) & 1)
+    o_tok = warpgroup_mma(p_op, v_smem.index(sv), o, is_async=True)
+    o, _ = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+    mbarrier.arrive(v_empty.index(sv), count=1)
+
+    # Rows without any key (all masked) get 0 and an LSE of -inf, as in the Triton kernel.
+    l_o = gl.convert_layout(l_i, o_rows)
+    has_keys = l_o > 0.0
+    l_safe = gl.where(has_keys, l_o, 1.0)
+    o = o / l_safe[:, None]
+    rows = m0 + WG * BM + gl.arange(0, BM, layout=o_rows)
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    row_ok = rows < LQ
+    gl.store(o_ptr + rows[:, None].to(gl.int64) * stride_ol + cols[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    lse = gl.where(has_keys, (gl.convert_layout(m_i, o_rows) + gl.log2(l_safe)) * 0.6931471805599453,
+                   float("-inf"))
+    gl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+@gluon.jit
+def _producer(args, WG: gl.constexpr, TAIL: gl.constexpr, HAS_MASK: gl.constexpr):
+    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+     o_ptr, lse_ptr, mask_ptr, stride_ol, q_row0, m0, k_row0, col0, LQ, LK, n_kv, qk_scale) = args
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    for c in gl.static_range(2):
+        mbarrier.expect(q_bar.index(c), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row0 + m0 + c * BM, col0], q_bar.index(c), q_smem.index(c))
+    for j in range(n_kv):
+        s = j % STAGES
+        phase = ((j // STAGES) & 1) ^ 1  # empty barriers start out completed: the first lap does not wait
+        mbarrier.wait(k_empty.index(s), phase)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [k_row0 + j * BLOCK_N, col0], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), phase)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [k_row0 + j * BLOCK_N, col0], v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, Lse, Mask, stride_ob, stride_oh, stride_ol, stride_mb, H, LQ, LK,
+                     qk_scale, BLHD: gl.constexpr, STAGES: gl.constexpr, TAIL: gl.constexpr,
+                     HAS_MASK: gl.constexpr):
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    off_bh = gl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    m0 = gl.program_id(0) * (2 * BM)
+    # The TMA descriptors view Q/K/V as 2-D (token rows, row width): (B*L, H*D) for BLHD, (B*H*L, D) for BHLD.
+    if BLHD:
+        q_row0 = off_b * LQ
+        k_row0 = off_b * LK
+        col0 = off_h * HEAD_DIM
+    else:
+        q_row0 = off_bh * LQ
+        k_row0 = off_bh * LK
+        col0 = 0
+    o_ptr = Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+    lse_ptr = Lse + off_bh.to(gl.int64) * LQ
+    mask_ptr = Mask + off_b.to(gl.int64) * stride_mb
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(q_bar.index(c), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers release a tile
+        mbarrier.init(v_empty.index(i), count=2)
+
+    n_kv = gl.cdiv(LK, k_desc.block_type.shape[0])
+    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+            o_ptr, lse_ptr, mask_ptr, stride_ol, q_row0, m0, k_row0, col0, LQ, LK, n_kv, qk_scale)
+    gl.warp_specialize([
+        (_consumer, (args, 0, TAIL, HAS_MASK)),
+        (_consumer, (args, 1, TAIL, HAS_MASK)),
+        (_producer, (args, 0, TAIL, HAS_MASK)),
+    ], [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
+
+
+# Register budget: 4 + 4 + 1 warps round up to three warpgroups (384 threads); 65,536 registers an SM at one
+# program an SM leave 168 a thread on average: 240 for each consumer warpgroup, 24 for the producer (FA3's split).
+MAXNREG = 168
+REGS_CONSUMER = gl.constexpr(240)
+REGS_PRODUCER = gl.constexpr(24)
+# 128-key tiles, two stages: Q (2 x 64 rows) + K and V (2 x 2 x 128 rows) at head dim 128 take 160 KB of shared
+# memory; a third stage would need 224 KB plus barriers, over the 227 KB a block may use.
+BLOCK_N = 128
+STAGES = 2
+HEAD_DIMS = (64, 128)
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+
+
+def supported(q: torch.Tensor, views: Optional[tuple]) -> bool:
+    """Whether this kernel runs q's attention: an sm_90 GPU, bf16/fp16, head dim 64/128 and TMA-able views
+    (`views` from attention._tma_views, None when a tensor's token rows are not evenly spaced)."""
+    return (views is not None and q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] in HEAD_DIMS and torch.cuda.get_device_capability(q.device) == (9, 0))
+
+
+def launch(q: torch.Tensor, views: tuple, out: torch.Tensor, lse: torch.Tensor, mask_u8: Optional[torch.Tensor],
+           out_strides: tuple[int, int, int], H: int, Lq: int, Lk: int, scale: float, blhd: bool) -> None:
+    """Writes out (any strides, contiguous last dim) and lse (B, H, Lq) fp32. views: (tensor, rows, width,
+    row_stride) per q, k, v: the 2-D token-row views the TMA reads."""
+    D = q.shape[-1]
+    descs = []
+    for (x, rows, width, row_stride), block in zip(views, (BLOCK_M, BLOCK_N, BLOCK_N)):
+        layout = gl.NVMMASharedLayout.get_default_for([block, D], _gl_dtype(x.dtype))
+        descs.append(TensorDescriptor(x, [rows, width], [row_stride, 1], [block, D], layout))
+    grid = (triton.cdiv(Lq, CONSUMERS * BLOCK_M), lse.shape[0] * H)
+    _attn_fwd_hopper[grid](
+        *descs, out, lse, mask_u8 if mask_u8 is not None else lse, *out_strides,
+        mask_u8.stride(0) if mask_u8 is not None else 0, H, Lq, Lk, scale * 1.4426950408889634,
+        BLHD=blhd, STAGES=STAGES, TAIL=Lk % BLOCK_N != 0, HAS_MASK=mask_u8 is not None,
+        num_warps=4, maxnreg=MAXNREG)
