@@ -208,11 +208,16 @@ def _gl_dtype(dtype: torch.dtype):
     return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether `device` is one this kernel runs on (sm_90: H100, H200)."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def supported(q: torch.Tensor, views: Optional[tuple]) -> bool:
     """Whether this kernel runs q's attention: an sm_90 GPU, bf16/fp16, head dim 64/128 and TMA-able views
     (`views` from attention._tma_views, None when a tensor's token rows are not evenly spaced)."""
-    return (views is not None and q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-1] in HEAD_DIMS and torch.cuda.get_device_capability(q.device) == (9, 0))
+    return (views is not None and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in HEAD_DIMS
+            and runs_on(q.device))
 
 
 def launch(q: torch.Tensor, views: tuple, out: torch.Tensor, lse: torch.Tensor, mask_u8: Optional[torch.Tensor],

@@ -33,7 +33,8 @@ from typing import Optional
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ditserve.denoising import AUTOTUNED_BACKENDS, TransformerDenoiser, TransformerOptions
+from ditserve.denoising import AUTOTUNED_BACKENDS, TransformerDenoiser, TransformerOptions, attention_fits
+from ditserve.kernels import attention_hopper
 from ditserve.kernels.wan_processor import set_attention_backend
 from ditserve.loading import Checkpoint
 from ditserve.parallel.wan import set_sequence_parallel, sp_forward
@@ -108,14 +109,17 @@ class WanDenoiser(TransformerDenoiser):
         return [self.transformer] + ([self.transformer_2] if self.transformer_2 is not None else [])
 
     def auto_attention_backend(self, head_dim: int) -> str:
-        # diffusers' SDPA (our kernel is 5.8% slower at Wan 14B's size: 3,600 vs 3,402 ms a step on an H100,
-        # 2026-11-26, perf/RESULTS.md), except for Ring
-        # attention on CUDA: its "sdpa" blocks run torch's memory-efficient kernel, the only one that returns
-        # their log-sum-exp (182 TFLOP/s at 1x40x32760x128 on an H100, shared/ENVIRONMENT.md), our kernel
-        # 498.6 (perf/RESULTS.md).
+        # Our kernel where it is the Gluon one (sm_90: a Wan 14B step 3,050 vs 3,380 ms with diffusers' SDPA on
+        # an H100) or for Ring attention on CUDA: its "sdpa" blocks run torch's memory-efficient kernel, the only
+        # one that returns their log-sum-exp (182 TFLOP/s at 1x40x32760x128 on an H100, shared/ENVIRONMENT.md).
+        # Elsewhere diffusers' SDPA: the Triton-lang kernel is 5% slower at Wan 14B's size (3,542 vs 3,380 ms;
+        # perf/RESULTS.md, "A Gluon kernel for Hopper").
         config = self.parallel_config
-        ring_on_cuda = config is not None and config.ring_degree > 1 and config.devices[0].type == "cuda"
-        return "triton" if ring_on_cuda else "sdpa"
+        devices = config.devices if config is not None else (self.runtime.device,)
+        ring_on_cuda = config is not None and config.ring_degree > 1 and devices[0].type == "cuda"
+        gluon = all(attention_hopper.runs_on(d) for d in devices) and attention_fits(
+            "triton", self.runtime, head_dim, masked=self.attention_masked)
+        return "triton" if ring_on_cuda or gluon else "sdpa"
 
     install_attention_backend = staticmethod(set_attention_backend)
     install_sequence_parallel = staticmethod(set_sequence_parallel)
