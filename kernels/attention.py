@@ -46,8 +46,8 @@ from . import attention_hopper as _hopper
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 Layout = Literal["BLHD", "BHLD"]
-# On an H100 the Gluon kernel (attention_hopper.py) takes every call it supports: 1.0-1.13x cuDNN SDPA against
-# this kernel's 0.78-0.86x (perf/RESULTS.md). Benchmarks set False to time the Triton-lang kernel.
+# On an H100 the Gluon kernel (attention_hopper.py) takes every call it supports: 0.99-1.13x cuDNN SDPA against
+# this kernel's 0.77-0.89x (perf/RESULTS.md). Benchmarks set False to time the Triton-lang kernel.
 HOPPER_KERNEL: bool = True
 
 

@@ -1,7 +1,7 @@
 """Forward attention for Hopper (sm_90) in Gluon, FlashAttention-3's structure: warp-specialised, with the
 tensor cores and the softmax overlapped explicitly.
 
-Why a second kernel: `attention.py` (Triton-lang) stays at 0.78-0.86x cuDNN SDPA on an H100 because the
+Why a second kernel: `attention.py` (Triton-lang) stays at 0.77-0.89x cuDNN SDPA on an H100 because the
 softmax of a key tile and the two MMAs of that tile run one after the other within a warpgroup (perf/RESULTS.md:
 Triton's own warp specialisation and software pipelining of that kernel were slower still). Gluon exposes what
 those passes decide for us: asynchronous `warpgroup_mma` with explicit waits, TMA with mbarriers, and
