@@ -508,3 +508,23 @@ def test_autotuning_is_keyed_on_length_buckets():
     assert [A.tune_length(n) for n in (1, 16, 17, 4103, 4608, 8192, 32760)] == [1, 16, 32, 8192, 8192, 8192, 32768]
     for key in (A._TUNE_KEY, A8._attn_fwd_fp8_tuned.keys):
         assert "LQ" not in key and "LK" not in key and {"LQ_TUNE", "LK_TUNE"} <= set(key)
+
+
+def test_gluon_kernel_takes_only_the_calls_it_supports(monkeypatch):
+    """attention() sends a call to the Gluon kernel only on sm_90, in bf16 (fp16 has not run on a GPU), at head
+    dims 64/128 and with token rows a TMA can address; everything else stays on the Triton-lang kernel."""
+    H = A._hopper
+    q, k, v = make_qkv(1, 2, 33, 40, 128, torch.bfloat16, "BLHD")
+    views = A._tma_views(q, k, v, "BLHD")
+    assert views is not None
+    assert not H.supported(q, views)  # no sm_90 GPU here
+    monkeypatch.setattr(H, "runs_on", lambda device: True)
+    assert H.supported(q, views)
+    assert not H.supported(q.half(), views)
+    assert not H.supported(q.float(), views)
+    assert not H.supported(q[..., :16], views)
+    assert not H.supported(q, None)
+    # Token rows 3 * H * D apart (a Ulysses receive buffer) are TMA-able; rows of a head-strided view are not.
+    buf = torch.zeros(1, 40, 3, 2, 128, dtype=torch.bfloat16)
+    assert A._tma_views(buf[:, :, 0], buf[:, :, 1], buf[:, :, 2], "BLHD") is not None
+    assert A._tma_views(q, k.transpose(1, 2).contiguous().transpose(1, 2), v, "BLHD") is None
