@@ -167,13 +167,15 @@ def test_pipelined_key_loop_matches_fp64(monkeypatch, Lq, Lk, D, dtype, masked, 
 
 @interp
 @pytest.mark.parametrize("interleaved", [True, False])
-def test_norm_rope_kernel_matches_reference(interleaved):
+@pytest.mark.parametrize("layout", ["BLHD", "BHLD"])
+def test_norm_rope_kernel_matches_reference(interleaved, layout):
+    """The prepass kernel (every head of a token block in one program): both layouts, batch 2, a tail block."""
     L, D = 113, 64
-    x = torch.randn(2, L, 3, D)
+    x = torch.randn(2, L, 3, D) if layout == "BLHD" else torch.randn(2, 3, L, D)
     p = make_prologue(L, D, norm=True, rope=True, interleaved=interleaved, k_mode="prepass", split=30)
-    got = norm_rope(x, p, which="k")
+    got = norm_rope(x, p, which="k", layout=layout)
     check_finite(got)
-    assert rel_err(got, reference_prologue(x.double(), p, which="k")) < 1e-6
+    assert rel_err(got, reference_prologue(x.double(), p, which="k", layout=layout)) < 1e-6
 
 
 def interleaved_qkv(L: int, H: int, D: int, dtype, device="cpu") -> tuple[torch.Tensor, ...]:
