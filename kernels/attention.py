@@ -41,6 +41,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import attention_hopper as _hopper
+from .tma import tma_origin
 
 # Read once, like triton.jit does at decoration time: setting it after this import has no effect.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -302,16 +303,7 @@ def _attn_fwd_kernel(
     v_ptrs = V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh \
         + offs_n[:, None] * stride_vl + d[None, :]
     mask_ptr = Mask + off_b.to(tl.int64) * stride_mb
-    # TMA descriptors view the tensors as 2-D (token rows, row width): (B*L, H*D) for BLHD,
-    # (B*H*L, D) for BHLD.
-    if BLHD:
-        q_row0 = off_b * LQ
-        k_row0 = off_b * LK
-        col0 = off_h * HEAD_DIM
-    else:
-        q_row0 = off_bh * LQ
-        k_row0 = off_bh * LK
-        col0 = 0
+    q_row0, k_row0, col0 = tma_origin(off_b, off_h, off_bh, LQ, LK, HEAD_DIM, BLHD)
 
     q = _load_tile(Qd, q_row0 + pid_m * BLOCK_M, col0, q_ptrs, 0, offs_m < LQ, USE_TMA, True)
     if NORM or ROPE:

@@ -33,6 +33,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .tma import tma_origin
+
 BLOCK_M = 64  # query rows per consumer warpgroup (wgmma's M is 64 per warpgroup)
 CONSUMERS = 2
 
@@ -153,15 +155,7 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, Lse, Mask, stride_ob, stride_o
     off_b = off_bh // H
     off_h = off_bh % H
     m0 = gl.program_id(0) * (2 * BM)
-    # The TMA descriptors view Q/K/V as 2-D (token rows, row width): (B*L, H*D) for BLHD, (B*H*L, D) for BHLD.
-    if BLHD:
-        q_row0 = off_b * LQ
-        k_row0 = off_b * LK
-        col0 = off_h * HEAD_DIM
-    else:
-        q_row0 = off_bh * LQ
-        k_row0 = off_bh * LK
-        col0 = 0
+    q_row0, k_row0, col0 = tma_origin(off_b, off_h, off_bh, LQ, LK, HEAD_DIM, BLHD)
     o_ptr = Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
     lse_ptr = Lse + off_bh.to(gl.int64) * LQ
     mask_ptr = Mask + off_b.to(gl.int64) * stride_mb
