@@ -36,6 +36,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import attention as _attn
+from . import attention_hopper as _hopper
+from . import attention_hopper_fp8 as _hopper_fp8
 from .attention import INTERPRET, Layout, _last_contiguous, _strides, dims, launch, mask_keys, tune_length
 
 FP8 = torch.float8_e4m3fn
@@ -433,6 +435,11 @@ def attention_fp8_quantized(
     shape = (B, Lq, H, D) if out_layout == "BLHD" else (B, H, Lq, D)
     out = _attn._alloc(shape, t.q, out_dtype)
     lse = _attn._alloc((B, H, Lq), t.q, torch.float32)
+    # The Gluon kernel takes one K scale per key tile: K_BLOCK must be its BLOCK_N.
+    if _attn.HOPPER_KERNEL and D in _hopper.HEAD_DIMS and K_BLOCK == _hopper.BLOCK_N and _hopper.runs_on(t.q.device):
+        mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else None
+        _hopper_fp8.launch(t, out, lse, mask_u8, _strides(out, out_layout), s, SCORE_OFFSET.value)
+        return out, lse
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else t.q_scale
     if INTERPRET:
         descs = (t.q, t.k, t.vt)

@@ -58,9 +58,12 @@ def _softmax_update(s, m_i, l_i, j, n_kv, LK, mask_ptr, qk_scale, TAIL: gl.const
 
 
 @gluon.jit
-def _consumer(args, WG: gl.constexpr, TAIL: gl.constexpr, HAS_MASK: gl.constexpr):
-    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-     o_ptr, lse_ptr, mask_ptr, stride_ol, q_row0, m0, k_row0, col0, LQ, LK, n_kv, qk_scale) = args
+def _consumer(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
+    q_desc, k_desc, v_desc, ring, q_row, k_row0, col0, v_coords, n_kv = loads
+    q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty = ring
+    o_ptr, lse_ptr, mask_ptr, stride_ol, m0, LQ, LK, qk_scale = rest
+    TAIL: gl.constexpr = FLAGS[0]
+    HAS_MASK: gl.constexpr = FLAGS[1]
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
@@ -125,15 +128,19 @@ def _consumer(args, WG: gl.constexpr, TAIL: gl.constexpr, HAS_MASK: gl.constexpr
 
 
 @gluon.jit
-def _producer(args, WG: gl.constexpr, TAIL: gl.constexpr, HAS_MASK: gl.constexpr):
-    (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-     o_ptr, lse_ptr, mask_ptr, stride_ol, q_row0, m0, k_row0, col0, LQ, LK, n_kv, qk_scale) = args
+def _producer(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
+    """TMA loads: the two Q tiles of the program once, then K and V tiles through the STAGES-deep ring. V's tile j
+    sits at [v_row0 + j * v_row_step, v_col0 + j * v_col_step] of its 2-D view (token rows for bf16 V; for FP8's
+    transposed V, (head, channel) rows and token columns)."""
+    q_desc, k_desc, v_desc, ring, q_row, k_row0, col0, v_coords, n_kv = loads
+    q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty = ring
+    v_row0, v_row_step, v_col0, v_col_step = v_coords
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_smem.type.shape[0]
     for c in gl.static_range(2):
         mbarrier.expect(q_bar.index(c), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row0 + m0 + c * BM, col0], q_bar.index(c), q_smem.index(c))
+        tma.async_copy_global_to_shared(q_desc, [q_row + c * BM, col0], q_bar.index(c), q_smem.index(c))
     for j in range(n_kv):
         s = j % STAGES
         phase = ((j // STAGES) & 1) ^ 1  # empty barriers start out completed: the first lap does not wait
@@ -142,7 +149,29 @@ def _producer(args, WG: gl.constexpr, TAIL: gl.constexpr, HAS_MASK: gl.constexpr
         tma.async_copy_global_to_shared(k_desc, [k_row0 + j * BLOCK_N, col0], k_ready.index(s), k_smem.index(s))
         mbarrier.wait(v_empty.index(s), phase)
         mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [k_row0 + j * BLOCK_N, col0], v_ready.index(s), v_smem.index(s))
+        tma.async_copy_global_to_shared(v_desc, [v_row0 + j * v_row_step, v_col0 + j * v_col_step],
+                                        v_ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _ring(q_desc, k_desc, v_desc, STAGES: gl.constexpr):
+    """One program's shared memory: two Q tiles, STAGES K and V tiles, and their barriers (initialised)."""
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for c in gl.static_range(2):
+        mbarrier.init(q_bar.index(c), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # both consumers release a tile
+        mbarrier.init(v_empty.index(i), count=2)
+    return q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty
 
 
 @gluon.jit
@@ -160,29 +189,16 @@ def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, Lse, Mask, stride_ob, stride_o
     lse_ptr = Lse + off_bh.to(gl.int64) * LQ
     mask_ptr = Mask + off_b.to(gl.int64) * stride_mb
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for c in gl.static_range(2):
-        mbarrier.init(q_bar.index(c), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)  # both consumers release a tile
-        mbarrier.init(v_empty.index(i), count=2)
-
-    n_kv = gl.cdiv(LK, k_desc.block_type.shape[0])
-    args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-            o_ptr, lse_ptr, mask_ptr, stride_ol, q_row0, m0, k_row0, col0, LQ, LK, n_kv, qk_scale)
+    ring = _ring(q_desc, k_desc, v_desc, STAGES)
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    loads = (q_desc, k_desc, v_desc, ring, q_row0 + m0, k_row0, col0, (k_row0, BLOCK_N, col0, 0),
+             gl.cdiv(LK, BLOCK_N))
+    rest = (o_ptr, lse_ptr, mask_ptr, stride_ol, m0, LQ, LK, qk_scale)
+    FLAGS: gl.constexpr = (TAIL, HAS_MASK)
     gl.warp_specialize([
-        (_consumer, (args, 0, TAIL, HAS_MASK)),
-        (_consumer, (args, 1, TAIL, HAS_MASK)),
-        (_producer, (args, 0, TAIL, HAS_MASK)),
+        (_consumer, (loads, rest, 0, FLAGS)),
+        (_consumer, (loads, rest, 1, FLAGS)),
+        (_producer, (loads, rest, 0, FLAGS)),
     ], [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
 
 

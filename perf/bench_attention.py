@@ -40,6 +40,7 @@ from triton.testing import do_bench
 from ditserve.kernels import attention as A
 from ditserve.kernels import attention_fp8 as A8
 from ditserve.kernels import attention_hopper as AH
+from ditserve.kernels import attention_hopper_fp8 as AHF
 from ditserve.kernels.attention import Prologue, attention
 from ditserve.kernels.attention_fp8 import attention_fp8, attention_fp8_quantized, quantize_fp8
 
@@ -94,14 +95,15 @@ def attention_row(B: int, H: int, L: int, D: int) -> dict:
     fns = {
         "triton_bf16": lambda: attention(q, k, v),  # the Gluon kernel on sm_90
         "triton_lang_bf16": on_triton_lang(lambda: attention(q, k, v)),
-        "triton_fp8_kernel": lambda: attention_fp8_quantized(t8),
+        "triton_fp8_kernel": lambda: attention_fp8_quantized(t8),  # the Gluon kernel on sm_90
+        "triton_lang_fp8_kernel": on_triton_lang(lambda: attention_fp8_quantized(t8)),
         "triton_fp8_e2e": lambda: attention_fp8(q, k, v),
         "triton_e4m3qk_kernel": lambda: attention_fp8_quantized(t8e4),
         "quantize_only": lambda: quantize_fp8(q, k, v),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, qh, kh, vh),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION, qh, kh, vh),
     }
-    tuners = {"triton_lang_bf16": A._attn_fwd_tuned, "triton_fp8_kernel": A8._attn_fwd_fp8_tuned,
+    tuners = {"triton_lang_bf16": A._attn_fwd_tuned, "triton_lang_fp8_kernel": A8._attn_fwd_fp8_tuned,
               "triton_e4m3qk_kernel": A8._attn_fwd_fp8_tuned}
     row: dict = {"shape": [B, H, L, D]}
     for name, fn in fns.items():
@@ -379,6 +381,18 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
             r = run(AH._attn_fwd_hopper, types, cx, 4, 1, maxnreg=AH.MAXNREG)
             rows.append({"kernel": "bf16 hopper (gluon)", "cfg": [d, masked], **r})
             print(json.dumps(rows[-1]), flush=True)
+    for int8 in (True, False):
+        qk, qks = (gl.int8, "i8") if int8 else (gl.float8e4nv, "fp8e4nv")
+        blocks = (("q_desc", [AH.BLOCK_M, D], qk, qks), ("k_desc", [AH.BLOCK_N, D], qk, qks),
+                  ("vt_desc", [D, AH.BLOCK_N], gl.float8e4nv, "fp8e4nv"))
+        types = {name: f"tensordesc<{ts}{block},{gl.NVMMASharedLayout.get_default_for(block, dt)!r}>"
+                 for name, block, dt, ts in blocks}
+        types.update(QS="*fp32", KS="*fp32", VS="*fp32", QM="*fp32", Out="*bf16", Lse="*fp32", Mask="*u8",
+                     sm_scale="fp32")
+        cx = dict(STAGES=AHF.STAGES, TAIL=True, HAS_MASK=True, QK_INT8=int8, SCORE_OFFSET=A8.SCORE_OFFSET.value)
+        r = run(AHF._attn_fwd_hopper_fp8, types, cx, 4, 1, maxnreg=AH.MAXNREG)
+        rows.append({"kernel": f"{'int8qk' if int8 else 'e4m3qk'} hopper (gluon)", **r})
+        print(json.dumps(rows[-1]), flush=True)
     for bm, bn, w, st, tma, pipe in pick(A8.FP8_LONG):
         for int8 in (True, False):
             qk = "i8" if int8 else "fp8e4nv"
@@ -469,9 +483,9 @@ def main() -> None:
 
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}")
     print("TFLOP/s (4*B*H*L^2*D / median time)")
-    cols = ["triton_bf16", "triton_lang_bf16", "triton_fp8_kernel", "triton_fp8_e2e", "triton_e4m3qk_kernel",
-            "sdpa_cudnn", "sdpa_flash"]
-    heads = ["bf16", "bf16 tl", "int8qk-fp8pv", "...e2e", "e4m3-all", "cuDNN", "flash"]
+    cols = ["triton_bf16", "triton_lang_bf16", "triton_fp8_kernel", "triton_lang_fp8_kernel", "triton_fp8_e2e",
+            "triton_e4m3qk_kernel", "sdpa_cudnn", "sdpa_flash"]
+    heads = ["bf16", "bf16 tl", "int8qk-fp8pv", "int8qk tl", "...e2e", "e4m3-all", "cuDNN", "flash"]
     print(f"{'shape':<20}" + "".join(f"{c:>14}" for c in heads) + f"{'bf16/cuDNN':>11}{'fp8/cuDNN':>10}{'cos fp8':>9}")
     for r in rows:
         t = {c: r[c]["tflops"] for c in cols}

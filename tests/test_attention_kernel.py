@@ -385,19 +385,31 @@ GPU_CASES = [
 ]
 
 
-@pytest.fixture(params=["gluon", "triton-lang"])
-def bf16_kernel(request, monkeypatch):
-    """Runs a GPU test on each bf16 kernel: the Gluon one (sm_90 only) and the Triton-lang one, and checks that
-    attention() dispatched to the one meant."""
+def pick_kernel(request, monkeypatch, module):
+    """Runs the test on the Gluon kernel (sm_90 only) or the Triton-lang one; returns a check that the call went
+    to the one meant (`module.launch`: the Gluon kernel's)."""
     gluon = request.param == "gluon"
     if gluon and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Gluon kernel is sm_90 only")
+        pytest.skip("the Gluon kernels are sm_90 only")
     monkeypatch.setattr(A, "HOPPER_KERNEL", gluon)
     calls = []
-    launch = A._hopper.launch
-    monkeypatch.setattr(A._hopper, "launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    launch = module.launch
+    monkeypatch.setattr(module, "launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    return lambda: bool(calls) == gluon
+
+
+@pytest.fixture(params=["gluon", "triton-lang"])
+def bf16_kernel(request, monkeypatch):
+    dispatched_as_meant = pick_kernel(request, monkeypatch, A._hopper)
     yield
-    assert bool(calls) == gluon
+    assert dispatched_as_meant()
+
+
+@pytest.fixture(params=["gluon", "triton-lang"])
+def fp8_kernel(request, monkeypatch):
+    dispatched_as_meant = pick_kernel(request, monkeypatch, A8._hopper_fp8)
+    yield
+    assert dispatched_as_meant()
 
 
 @gpu
@@ -413,15 +425,24 @@ def test_gpu_bf16_matches_fp64(B, H, Lq, Lk, D, masked, layout, bf16_kernel):
     assert (lse.double() - ref_lse).abs().max().item() < 5e-2
 
 
-@gpu
-def test_gpu_bf16_fully_masked_rows_give_zero(bf16_kernel):
+def check_fully_masked_rows(fn, tol):
     q, k, v = make_qkv(2, 2, 300, 257, 128, torch.bfloat16, "BLHD", "cuda")
     mask = make_mask(2, 257, "cuda")
     mask[1] = False
-    out, lse = attention(q, k, v, mask=mask, return_lse=True)
+    out, lse = fn(q, k, v, mask=mask, return_lse=True)
     assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
     ref, ref_lse = ref_attention(q[:1], k[:1], v[:1], mask[:1])
-    assert rel_err(out[:1], ref) <= 1e-2 and (lse[:1].double() - ref_lse).abs().max().item() < 5e-2
+    assert rel_err(out[:1], ref) <= tol and (lse[:1].double() - ref_lse).abs().max().item() < 0.1
+
+
+@gpu
+def test_gpu_bf16_fully_masked_rows_give_zero(bf16_kernel):
+    check_fully_masked_rows(attention, 1e-2)
+
+
+@gpu
+def test_gpu_fp8_fully_masked_rows_give_zero(fp8_kernel):
+    check_fully_masked_rows(attention_fp8, 5e-2)
 
 
 def check_gpu_prologue(k_mode, D, interleaved):
@@ -480,7 +501,7 @@ def test_gpu_inline_prologue_at_head_dim_128_fails_clearly_on_hopper():
 @gpu
 @pytest.mark.parametrize("qk_format,min_cos", [("int8", 0.999), ("fp8", 0.998)])
 @pytest.mark.parametrize("B,H,Lq,Lk,D,masked", GPU_CASES)
-def test_gpu_fp8_cosine(B, H, Lq, Lk, D, masked, qk_format, min_cos):
+def test_gpu_fp8_cosine(B, H, Lq, Lk, D, masked, qk_format, min_cos, fp8_kernel):
     """Default int8 Q.K^T meets 0.999; all-e4m3 measured 0.9986 on random inputs (module docstring)."""
     q, k, v = make_qkv(B, H, Lq, Lk, D, torch.bfloat16, "BLHD", "cuda")
     mask = make_mask(B, Lk, "cuda") if masked else None

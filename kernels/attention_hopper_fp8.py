@@ -1,0 +1,192 @@
+"""FP8 attention for Hopper (sm_90) in Gluon: attention_hopper.py's warp-specialised structure on the tensors that
+attention_fp8.quantize_fp8 makes (int8 or e4m3 Q.K^T, e4m3 P.V; scales and the smoothing as described there).
+
+Differences from the bf16 kernel: the scores leave the MMA as int32 (int8 Q/K) and become fp32 by the 1.5 * 2^23
+bit trick, with the offset folded into the row max and the exponent's bias exactly as in attention_fp8; P is
+quantised to e4m3 as exp2(s - m + 8) (scaled by 256) and handed to the P V product through shared memory (as a
+register operand it would have to stay alive across the asynchronous MMA, and Triton 3.6 cannot pass 8-bit
+registers through `warpgroup_mma_wait`: "Unexpected bitwidth in WGMMAWaitGroupOp: 8"); V comes transposed, (B*H*D, Lk_pad) rows of tokens, because
+fp8 wgmma wants both operands K-major; and P V is a fresh product (`use_acc=False`) added to the fp32
+accumulator, since Hopper's fp8 MMA accumulates with reduced precision inside an instruction chain.
+
+NOT yet run on a GPU: compiled for sm_90a only (perf/bench_attention.py --compile-check).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait,
+)
+
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .attention_hopper import BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _producer, _ring
+
+
+@gluon.jit
+def _softmax_update_fp8(s_raw, m_i, l_i, j, n_kv, LK, mask_ptr, q_row_scale, ks_ptr, TAIL: gl.constexpr,
+                        HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr, SCORE_OFFSET: gl.constexpr,
+                        BLOCK_N: gl.constexpr):
+    """Online-softmax step on key tile j's raw scores: returns P * 256 (fp32), alpha, m, l (see attention_fp8)."""
+    if QK_INT8:
+        qk = (s_raw + 0x4B400000).to(gl.float32, bitcast=True)  # s_raw + SCORE_OFFSET, exact for |s_raw| < 2^22
+    else:
+        qk = s_raw
+    cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
+    if HAS_MASK:
+        keep = gl.load(mask_ptr + cols, mask=cols < LK, other=0) != 0
+        qk = gl.where(keep[None, :], qk, float("-inf"))
+    elif TAIL:
+        if j == n_kv - 1:
+            qk = gl.where((cols < LK)[None, :], qk, float("-inf"))
+    sc = q_row_scale * gl.load(ks_ptr + j)  # one K scale per 128-key block = per tile
+    if QK_INT8:
+        sc = (sc.to(gl.int32, bitcast=True) & -4).to(gl.float32, bitcast=True)
+        shift = SCORE_OFFSET * sc
+        bias = shift + (gl.maximum(m_i, (gl.max(qk, 1) - SCORE_OFFSET) * sc) - 8.0)
+        m_new = (bias - shift) + 8.0
+    else:
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * sc)
+        bias = m_new - 8.0
+    p = gl.exp2(qk * sc[:, None] - bias[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _consumer_fp8(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
+    q_desc, k_desc, vt_desc, ring, q_row, k_row0, col0, v_coords, n_kv = loads
+    q_smem, k_smem, vt_smem, q_bar, k_ready, k_empty, v_ready, v_empty = ring
+    p_smem, o_ptr, lse_ptr, mask_ptr, qs_ptr, ks_ptr, vs_ptr, qm_ptr, stride_ol, m0, LQ, LK, sm_scale = rest
+    TAIL: gl.constexpr = FLAGS[0]
+    HAS_MASK: gl.constexpr = FLAGS[1]
+    QK_INT8: gl.constexpr = FLAGS[2]
+    SCORE_OFFSET: gl.constexpr = FLAGS[3]
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 32])
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    rows = m0 + WG * BM + gl.arange(0, BM, layout=s_rows)
+    q_row_scale = gl.load(qs_ptr + rows, mask=rows < LQ, other=1.0) * (sm_scale * 1.4426950408889634)
+    q = q_smem.index(WG)
+    p_buf = p_smem.index(WG)
+    mbarrier.wait(q_bar.index(WG), 0)
+    zero_s = gl.zeros([BM, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, s_layout)
+    zero_o = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+    o = zero_o
+    m_i = gl.full([BM], -1.0e30, gl.float32, s_rows)
+    l_i = gl.zeros([BM], gl.float32, s_rows)
+
+    mbarrier.wait(k_ready.index(0), 0)
+    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, 0, n_kv, LK, mask_ptr, q_row_scale, ks_ptr, TAIL,
+                                             HAS_MASK, QK_INT8, SCORE_OFFSET, BLOCK_N)
+    p_buf.store(p.to(gl.float8e4nv))
+    fence_async_shared()
+
+    for j in range(1, n_kv):
+        sk = j % STAGES
+        sv = (j - 1) % STAGES
+        mbarrier.wait(k_ready.index(sk), (j // STAGES) & 1)
+        mbarrier.wait(v_ready.index(sv), ((j - 1) // STAGES) & 1)
+        s_tok = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        pv_tok = warpgroup_mma(p_buf, vt_smem.index(sv).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(sk), count=1)
+        p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, j, n_kv, LK, mask_ptr, q_row_scale, ks_ptr, TAIL,
+                                                 HAS_MASK, QK_INT8, SCORE_OFFSET, BLOCK_N)
+        pv, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_buf))
+        mbarrier.arrive(v_empty.index(sv), count=1)
+        o = (o + pv) * gl.convert_layout(alpha, o_rows)[:, None]
+        p_buf.store(p.to(gl.float8e4nv))  # the P V product that read p_buf is done (waited above)
+        fence_async_shared()
+
+    sv = (n_kv - 1) % STAGES
+    mbarrier.wait(v_ready.index(sv), ((n_kv - 1) // STAGES) & 1)
+    pv_tok = warpgroup_mma(p_buf, vt_smem.index(sv).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+    pv, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_buf))
+    mbarrier.arrive(v_empty.index(sv), count=1)
+    o = o + pv
+
+    # V's per-channel scale once; the 2^8 P scale cancels in o / l and leaves the LSE; the smoothing shift
+    # q . mean(K) goes back into the LSE (attention_fp8's contract).
+    l_o = gl.convert_layout(l_i, o_rows)
+    has_keys = l_o > 0.0
+    l_safe = gl.where(has_keys, l_o, 1.0)
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    o = o * gl.load(vs_ptr + cols)[None, :] / l_safe[:, None]
+    rows_o = m0 + WG * BM + gl.arange(0, BM, layout=o_rows)
+    row_ok = rows_o < LQ
+    gl.store(o_ptr + rows_o[:, None].to(gl.int64) * stride_ol + cols[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    lse = gl.where(has_keys, (gl.convert_layout(m_i, o_rows) - 8.0 + gl.log2(l_safe)) * 0.6931471805599453,
+                   float("-inf"))
+    lse += sm_scale * gl.load(qm_ptr + rows_o, mask=row_ok, other=0.0)
+    gl.store(lse_ptr + rows_o, lse, mask=row_ok)
+
+
+@gluon.jit
+def _attn_fwd_hopper_fp8(q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, stride_ob, stride_oh, stride_ol,
+                         stride_mb, H, LQ, LK, NKB, sm_scale, STAGES: gl.constexpr, TAIL: gl.constexpr,
+                         HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr, SCORE_OFFSET: gl.constexpr):
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    off_bh = gl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    bh = off_bh.to(gl.int64)
+    m0 = gl.program_id(0) * (2 * BM)
+    # 2-D views: Q (B*H*Lq, D), K (B*H*Lk, D), Vt (B*H*D, Lk_pad): tile j of Vt is [bh * D, j * BLOCK_N].
+    ring = _ring(q_desc, k_desc, vt_desc, STAGES)
+    p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BLOCK_N], gl.float8e4nv)
+    p_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, BM, BLOCK_N], p_layout)
+    loads = (q_desc, k_desc, vt_desc, ring, off_bh * LQ + m0, off_bh * LK, 0, (off_bh * HEAD_DIM, 0, 0, BLOCK_N),
+             gl.cdiv(LK, BLOCK_N))
+    rest = (p_smem, Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh, Lse + bh * LQ,
+            Mask + off_b.to(gl.int64) * stride_mb, QS + bh * LQ, KS + bh * NKB, VS + bh * HEAD_DIM, QM + bh * LQ,
+            stride_ol, m0, LQ, LK, sm_scale)
+    FLAGS: gl.constexpr = (TAIL, HAS_MASK, QK_INT8, SCORE_OFFSET)
+    gl.warp_specialize([
+        (_consumer_fp8, (loads, rest, 0, FLAGS)),
+        (_consumer_fp8, (loads, rest, 1, FLAGS)),
+        (_producer, (loads, rest, 0, FLAGS)),
+    ], [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
+
+
+STAGES = 3  # 8-bit tiles: Q 16 KB, K and V^T 32 KB a stage at head dim 128, P 16 KB: 128 KB in all
+
+
+def launch(t, out: torch.Tensor, lse: torch.Tensor, mask_u8: Optional[torch.Tensor], out_strides: tuple[int, int, int],
+           sm_scale: float, score_offset: float) -> None:
+    """Writes out and lse for attention_fp8's quantised tensors `t` (FP8Tensors); see attention_fp8_quantized."""
+    B, H, Lq, D = t.q.shape
+    Lk = t.k.shape[2]
+    qk = gl.int8 if t.q.dtype == torch.int8 else gl.float8e4nv
+    descs = []
+    for x, block, dt in ((t.q, [BLOCK_M, D], qk), (t.k, [BLOCK_N, D], qk), (t.vt, [D, BLOCK_N], gl.float8e4nv)):
+        rows = x.shape[0] * x.shape[1] * x.shape[2]
+        layout = gl.NVMMASharedLayout.get_default_for(block, dt)
+        descs.append(TensorDescriptor(x, [rows, x.shape[3]], [x.shape[3], 1], block, layout))
+    _attn_fwd_hopper_fp8[(triton.cdiv(Lq, CONSUMERS * BLOCK_M), B * H)](
+        *descs, t.q_scale, t.k_scale, t.v_scale, t.q_dot_kmean, out, lse,
+        mask_u8 if mask_u8 is not None else lse, *out_strides, mask_u8.stride(0) if mask_u8 is not None else 0,
+        H, Lq, Lk, t.k_scale.shape[-1], sm_scale,
+        STAGES=STAGES, TAIL=Lk % BLOCK_N != 0, HAS_MASK=mask_u8 is not None, QK_INT8=t.q.dtype == torch.int8,
+        SCORE_OFFSET=score_offset, num_warps=4, maxnreg=MAXNREG)
