@@ -44,6 +44,7 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 INT8_MAX = 127.0
 K_BLOCK = 128
+assert K_BLOCK == _hopper.BLOCK_N, "the Gluon FP8 kernel takes one K scale per key tile"
 STATS_BLOCKS = 4  # key blocks per program of _kv_stats_kernel
 # 1.5 * 2^23: an int32 score x < 2^22 in magnitude plus 0x4B400000, read as fp32, is exactly x + SCORE_OFFSET (one
 # integer add instead of I2F, which runs at quarter rate like exp2).
@@ -435,8 +436,7 @@ def attention_fp8_quantized(
     shape = (B, Lq, H, D) if out_layout == "BLHD" else (B, H, Lq, D)
     out = _attn._alloc(shape, t.q, out_dtype)
     lse = _attn._alloc((B, H, Lq), t.q, torch.float32)
-    # The Gluon kernel takes one K scale per key tile: K_BLOCK must be its BLOCK_N.
-    if _attn.HOPPER_KERNEL and D in _hopper.HEAD_DIMS and K_BLOCK == _hopper.BLOCK_N and _hopper.runs_on(t.q.device):
+    if _attn.HOPPER_KERNEL and _hopper_fp8.supported(t):
         mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else None
         _hopper_fp8.launch(t, out, lse, mask_u8, _strides(out, out_layout), s, SCORE_OFFSET.value)
         return out, lse

@@ -5,11 +5,13 @@ Differences from the bf16 kernel: the scores leave the MMA as int32 (int8 Q/K) a
 bit trick, with the offset folded into the row max and the exponent's bias exactly as in attention_fp8; P is
 quantised to e4m3 as exp2(s - m + 8) (scaled by 256) and handed to the P V product through shared memory (as a
 register operand it would have to stay alive across the asynchronous MMA, and Triton 3.6 cannot pass 8-bit
-registers through `warpgroup_mma_wait`: "Unexpected bitwidth in WGMMAWaitGroupOp: 8"); V comes transposed, (B*H*D, Lk_pad) rows of tokens, because
-fp8 wgmma wants both operands K-major; and P V is a fresh product (`use_acc=False`) added to the fp32
-accumulator, since Hopper's fp8 MMA accumulates with reduced precision inside an instruction chain.
+registers through `warpgroup_mma_wait`: "Unexpected bitwidth in WGMMAWaitGroupOp: 8"); V comes transposed,
+(B*H*D, Lk_pad) rows of tokens, because fp8 wgmma wants both operands K-major.
 
-NOT yet run on a GPU: compiled for sm_90a only (perf/bench_attention.py --compile-check).
+P has two buffers a warpgroup: P_j is stored while P V_{j-1} still reads the other one, and only then does the
+warpgroup wait for that product. With one buffer the wait had to come before the store, and ptxas hoisted it
+above the exponentials (SASS: WARPGROUP.DEPBAR.LE gsb0, 0x0 right after the row max), so the P V product never
+overlapped the softmax; the stores now pin it after them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .attention_hopper import BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _producer, _ring
+from .attention_hopper import (
+    BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _producer, _ring, runs_on,
+)
 
 
 @gluon.jit
@@ -83,11 +87,9 @@ def _consumer_fp8(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
     rows = m0 + WG * BM + gl.arange(0, BM, layout=s_rows)
     q_row_scale = gl.load(qs_ptr + rows, mask=rows < LQ, other=1.0) * (sm_scale * 1.4426950408889634)
     q = q_smem.index(WG)
-    p_buf = p_smem.index(WG)
     mbarrier.wait(q_bar.index(WG), 0)
     zero_s = gl.zeros([BM, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, s_layout)
-    zero_o = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-    o = zero_o
+    o = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
     m_i = gl.full([BM], -1.0e30, gl.float32, s_rows)
     l_i = gl.zeros([BM], gl.float32, s_rows)
 
@@ -97,32 +99,35 @@ def _consumer_fp8(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
     mbarrier.arrive(k_empty.index(0), count=1)
     p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, 0, n_kv, LK, mask_ptr, q_row_scale, ks_ptr, TAIL,
                                              HAS_MASK, QK_INT8, SCORE_OFFSET, BLOCK_N)
-    p_buf.store(p.to(gl.float8e4nv))
+    p_smem.index(2 * WG).store(p.to(gl.float8e4nv))
     fence_async_shared()
 
     for j in range(1, n_kv):
         sk = j % STAGES
         sv = (j - 1) % STAGES
+        p_prev = p_smem.index(2 * WG + (j - 1) % 2)
         mbarrier.wait(k_ready.index(sk), (j // STAGES) & 1)
         mbarrier.wait(v_ready.index(sv), ((j - 1) // STAGES) & 1)
         s_tok = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        pv_tok = warpgroup_mma(p_buf, vt_smem.index(sv).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+        pv_tok = warpgroup_mma(p_prev, vt_smem.index(sv).permute((1, 0)), o, use_acc=True, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(sk), count=1)
         p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, j, n_kv, LK, mask_ptr, q_row_scale, ks_ptr, TAIL,
                                                  HAS_MASK, QK_INT8, SCORE_OFFSET, BLOCK_N)
-        pv, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_buf))
-        mbarrier.arrive(v_empty.index(sv), count=1)
-        o = (o + pv) * gl.convert_layout(alpha, o_rows)[:, None]
-        p_buf.store(p.to(gl.float8e4nv))  # the P V product that read p_buf is done (waited above)
+        # P_j goes to the other buffer while P V_{j-1} still reads this one; storing it before waiting for that
+        # product keeps ptxas from hoisting the wait above the exponentials.
+        p_smem.index(2 * WG + j % 2).store(p.to(gl.float8e4nv))
         fence_async_shared()
+        o, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_prev))
+        mbarrier.arrive(v_empty.index(sv), count=1)
+        o = o * gl.convert_layout(alpha, o_rows)[:, None]
 
     sv = (n_kv - 1) % STAGES
+    p_prev = p_smem.index(2 * WG + (n_kv - 1) % 2)
     mbarrier.wait(v_ready.index(sv), ((n_kv - 1) // STAGES) & 1)
-    pv_tok = warpgroup_mma(p_buf, vt_smem.index(sv).permute((1, 0)), zero_o, use_acc=False, is_async=True)
-    pv, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_buf))
+    pv_tok = warpgroup_mma(p_prev, vt_smem.index(sv).permute((1, 0)), o, use_acc=True, is_async=True)
+    o, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_prev))
     mbarrier.arrive(v_empty.index(sv), count=1)
-    o = o + pv
 
     # V's per-channel scale once; the 2^8 P scale cancels in o / l and leaves the LSE; the smoothing shift
     # q . mean(K) goes back into the LSE (attention_fp8's contract).
@@ -156,7 +161,7 @@ def _attn_fwd_hopper_fp8(q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask
     # 2-D views: Q (B*H*Lq, D), K (B*H*Lk, D), Vt (B*H*D, Lk_pad): tile j of Vt is [bh * D, j * BLOCK_N].
     ring = _ring(q_desc, k_desc, vt_desc, STAGES)
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BLOCK_N], gl.float8e4nv)
-    p_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, BM, BLOCK_N], p_layout)
+    p_smem = gl.allocate_shared_memory(gl.float8e4nv, [4, BM, BLOCK_N], p_layout)
     loads = (q_desc, k_desc, vt_desc, ring, off_bh * LQ + m0, off_bh * LK, 0, (off_bh * HEAD_DIM, 0, 0, BLOCK_N),
              gl.cdiv(LK, BLOCK_N))
     rest = (p_smem, Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh, Lse + bh * LQ,
@@ -170,7 +175,15 @@ def _attn_fwd_hopper_fp8(q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask
     ], [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
 
 
-STAGES = 3  # 8-bit tiles: Q 16 KB, K and V^T 32 KB a stage at head dim 128, P 16 KB: 128 KB in all
+STAGES = 3  # 8-bit tiles: Q 16 KB, K and V^T 32 KB a stage at head dim 128, P 2 x 16 KB: 144 KB in all
+# Head dim 128 only: at 64 the Triton-lang FP8 kernel is faster (H100, (1, 24, 4608, 64), kernel alone: int8 Q.K^T
+# 440.9 vs 383.5 TFLOP/s, e4m3 471.7 vs 391.0; perf/RESULTS.md, 2026-11-27).
+HEAD_DIM = 128
+
+
+def supported(t) -> bool:
+    """Whether this kernel runs attention_fp8's quantised tensors `t`: an sm_90 GPU and head dim 128."""
+    return t.q.shape[-1] == HEAD_DIM and runs_on(t.q.device)
 
 
 def launch(t, out: torch.Tensor, lse: torch.Tensor, mask_u8: Optional[torch.Tensor], out_strides: tuple[int, int, int],

@@ -386,16 +386,18 @@ GPU_CASES = [
 
 
 def pick_kernel(request, monkeypatch, module):
-    """Runs the test on the Gluon kernel (sm_90 only) or the Triton-lang one; returns a check that the call went
-    to the one meant (`module.launch`: the Gluon kernel's)."""
+    """Runs the test with the Gluon kernels allowed (sm_90 only) or not; returns a check that the Gluon kernel
+    (`module.launch`) ran exactly for the calls its `module.supported` accepted, and never when not allowed.
+    Which calls it accepts is tested on the CPU (test_gluon_kernels_take_only_the_calls_they_support)."""
     gluon = request.param == "gluon"
     if gluon and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernels are sm_90 only")
     monkeypatch.setattr(A, "HOPPER_KERNEL", gluon)
-    calls = []
-    launch = module.launch
-    monkeypatch.setattr(module, "launch", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
-    return lambda: bool(calls) == gluon
+    accepted, launched = [], []
+    supported, launch = module.supported, module.launch
+    monkeypatch.setattr(module, "supported", lambda *a: accepted.append(supported(*a)) or accepted[-1])
+    monkeypatch.setattr(module, "launch", lambda *a, **kw: launched.append(1) or launch(*a, **kw))
+    return lambda: len(launched) == sum(accepted) and (gluon or not accepted)
 
 
 @pytest.fixture(params=["gluon", "triton-lang"])
@@ -533,15 +535,21 @@ def test_autotuning_is_keyed_on_length_buckets():
         assert "LQ" not in key and "LK" not in key and {"LQ_TUNE", "LK_TUNE"} <= set(key)
 
 
-def test_gluon_kernel_takes_only_the_calls_it_supports(monkeypatch):
+def test_gluon_kernels_take_only_the_calls_they_support(monkeypatch):
     """attention() sends a call to the Gluon kernel only on sm_90, in bf16 (fp16 has not run on a GPU), at head
-    dims 64/128 and with token rows a TMA can address; everything else stays on the Triton-lang kernel."""
+    dims 64/128 and with token rows a TMA can address; attention_fp8 to its Gluon kernel only on sm_90 at head
+    dim 128 (at 64 the Triton-lang one measured faster); everything else stays on the Triton-lang kernels."""
     H = A._hopper
     q, k, v = make_qkv(1, 2, 33, 40, 128, torch.bfloat16, "BLHD")
     views = A._tma_views(q, k, v, "BLHD")
     assert views is not None
+    quantised = {D: torch_quantize(*make_qkv(1, 2, 33, 40, D, torch.float32, "BLHD"), "int8") for D in (64, 128)}
     assert not H.supported(q, views)  # no sm_90 GPU here
+    assert not A8._hopper_fp8.supported(quantised[128])
     monkeypatch.setattr(H, "runs_on", lambda device: True)
+    monkeypatch.setattr(A8._hopper_fp8, "runs_on", lambda device: True)
+    assert A8._hopper_fp8.supported(quantised[128])
+    assert not A8._hopper_fp8.supported(quantised[64])
     assert H.supported(q, views)
     assert not H.supported(q.half(), views)
     assert not H.supported(q.float(), views)
