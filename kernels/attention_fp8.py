@@ -15,7 +15,7 @@ cosine similarity to fp64 was 0.99861 on the H100 (all five benchmark shapes), u
 torch emulation of the same pipeline gives 0.99861 for e4m3 and 0.99926 for int8 Q/K (7-bit mantissa
 against e4m3's 3). The int32 scores are converted with the 2^23 * 1.5 bit trick (one integer add and one
 float subtract at full rate) instead of I2F, which runs at quarter rate like exp2; the subtraction is folded into
-the row max and the exponent's per-row bias (SCORE_OFFSET), so it costs nothing per score.
+the row max and the exponent's per-row bias (fp8_scores.py), so it costs nothing per score.
 
 The LSE returned is that of the unsmoothed scores (the quantiser records q . mean(K) per row and the
 kernel adds it back), so partial results merge exactly like the bf16 kernel's.
@@ -43,6 +43,7 @@ from . import attention as _attn
 from . import attention_hopper as _hopper
 from . import attention_hopper_fp8 as _hopper_fp8
 from .attention import INTERPRET, Layout, _last_contiguous, _strides, dims, launch, mask_keys, tune_length
+from .fp8_scores import int8_scores, row_bias
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -50,9 +51,6 @@ INT8_MAX = 127.0
 K_BLOCK = 128
 assert K_BLOCK == _hopper.BLOCK_N, "the Gluon FP8 kernel takes one K scale per key tile"
 STATS_BLOCKS = 4  # key blocks per program of _kv_stats_kernel
-# 1.5 * 2^23: an int32 score x < 2^22 in magnitude plus 0x4B400000, read as fp32, is exactly x + SCORE_OFFSET (one
-# integer add instead of I2F, which runs at quarter rate like exp2).
-SCORE_OFFSET = tl.constexpr(12582912.0)
 QKFormat = Literal["int8", "fp8"]
 
 
@@ -214,7 +212,7 @@ def quantize_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layo
 def _qk_tile_fp8(q, Kd, k_row0, k_ptrs, start_n, LK,
                  TAIL: tl.constexpr, USE_TMA: tl.constexpr, QK_INT8: tl.constexpr,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Unscaled scores of the key tile at start_n, as fp32; INT8: plus SCORE_OFFSET (see _softmax_pv_fp8)."""
+    """Unscaled scores of the key tile at start_n, as fp32; INT8: plus fp8_scores.SCORE_OFFSET."""
     cols = start_n + tl.arange(0, BLOCK_N)
     if USE_TMA:  # tail rows past LK belong to the next head: their scores are masked by the caller
         k = Kd.load([k_row0 + start_n, 0])
@@ -224,7 +222,7 @@ def _qk_tile_fp8(q, Kd, k_row0, k_ptrs, start_n, LK,
         k = tl.load(k_ptrs + start_n * HEAD_DIM)
     if QK_INT8:
         qk_i = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-        qk = (qk_i + 0x4B400000).to(tl.float32, bitcast=True)  # qk_i + SCORE_OFFSET, exact for |qk_i| < 2^22
+        qk = int8_scores(qk_i)
     else:
         qk = tl.dot(q, tl.trans(k))
     return qk
@@ -237,19 +235,7 @@ def _softmax_pv_fp8(acc, l_i, m_i, qk, q_row_scale, Vtd, vt_row0, vt_ptrs, ks_pt
     cols = start_n + tl.arange(0, BLOCK_N)
     s = q_row_scale * tl.load(ks_ptr + start_n // K_BLOCK)
     qk = mask_keys(qk, mask_ptr, start_n, LK, TAIL, HAS_MASK, BLOCK_N)
-    # INT8 scores arrive as score + SCORE_OFFSET: the offset is taken out of the row max (exact: both in
-    # [2^22, 2^24)) and of the exponent's per-row bias, so no per-element subtraction is needed (H100: 549-554
-    # -> 588-596 TFLOP/s at (1,24,4608,128), perf/RESULTS.md). Exactly: s keeps 22 significant bits, so that
-    # shift = SCORE_OFFSET * s is exact, and the running max becomes the one the rounded bias really takes off,
-    # (bias - shift) + 8 (exact, Sterbenz), so P, its row sum and the LSE use the same max.
-    if QK_INT8:
-        s = (s.to(tl.int32, bitcast=True) & -4).to(tl.float32, bitcast=True)
-        shift = SCORE_OFFSET * s
-        bias = shift + (tl.maximum(m_i, (tl.max(qk, 1) - SCORE_OFFSET) * s) - 8.0)
-        m_ij = (bias - shift) + 8.0
-    else:
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * s)
-        bias = m_ij - 8.0
+    s, bias, m_ij = row_bias(m_i, qk, s, QK_INT8)  # INT8: without subtracting SCORE_OFFSET per score (fp8_scores)
     p = tl.math.exp2(qk * s[:, None] - bias[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -442,7 +428,7 @@ def attention_fp8_quantized(
     lse = _attn._alloc((B, H, Lq), t.q, torch.float32)
     if _attn.HOPPER_KERNEL and _hopper_fp8.supported(t):
         mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else None
-        _hopper_fp8.launch(t, out, lse, mask_u8, _strides(out, out_layout), s, SCORE_OFFSET.value)
+        _hopper_fp8.launch(t, out, lse, mask_u8, _strides(out, out_layout), s)
         return out, lse
     mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else t.q_scale
     if INTERPRET:

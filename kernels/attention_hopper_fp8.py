@@ -28,6 +28,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .fp8_scores import int8_scores, row_bias
 from .attention_hopper import (
     BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _producer, _ring, runs_on,
 )
@@ -35,11 +36,10 @@ from .attention_hopper import (
 
 @gluon.jit
 def _softmax_update_fp8(s_raw, m_i, l_i, j, n_kv, LK, mask_ptr, q_row_scale, ks_ptr, TAIL: gl.constexpr,
-                        HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr, SCORE_OFFSET: gl.constexpr,
-                        BLOCK_N: gl.constexpr):
+                        HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr, BLOCK_N: gl.constexpr):
     """Online-softmax step on key tile j's raw scores: returns P * 256 (fp32), alpha, m, l (see attention_fp8)."""
     if QK_INT8:
-        qk = (s_raw + 0x4B400000).to(gl.float32, bitcast=True)  # s_raw + SCORE_OFFSET, exact for |s_raw| < 2^22
+        qk = int8_scores(s_raw)
     else:
         qk = s_raw
     cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
@@ -50,14 +50,7 @@ def _softmax_update_fp8(s_raw, m_i, l_i, j, n_kv, LK, mask_ptr, q_row_scale, ks_
         if j == n_kv - 1:
             qk = gl.where((cols < LK)[None, :], qk, float("-inf"))
     sc = q_row_scale * gl.load(ks_ptr + j)  # one K scale per 128-key block = per tile
-    if QK_INT8:
-        sc = (sc.to(gl.int32, bitcast=True) & -4).to(gl.float32, bitcast=True)
-        shift = SCORE_OFFSET * sc
-        bias = shift + (gl.maximum(m_i, (gl.max(qk, 1) - SCORE_OFFSET) * sc) - 8.0)
-        m_new = (bias - shift) + 8.0
-    else:
-        m_new = gl.maximum(m_i, gl.max(qk, 1) * sc)
-        bias = m_new - 8.0
+    sc, bias, m_new = row_bias(m_i, qk, sc, QK_INT8)
     p = gl.exp2(qk * sc[:, None] - bias[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
@@ -72,7 +65,6 @@ def _consumer_fp8(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
     TAIL: gl.constexpr = FLAGS[0]
     HAS_MASK: gl.constexpr = FLAGS[1]
     QK_INT8: gl.constexpr = FLAGS[2]
-    SCORE_OFFSET: gl.constexpr = FLAGS[3]
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
@@ -98,7 +90,7 @@ def _consumer_fp8(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(0), count=1)
     p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, 0, n_kv, LK, mask_ptr, q_row_scale, ks_ptr, TAIL,
-                                             HAS_MASK, QK_INT8, SCORE_OFFSET, BLOCK_N)
+                                             HAS_MASK, QK_INT8, BLOCK_N)
     p_smem.index(2 * WG).store(p.to(gl.float8e4nv))
     fence_async_shared()
 
@@ -113,7 +105,7 @@ def _consumer_fp8(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(sk), count=1)
         p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, j, n_kv, LK, mask_ptr, q_row_scale, ks_ptr, TAIL,
-                                                 HAS_MASK, QK_INT8, SCORE_OFFSET, BLOCK_N)
+                                                 HAS_MASK, QK_INT8, BLOCK_N)
         # P_j goes to the other buffer while P V_{j-1} still reads this one; storing it before waiting for that
         # product keeps ptxas from hoisting the wait above the exponentials.
         p_smem.index(2 * WG + j % 2).store(p.to(gl.float8e4nv))
@@ -149,7 +141,7 @@ def _consumer_fp8(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
 @gluon.jit
 def _attn_fwd_hopper_fp8(q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, stride_ob, stride_oh, stride_ol,
                          stride_mb, H, LQ, LK, NKB, sm_scale, STAGES: gl.constexpr, TAIL: gl.constexpr,
-                         HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr, SCORE_OFFSET: gl.constexpr):
+                         HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
@@ -167,7 +159,7 @@ def _attn_fwd_hopper_fp8(q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask
     rest = (p_smem, Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh, Lse + bh * LQ,
             Mask + off_b.to(gl.int64) * stride_mb, QS + bh * LQ, KS + bh * NKB, VS + bh * HEAD_DIM, QM + bh * LQ,
             stride_ol, m0, LQ, LK, sm_scale)
-    FLAGS: gl.constexpr = (TAIL, HAS_MASK, QK_INT8, SCORE_OFFSET)
+    FLAGS: gl.constexpr = (TAIL, HAS_MASK, QK_INT8)
     gl.warp_specialize([
         (_consumer_fp8, (loads, rest, 0, FLAGS)),
         (_consumer_fp8, (loads, rest, 1, FLAGS)),
@@ -187,7 +179,7 @@ def supported(t) -> bool:
 
 
 def launch(t, out: torch.Tensor, lse: torch.Tensor, mask_u8: Optional[torch.Tensor], out_strides: tuple[int, int, int],
-           sm_scale: float, score_offset: float) -> None:
+           sm_scale: float) -> None:
     """Writes out and lse for attention_fp8's quantised tensors `t` (FP8Tensors); see attention_fp8_quantized."""
     B, H, Lq, D = t.q.shape
     Lk = t.k.shape[2]
@@ -202,4 +194,4 @@ def launch(t, out: torch.Tensor, lse: torch.Tensor, mask_u8: Optional[torch.Tens
         mask_u8 if mask_u8 is not None else lse, *out_strides, mask_u8.stride(0) if mask_u8 is not None else 0,
         H, Lq, Lk, t.k_scale.shape[-1], sm_scale,
         STAGES=STAGES, TAIL=Lk % BLOCK_N != 0, HAS_MASK=mask_u8 is not None, QK_INT8=t.q.dtype == torch.int8,
-        SCORE_OFFSET=score_offset, num_warps=4, maxnreg=MAXNREG)
+        num_warps=4, maxnreg=MAXNREG)

@@ -389,7 +389,7 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
                  for name, block, dt, ts in blocks}
         types.update(QS="*fp32", KS="*fp32", VS="*fp32", QM="*fp32", Out="*bf16", Lse="*fp32", Mask="*u8",
                      sm_scale="fp32")
-        cx = dict(STAGES=AHF.STAGES, TAIL=True, HAS_MASK=True, QK_INT8=int8, SCORE_OFFSET=A8.SCORE_OFFSET.value)
+        cx = dict(STAGES=AHF.STAGES, TAIL=True, HAS_MASK=True, QK_INT8=int8)
         r = run(AHF._attn_fwd_hopper_fp8, types, cx, 4, 1, maxnreg=AH.MAXNREG)
         rows.append({"kernel": f"{'int8qk' if int8 else 'e4m3qk'} hopper (gluon)", **r})
         print(json.dumps(rows[-1]), flush=True)
