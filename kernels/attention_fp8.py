@@ -426,19 +426,19 @@ def attention_fp8_quantized(
     shape = (B, Lq, H, D) if out_layout == "BLHD" else (B, H, Lq, D)
     out = _attn._alloc(shape, t.q, out_dtype)
     lse = _attn._alloc((B, H, Lq), t.q, torch.float32)
+    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else None
     if _attn.HOPPER_KERNEL and _hopper_fp8.supported(t):
-        mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else None
         _hopper_fp8.launch(t, out, lse, mask_u8, _strides(out, out_layout), s)
         return out, lse
-    mask_u8 = mask.contiguous().view(torch.uint8) if mask is not None else t.q_scale
     if INTERPRET:
         descs = (t.q, t.k, t.vt)
     else:  # block shapes are set per config by _set_tma_block_shapes
         descs = tuple(TensorDescriptor(x, [x.shape[0] * x.shape[1] * x.shape[2], x.shape[3]], [x.shape[3], 1],
                                        [1, 16]) for x in (t.q, t.k, t.vt))
-    args = (t.q, t.k, t.vt, t.q_scale, t.k_scale, t.v_scale, t.q_dot_kmean, out, lse, mask_u8, *descs, s,
+    args = (t.q, t.k, t.vt, t.q_scale, t.k_scale, t.v_scale, t.q_dot_kmean, out, lse,
+            mask_u8 if mask_u8 is not None else t.q_scale, *descs, s,  # q_scale: unused pointer without a mask
             *_strides(out, out_layout),
-            mask_u8.stride(0) if mask is not None else 0,
+            mask_u8.stride(0) if mask_u8 is not None else 0,
             H, Lq, Lk, t.vt.shape[-1], t.k_scale.shape[-1], tune_length(Lq), tune_length(Lk))
     meta = dict(HEAD_DIM=D, HAS_MASK=mask is not None, QK_INT8=t.q.dtype == torch.int8, K_BLOCK=K_BLOCK)
     launch(_attn_fwd_fp8_kernel, _attn_fwd_fp8_tuned, INTERPRET_CONFIG_FP8, args, meta, Lq, B * H)
