@@ -15,6 +15,9 @@ One program computes 2 x BLOCK_M query rows of one (batch, head):
     exponentiates it while the P V product is still on the tensor cores (FA3's intra-warpgroup overlap);
     then it waits for O, rescales it and moves on. The two warpgroups are not synchronised with each
     other, so the SM's schedulers also overlap one warpgroup's softmax with the other's MMAs.
+    In the variant without a key mask ptxas moves the wait for O above the exponentials (SASS; the compile
+    check reports it), so only the second kind of overlap happens there; pinning the wait after them
+    measured no gain for this kernel (perf/RESULTS.md), unlike the FP8 one (attention_hopper_fp8.py).
 
 Used by `attention.attention` (the `triton` backend) when `supported`: an sm_90 GPU, bf16, head dim 64 or
 128, token rows a TMA can address. Non-causal, optional key-padding mask; the norm/RoPE prologue runs as a
