@@ -8,10 +8,15 @@ register operand it would have to stay alive across the asynchronous MMA, and Tr
 registers through `warpgroup_mma_wait`: "Unexpected bitwidth in WGMMAWaitGroupOp: 8"); V comes transposed,
 (B*H*D, Lk_pad) rows of tokens, because fp8 wgmma wants both operands K-major.
 
-P has two buffers a warpgroup: P_j is stored while P V_{j-1} still reads the other one, and only then does the
-warpgroup wait for that product. With one buffer the wait had to come before the store, and ptxas hoisted it
-above the exponentials (SASS: WARPGROUP.DEPBAR.LE gsb0, 0x0 right after the row max), so the P V product never
-overlapped the softmax; the stores now pin it after them.
+The consumer loop is software-pipelined by one key tile: S_{j+1} = Q K_{j+1}^T is issued before the softmax of
+S_j, so that product (and P_{j-1} V_{j-1}) runs on the tensor cores while the warpgroup exponentiates; one wait
+after the softmax then finds both done. (Issued as FA3 does, S_j and P_{j-1} V_{j-1} together after the softmax of
+tile j-1, the warpgroup sat ~520-550 cycles a tile waiting for S_j: perf/RESULTS.md, clock64 profile.) H100, kernel
+alone, int8 Q.K^T: +8% at (1,12,32760,128), +3-8% at (1,40,32760,128), unchanged at the 4,352-4,608 shapes; e4m3
+Q.K^T 5-7% slower at those (ptxas copies S_{j+1} into S_j's registers, 60 MOVs a tile; unrolling by two to avoid
+that spilled). S_j, S_{j+1} and O are 192 of a consumer's 240 registers, so P goes through shared memory, in two
+buffers a warpgroup: P_j is stored while P V_{j-1} still reads the other one, and only then does the warpgroup
+wait. (With one buffer that wait had to come before the store, and ptxas hoisted it above the exponentials.)
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait,
+    fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
 )
 
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -35,9 +40,10 @@ from .attention_hopper import (
 
 
 @gluon.jit
-def _softmax_update_fp8(s_raw, m_i, l_i, j, n_kv, LK, mask_ptr, q_row_scale, ks_ptr, TAIL: gl.constexpr,
+def _softmax_update_fp8(s_raw, m_i, l_i, j, LK, mask_ptr, q_row_scale, ks_ptr, TAIL: gl.constexpr,
                         HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Online-softmax step on key tile j's raw scores: returns P * 256 (fp32), alpha, m, l (see attention_fp8)."""
+    """Online-softmax step on key tile j's raw scores: returns P * 256 (fp32), alpha, m, l (see attention_fp8).
+    TAIL: mask the keys past LK (the caller passes it for the last tile only)."""
     if QK_INT8:
         qk = int8_scores(s_raw)
     else:
@@ -47,8 +53,7 @@ def _softmax_update_fp8(s_raw, m_i, l_i, j, n_kv, LK, mask_ptr, q_row_scale, ks_
         keep = gl.load(mask_ptr + cols, mask=cols < LK, other=0) != 0
         qk = gl.where(keep[None, :], qk, float("-inf"))
     elif TAIL:
-        if j == n_kv - 1:
-            qk = gl.where((cols < LK)[None, :], qk, float("-inf"))
+        qk = gl.where((cols < LK)[None, :], qk, float("-inf"))
     sc = q_row_scale * gl.load(ks_ptr + j)  # one K scale per 128-key block = per tile
     sc, bias, m_new = row_bias(m_i, qk, sc, QK_INT8)
     p = gl.exp2(qk * sc[:, None] - bias[:, None])
@@ -89,36 +94,45 @@ def _consumer_fp8(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
     s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     mbarrier.arrive(k_empty.index(0), count=1)
-    p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, 0, n_kv, LK, mask_ptr, q_row_scale, ks_ptr, TAIL,
-                                             HAS_MASK, QK_INT8, BLOCK_N)
-    p_smem.index(2 * WG).store(p.to(gl.float8e4nv))
-    fence_async_shared()
-
-    for j in range(1, n_kv):
-        sk = j % STAGES
-        sv = (j - 1) % STAGES
-        p_prev = p_smem.index(2 * WG + (j - 1) % 2)
-        mbarrier.wait(k_ready.index(sk), (j // STAGES) & 1)
-        mbarrier.wait(v_ready.index(sv), ((j - 1) // STAGES) & 1)
+    # Software-pipelined by one key tile: S_{j+1} = Q K_{j+1}^T is issued before the softmax of S_j, so the
+    # tensor cores compute it (and P_{j-1} V_{j-1}) while this warpgroup exponentiates.
+    pv_tok = warpgroup_mma_init(o)  # no P V product in flight before the first tile
+    p_prev = p_smem.index(2 * WG + 1)
+    for j in range(0, n_kv - 1):
+        sk = (j + 1) % STAGES
+        sv = j % STAGES
+        mbarrier.wait(k_ready.index(sk), ((j + 1) // STAGES) & 1)
         s_tok = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        pv_tok = warpgroup_mma(p_prev, vt_smem.index(sv).permute((1, 0)), o, use_acc=True, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(sk), count=1)
-        p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, j, n_kv, LK, mask_ptr, q_row_scale, ks_ptr, TAIL,
+        p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, j, LK, mask_ptr, q_row_scale, ks_ptr, False,
                                                  HAS_MASK, QK_INT8, BLOCK_N)
-        # P_j goes to the other buffer while P V_{j-1} still reads this one; storing it before waiting for that
-        # product keeps ptxas from hoisting the wait above the exponentials.
-        p_smem.index(2 * WG + j % 2).store(p.to(gl.float8e4nv))
+        # P_j goes to one buffer while P V_{j-1} still reads the other; storing it before waiting for that product
+        # keeps ptxas from hoisting the wait above the exponentials.
+        p_cur = p_smem.index(2 * WG + j % 2)
+        p_cur.store(p.to(gl.float8e4nv))
         fence_async_shared()
-        o, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_prev))
-        mbarrier.arrive(v_empty.index(sv), count=1)
+        # Both products were issued before the softmax and are done by now: P V_{j-1} and S_{j+1}.
+        o, _, s = warpgroup_mma_wait(0, deps=(pv_tok, p_prev, s_tok))
+        mbarrier.arrive(v_empty.index((j + STAGES - 1) % STAGES), count=1, pred=j > 0)
+        mbarrier.arrive(k_empty.index(sk), count=1)
         o = o * gl.convert_layout(alpha, o_rows)[:, None]
+        mbarrier.wait(v_ready.index(sv), (j // STAGES) & 1)
+        pv_tok = warpgroup_mma(p_cur, vt_smem.index(sv).permute((1, 0)), o, use_acc=True, is_async=True)
+        p_prev = p_cur
 
-    sv = (n_kv - 1) % STAGES
-    p_prev = p_smem.index(2 * WG + (n_kv - 1) % 2)
-    mbarrier.wait(v_ready.index(sv), ((n_kv - 1) // STAGES) & 1)
-    pv_tok = warpgroup_mma(p_prev, vt_smem.index(sv).permute((1, 0)), o, use_acc=True, is_async=True)
+    # The last key tile: its softmax, then the last P V product.
+    j = n_kv - 1
+    sv = j % STAGES
+    p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, j, LK, mask_ptr, q_row_scale, ks_ptr, TAIL,
+                                             HAS_MASK, QK_INT8, BLOCK_N)
+    p_cur = p_smem.index(2 * WG + j % 2)
+    p_cur.store(p.to(gl.float8e4nv))
+    fence_async_shared()
     o, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_prev))
+    mbarrier.arrive(v_empty.index((j + STAGES - 1) % STAGES), count=1, pred=j > 0)
+    o = o * gl.convert_layout(alpha, o_rows)[:, None]
+    mbarrier.wait(v_ready.index(sv), (j // STAGES) & 1)
+    pv_tok = warpgroup_mma(p_cur, vt_smem.index(sv).permute((1, 0)), o, use_acc=True, is_async=True)
+    o, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_cur))
     mbarrier.arrive(v_empty.index(sv), count=1)
 
     # V's per-channel scale once; the 2^8 P scale cancels in o / l and leaves the LSE; the smoothing shift
