@@ -21,6 +21,7 @@ wait. (With one buffer that wait had to come before the store, and ptxas hoisted
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -28,14 +29,14 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
 )
 
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .fp8_scores import int8_scores, row_bias
 from .attention_hopper import (
-    BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _producer, _ring, runs_on,
+    BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _ring, runs_on,
 )
 
 
@@ -63,10 +64,18 @@ def _softmax_update_fp8(s_raw, m_i, l_i, j, LK, mask_ptr, q_row_scale, ks_ptr, T
 
 
 @gluon.jit
-def _consumer_fp8(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
-    q_desc, k_desc, vt_desc, ring, q_row, k_row0, col0, v_coords, n_kv = loads
-    q_smem, k_smem, vt_smem, q_bar, k_ready, k_empty, v_ready, v_empty = ring
-    p_smem, o_ptr, lse_ptr, mask_ptr, qs_ptr, ks_ptr, vs_ptr, qm_ptr, stride_ol, m0, LQ, LK, sm_scale = rest
+def _task(t, n_m, H, BM: gl.constexpr):
+    """Task t of the persistent grid: (batch * head, first query row) of 2 * BM query rows; consecutive tasks share
+    a head, so the programs running at one time read the K and V of a few heads (L2)."""
+    off_bh = t // n_m
+    return off_bh, (t % n_m) * (2 * BM)
+
+
+@gluon.jit
+def _consumer_fp8(args, ring, p_smem, WG: gl.constexpr, FLAGS: gl.constexpr):
+    q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, strides, H, LQ, LK, NKB, sm_scale, n_m, n_tasks = args
+    stride_ob, stride_oh, stride_ol, stride_mb = strides
+    q_smem, k_smem, vt_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty = ring
     TAIL: gl.constexpr = FLAGS[0]
     HAS_MASK: gl.constexpr = FLAGS[1]
     QK_INT8: gl.constexpr = FLAGS[2]
@@ -80,104 +89,147 @@ def _consumer_fp8(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
                                                        instr_shape=[16, HEAD_DIM, 32])
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-
-    rows = m0 + WG * BM + gl.arange(0, BM, layout=s_rows)
-    q_row_scale = gl.load(qs_ptr + rows, mask=rows < LQ, other=1.0) * (sm_scale * 1.4426950408889634)
+    n_kv = gl.cdiv(LK, BLOCK_N)
     q = q_smem.index(WG)
-    mbarrier.wait(q_bar.index(WG), 0)
     zero_s = gl.zeros([BM, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, s_layout)
-    o = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-    m_i = gl.full([BM], -1.0e30, gl.float32, s_rows)
-    l_i = gl.zeros([BM], gl.float32, s_rows)
 
-    mbarrier.wait(k_ready.index(0), 0)
-    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s_tok, ))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    # Software-pipelined by one key tile: S_{j+1} = Q K_{j+1}^T is issued before the softmax of S_j, so the
-    # tensor cores compute it (and P_{j-1} V_{j-1}) while this warpgroup exponentiates.
-    pv_tok = warpgroup_mma_init(o)  # no P V product in flight before the first tile
-    p_prev = p_smem.index(2 * WG + 1)
-    for j in range(0, n_kv - 1):
-        sk = (j + 1) % STAGES
-        sv = j % STAGES
-        mbarrier.wait(k_ready.index(sk), ((j + 1) // STAGES) & 1)
-        s_tok = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, j, LK, mask_ptr, q_row_scale, ks_ptr, False,
+    c = 0  # K/V tiles consumed so far: ring slot and phase of tile j of this task are those of c + j
+    it = 0
+    for t in range(gl.program_id(0), n_tasks, gl.num_programs(0)):
+        off_bh, m0 = _task(t, n_m, H, BM)
+        bh = off_bh.to(gl.int64)
+        off_b = off_bh // H
+        mask_ptr = Mask + off_b.to(gl.int64) * stride_mb
+        ks_ptr = KS + bh * NKB
+        rows = m0 + WG * BM + gl.arange(0, BM, layout=s_rows)
+        q_row_scale = gl.load(QS + bh * LQ + rows, mask=rows < LQ, other=1.0) * (sm_scale * 1.4426950408889634)
+        o = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([BM], -1.0e30, gl.float32, s_rows)
+        l_i = gl.zeros([BM], gl.float32, s_rows)
+
+        mbarrier.wait(q_bar.index(WG), it & 1)
+        mbarrier.wait(k_ready.index(c % STAGES), (c // STAGES) & 1)
+        s_tok = warpgroup_mma(q, k_smem.index(c % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(c % STAGES), count=1)
+        # Software-pipelined by one key tile: S_{j+1} = Q K_{j+1}^T is issued before the softmax of S_j, so the
+        # tensor cores compute it (and P_{j-1} V_{j-1}) while this warpgroup exponentiates.
+        pv_tok = warpgroup_mma_init(o)  # no P V product in flight before the first tile
+        p_prev = p_smem.index(2 * WG + 1)
+        for j in range(0, n_kv - 1):
+            sk = (c + j + 1) % STAGES
+            sv = (c + j) % STAGES
+            mbarrier.wait(k_ready.index(sk), ((c + j + 1) // STAGES) & 1)
+            s_tok = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, j, LK, mask_ptr, q_row_scale, ks_ptr, False,
+                                                     HAS_MASK, QK_INT8, BLOCK_N)
+            # P_j goes to one buffer while P V_{j-1} still reads the other; storing it before waiting for that
+            # product keeps ptxas from hoisting the wait above the exponentials.
+            p_cur = p_smem.index(2 * WG + j % 2)
+            p_cur.store(p.to(gl.float8e4nv))
+            fence_async_shared()
+            # Both products were issued before the softmax and are done by now: P V_{j-1} and S_{j+1}.
+            o, _, s = warpgroup_mma_wait(0, deps=(pv_tok, p_prev, s_tok))
+            mbarrier.arrive(v_empty.index((sv + STAGES - 1) % STAGES), count=1, pred=j > 0)
+            mbarrier.arrive(k_empty.index(sk), count=1)
+            o = o * gl.convert_layout(alpha, o_rows)[:, None]
+            mbarrier.wait(v_ready.index(sv), ((c + j) // STAGES) & 1)
+            pv_tok = warpgroup_mma(p_cur, vt_smem.index(sv).permute((1, 0)), o, use_acc=True, is_async=True)
+            p_prev = p_cur
+        # Every Q K^T of this task is done: the producer may load the next task's Q.
+        mbarrier.arrive(q_empty.index(WG), count=1)
+
+        # The last key tile: its softmax, then the last P V product.
+        j = n_kv - 1
+        sv = (c + j) % STAGES
+        p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, j, LK, mask_ptr, q_row_scale, ks_ptr, TAIL,
                                                  HAS_MASK, QK_INT8, BLOCK_N)
-        # P_j goes to one buffer while P V_{j-1} still reads the other; storing it before waiting for that product
-        # keeps ptxas from hoisting the wait above the exponentials.
         p_cur = p_smem.index(2 * WG + j % 2)
         p_cur.store(p.to(gl.float8e4nv))
         fence_async_shared()
-        # Both products were issued before the softmax and are done by now: P V_{j-1} and S_{j+1}.
-        o, _, s = warpgroup_mma_wait(0, deps=(pv_tok, p_prev, s_tok))
-        mbarrier.arrive(v_empty.index((j + STAGES - 1) % STAGES), count=1, pred=j > 0)
-        mbarrier.arrive(k_empty.index(sk), count=1)
+        o, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_prev))
+        mbarrier.arrive(v_empty.index((sv + STAGES - 1) % STAGES), count=1, pred=j > 0)
         o = o * gl.convert_layout(alpha, o_rows)[:, None]
-        mbarrier.wait(v_ready.index(sv), (j // STAGES) & 1)
+        mbarrier.wait(v_ready.index(sv), ((c + j) // STAGES) & 1)
         pv_tok = warpgroup_mma(p_cur, vt_smem.index(sv).permute((1, 0)), o, use_acc=True, is_async=True)
-        p_prev = p_cur
+        o, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_cur))
+        mbarrier.arrive(v_empty.index(sv), count=1)
 
-    # The last key tile: its softmax, then the last P V product.
-    j = n_kv - 1
-    sv = j % STAGES
-    p, alpha, m_i, l_i = _softmax_update_fp8(s, m_i, l_i, j, LK, mask_ptr, q_row_scale, ks_ptr, TAIL,
-                                             HAS_MASK, QK_INT8, BLOCK_N)
-    p_cur = p_smem.index(2 * WG + j % 2)
-    p_cur.store(p.to(gl.float8e4nv))
-    fence_async_shared()
-    o, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_prev))
-    mbarrier.arrive(v_empty.index((j + STAGES - 1) % STAGES), count=1, pred=j > 0)
-    o = o * gl.convert_layout(alpha, o_rows)[:, None]
-    mbarrier.wait(v_ready.index(sv), (j // STAGES) & 1)
-    pv_tok = warpgroup_mma(p_cur, vt_smem.index(sv).permute((1, 0)), o, use_acc=True, is_async=True)
-    o, _ = warpgroup_mma_wait(0, deps=(pv_tok, p_cur))
-    mbarrier.arrive(v_empty.index(sv), count=1)
+        # V's per-channel scale once; the 2^8 P scale cancels in o / l and leaves the LSE; the smoothing shift
+        # q . mean(K) goes back into the LSE (attention_fp8's contract).
+        l_o = gl.convert_layout(l_i, o_rows)
+        has_keys = l_o > 0.0
+        l_safe = gl.where(has_keys, l_o, 1.0)
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o = o * gl.load(VS + bh * HEAD_DIM + cols)[None, :] / l_safe[:, None]
+        rows_o = m0 + WG * BM + gl.arange(0, BM, layout=o_rows)
+        row_ok = rows_o < LQ
+        o_ptr = Out + off_b.to(gl.int64) * stride_ob + (off_bh % H).to(gl.int64) * stride_oh
+        gl.store(o_ptr + rows_o[:, None].to(gl.int64) * stride_ol + cols[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        lse = gl.where(has_keys, (gl.convert_layout(m_i, o_rows) - 8.0 + gl.log2(l_safe)) * 0.6931471805599453,
+                       float("-inf"))
+        lse += sm_scale * gl.load(QM + bh * LQ + rows_o, mask=row_ok, other=0.0)
+        gl.store(Lse + bh * LQ + rows_o, lse, mask=row_ok)
+        c += n_kv
+        it += 1
 
-    # V's per-channel scale once; the 2^8 P scale cancels in o / l and leaves the LSE; the smoothing shift
-    # q . mean(K) goes back into the LSE (attention_fp8's contract).
-    l_o = gl.convert_layout(l_i, o_rows)
-    has_keys = l_o > 0.0
-    l_safe = gl.where(has_keys, l_o, 1.0)
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    o = o * gl.load(vs_ptr + cols)[None, :] / l_safe[:, None]
-    rows_o = m0 + WG * BM + gl.arange(0, BM, layout=o_rows)
-    row_ok = rows_o < LQ
-    gl.store(o_ptr + rows_o[:, None].to(gl.int64) * stride_ol + cols[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
-    lse = gl.where(has_keys, (gl.convert_layout(m_i, o_rows) - 8.0 + gl.log2(l_safe)) * 0.6931471805599453,
-                   float("-inf"))
-    lse += sm_scale * gl.load(qm_ptr + rows_o, mask=row_ok, other=0.0)
-    gl.store(lse_ptr + rows_o, lse, mask=row_ok)
+
+@gluon.jit
+def _producer_fp8(args, ring, p_smem, WG: gl.constexpr, FLAGS: gl.constexpr):
+    """TMA loads task after task: a task's two Q tiles once both consumers are done with the last ones, then its K
+    and V^T tiles through the STAGES-deep ring (one counter over all tasks)."""
+    q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, strides, H, LQ, LK, NKB, sm_scale, n_m, n_tasks = args
+    q_smem, k_smem, vt_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty = ring
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+    STAGES: gl.constexpr = k_smem.type.shape[0]
+    n_kv = gl.cdiv(LK, BLOCK_N)
+    c = 0
+    it = 0
+    for t in range(gl.program_id(0), n_tasks, gl.num_programs(0)):
+        off_bh, m0 = _task(t, n_m, H, BM)
+        for w in gl.static_range(2):
+            mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)  # completed once at init: the first task does not wait
+            mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [off_bh * LQ + m0 + w * BM, 0], q_bar.index(w), q_smem.index(w))
+        for j in range(n_kv):
+            s = (c + j) % STAGES
+            phase = (((c + j) // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(s), phase)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [off_bh * LK + j * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), phase)
+            mbarrier.expect(v_ready.index(s), vt_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(vt_desc, [off_bh * HEAD_DIM, j * BLOCK_N], v_ready.index(s),
+                                            vt_smem.index(s))
+        c += n_kv
+        it += 1
 
 
 @gluon.jit
 def _attn_fwd_hopper_fp8(q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, stride_ob, stride_oh, stride_ol,
-                         stride_mb, H, LQ, LK, NKB, sm_scale, STAGES: gl.constexpr, TAIL: gl.constexpr,
+                         stride_mb, H, LQ, LK, NKB, sm_scale, n_tasks, STAGES: gl.constexpr, TAIL: gl.constexpr,
                          HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr):
+    """Persistent: program p runs tasks p, p + P, ... of the n_tasks = B * H * cdiv(LQ, 2 * BM) query tiles.
+    2-D views: Q (B*H*Lq, D), K (B*H*Lk, D), Vt (B*H*D, Lk_pad): tile j of Vt is [bh * D, j * BLOCK_N]."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
-    off_bh = gl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    bh = off_bh.to(gl.int64)
-    m0 = gl.program_id(0) * (2 * BM)
-    # 2-D views: Q (B*H*Lq, D), K (B*H*Lk, D), Vt (B*H*D, Lk_pad): tile j of Vt is [bh * D, j * BLOCK_N].
-    ring = _ring(q_desc, k_desc, vt_desc, STAGES)
+    q_smem, k_smem, vt_smem, q_bar, k_ready, k_empty, v_ready, v_empty = _ring(q_desc, k_desc, vt_desc, STAGES)
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(2):
+        mbarrier.init(q_empty.index(w), count=1)
+    ring = (q_smem, k_smem, vt_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty)
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BLOCK_N], gl.float8e4nv)
     p_smem = gl.allocate_shared_memory(gl.float8e4nv, [4, BM, BLOCK_N], p_layout)
-    loads = (q_desc, k_desc, vt_desc, ring, off_bh * LQ + m0, off_bh * LK, 0, (off_bh * HEAD_DIM, 0, 0, BLOCK_N),
-             gl.cdiv(LK, BLOCK_N))
-    rest = (p_smem, Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh, Lse + bh * LQ,
-            Mask + off_b.to(gl.int64) * stride_mb, QS + bh * LQ, KS + bh * NKB, VS + bh * HEAD_DIM, QM + bh * LQ,
-            stride_ol, m0, LQ, LK, sm_scale)
+    args = (q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, (stride_ob, stride_oh, stride_ol, stride_mb), H,
+            LQ, LK, NKB, sm_scale, gl.cdiv(LQ, 2 * BM), n_tasks)
     FLAGS: gl.constexpr = (TAIL, HAS_MASK, QK_INT8)
     gl.warp_specialize([
-        (_consumer_fp8, (loads, rest, 0, FLAGS)),
-        (_consumer_fp8, (loads, rest, 1, FLAGS)),
-        (_producer, (loads, rest, 0, FLAGS)),
+        (_consumer_fp8, (args, ring, p_smem, 0, FLAGS)),
+        (_consumer_fp8, (args, ring, p_smem, 1, FLAGS)),
+        (_producer_fp8, (args, ring, p_smem, 0, FLAGS)),
     ], [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
 
 
@@ -185,6 +237,11 @@ STAGES = 3  # 8-bit tiles: Q 16 KB, K and V^T 32 KB a stage at head dim 128, P 2
 # Head dim 128 only: at 64 the Triton-lang FP8 kernel is faster (H100, (1, 24, 4608, 64), kernel alone: int8 Q.K^T
 # 440.9 vs 383.5 TFLOP/s, e4m3 471.7 vs 391.0; perf/RESULTS.md, 2026-11-27).
 HEAD_DIM = 128
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def supported(t) -> bool:
@@ -203,9 +260,10 @@ def launch(t, out: torch.Tensor, lse: torch.Tensor, mask_u8: Optional[torch.Tens
         rows = x.shape[0] * x.shape[1] * x.shape[2]
         layout = gl.NVMMASharedLayout.get_default_for(block, dt)
         descs.append(TensorDescriptor(x, [rows, x.shape[3]], [x.shape[3], 1], block, layout))
-    _attn_fwd_hopper_fp8[(triton.cdiv(Lq, CONSUMERS * BLOCK_M), B * H)](
+    n_tasks = B * H * triton.cdiv(Lq, CONSUMERS * BLOCK_M)
+    _attn_fwd_hopper_fp8[(min(n_tasks, _sm_count(t.q.device)), )](
         *descs, t.q_scale, t.k_scale, t.v_scale, t.q_dot_kmean, out, lse,
         mask_u8 if mask_u8 is not None else lse, *out_strides, mask_u8.stride(0) if mask_u8 is not None else 0,
-        H, Lq, Lk, t.k_scale.shape[-1], sm_scale,
+        H, Lq, Lk, t.k_scale.shape[-1], sm_scale, n_tasks,
         STAGES=STAGES, TAIL=Lk % BLOCK_N != 0, HAS_MASK=mask_u8 is not None, QK_INT8=t.q.dtype == torch.int8,
         num_warps=4, maxnreg=MAXNREG)
