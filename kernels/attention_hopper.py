@@ -7,9 +7,12 @@ Triton's own warp specialisation and software pipelining of that kernel were slo
 those passes decide for us: asynchronous `warpgroup_mma` with explicit waits, TMA with mbarriers, and
 warp-specialised partitions with their register budgets.
 
-One program computes 2 x BLOCK_M query rows of one (batch, head):
-  * a producer warp loads the two Q tiles once and streams K and V tiles by TMA into a STAGES-deep ring
-    (ready barriers signalled by the copies, empty barriers by both consumers);
+The grid is persistent: one program an SM, each taking tasks (2 x BLOCK_M query rows of one (batch, head))
+in turn, so that one task's last tiles and output overlap the loads of the next (with a program a task, each
+paid ~6-11 us of start and finish at FLUX's length: perf/RESULTS.md). In a program:
+  * a producer warp loads a task's two Q tiles once the consumers are done with the previous ones (q_empty) and
+    streams K and V tiles by TMA into a STAGES-deep ring that runs on across tasks (ready barriers signalled
+    by the copies, empty barriers by both consumers);
   * two consumer warpgroups (the default partition and one worker) each own BLOCK_M = 64 rows. Per key
     tile j a consumer issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, waits for S_j only, and
     exponentiates it while the P V product is still on the tensor cores (FA3's intra-warpgroup overlap);
@@ -27,6 +30,7 @@ next batch/head and reach P V with P = 0 (finite values, as every activation her
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -61,12 +65,28 @@ def _softmax_update(s, m_i, l_i, j, n_kv, LK, mask_ptr, qk_scale, TAIL: gl.const
 
 
 @gluon.jit
-def _consumer(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
-    q_desc, k_desc, v_desc, ring, q_row, k_row0, col0, v_coords, n_kv = loads
-    q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty = ring
-    o_ptr, lse_ptr, mask_ptr, stride_ol, m0, LQ, LK, qk_scale = rest
-    TAIL: gl.constexpr = FLAGS[0]
-    HAS_MASK: gl.constexpr = FLAGS[1]
+def _task(t, sched, BM: gl.constexpr, HEAD_DIM: gl.constexpr, BLHD: gl.constexpr):
+    """Task t of the persistent grid, 2 * BM query rows of one (batch, head): (off_b, off_h, off_bh, m0, and the TMA
+    origin: first Q row of the task, first K/V row and column of the head). Consecutive tasks share a head, so the
+    programs running at one time read the K and V of a few heads (L2)."""
+    n_tasks, n_m, H, LQ, LK = sched
+    off_bh = t // n_m
+    off_b = off_bh // H
+    off_h = off_bh % H
+    m0 = (t % n_m) * (2 * BM)
+    q_row0, k_row0, col0 = tma_origin(off_b, off_h, off_bh, LQ, LK, HEAD_DIM, BLHD)
+    return off_b, off_h, off_bh, m0, q_row0 + m0, k_row0, col0
+
+
+@gluon.jit
+def _consumer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
+    q_desc, k_desc, v_desc = descs
+    q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty = ring
+    n_tasks, n_m, H, LQ, LK = sched
+    Out, Lse, Mask, stride_ob, stride_oh, stride_ol, stride_mb, qk_scale = rest
+    BLHD: gl.constexpr = FLAGS[0]
+    TAIL: gl.constexpr = FLAGS[1]
+    HAS_MASK: gl.constexpr = FLAGS[2]
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
@@ -77,83 +97,112 @@ def _consumer(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-
+    n_kv = gl.cdiv(LK, BLOCK_N)
     q = q_smem.index(WG)
-    mbarrier.wait(q_bar.index(WG), 0)
     zero_s = gl.zeros([BM, BLOCK_N], gl.float32, s_layout)
-    o = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
-    m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
 
-    # Tile 0: scores and softmax alone (no P V to overlap with yet).
-    mbarrier.wait(k_ready.index(0), 0)
-    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s_tok, ))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, 0, n_kv, LK, mask_ptr, qk_scale, TAIL, HAS_MASK, BLOCK_N)
-    p_op = gl.convert_layout(p.to(v_desc.dtype), p_layout)
+    c = 0  # K/V tiles consumed so far: ring slot and phase of tile j of this task are those of c + j
+    it = 0
+    for t in range(gl.program_id(0), n_tasks, gl.num_programs(0)):
+        task = _task(t, sched, BM, HEAD_DIM, BLHD)
+        off_b, off_h, off_bh, m0 = task[0], task[1], task[2], task[3]
+        mask_ptr = Mask + off_b.to(gl.int64) * stride_mb
+        o = gl.zeros([BM, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([BM], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
 
-    for j in range(1, n_kv):
-        sk = j % STAGES
-        mbarrier.wait(k_ready.index(sk), (j // STAGES) & 1)
-        s_tok = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        sv = (j - 1) % STAGES
-        mbarrier.wait(v_ready.index(sv), ((j - 1) // STAGES) & 1)
-        o_tok = warpgroup_mma(p_op, v_smem.index(sv), o, is_async=True)
-        # S_j is done once at most one wgmma (the P V product) is in flight: exponentiate it meanwhile.
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        mbarrier.arrive(k_empty.index(sk), count=1)
-        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, j, n_kv, LK, mask_ptr, qk_scale, TAIL, HAS_MASK, BLOCK_N)
-        o, _ = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-        mbarrier.arrive(v_empty.index(sv), count=1)
-        o = o * gl.convert_layout(alpha, o_rows)[:, None]
+        # Tile 0: scores and softmax alone (no P V to overlap with yet).
+        mbarrier.wait(q_bar.index(WG), it & 1)
+        mbarrier.wait(k_ready.index(c % STAGES), (c // STAGES) & 1)
+        s_tok = warpgroup_mma(q, k_smem.index(c % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(c % STAGES), count=1)
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, 0, n_kv, LK, mask_ptr, qk_scale, TAIL, HAS_MASK, BLOCK_N)
         p_op = gl.convert_layout(p.to(v_desc.dtype), p_layout)
 
-    sv = (n_kv - 1) % STAGES
-    mbarrier.wait(v_ready.index(sv), ((n_kv - 1) // STAGES) & 1)
-    o_tok = warpgroup_mma(p_op, v_smem.index(sv), o, is_async=True)
-    o, _ = warpgroup_mma_wait(0, deps=(o_tok, p_op))
-    mbarrier.arrive(v_empty.index(sv), count=1)
+        for j in range(1, n_kv):
+            sk = (c + j) % STAGES
+            mbarrier.wait(k_ready.index(sk), ((c + j) // STAGES) & 1)
+            s_tok = warpgroup_mma(q, k_smem.index(sk).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            sv = (c + j - 1) % STAGES
+            mbarrier.wait(v_ready.index(sv), ((c + j - 1) // STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(sv), o, is_async=True)
+            # S_j is done once at most one wgmma (the P V product) is in flight: exponentiate it meanwhile.
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(sk), count=1)
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, j, n_kv, LK, mask_ptr, qk_scale, TAIL, HAS_MASK,
+                                                 BLOCK_N)
+            o, _ = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+            mbarrier.arrive(v_empty.index(sv), count=1)
+            o = o * gl.convert_layout(alpha, o_rows)[:, None]
+            p_op = gl.convert_layout(p.to(v_desc.dtype), p_layout)
+        # Every Q K^T of this task is done: the producer may load the next task's Q.
+        mbarrier.arrive(q_empty.index(WG), count=1)
 
-    # Rows without any key (all masked) get 0 and an LSE of -inf, as in the Triton kernel.
-    l_o = gl.convert_layout(l_i, o_rows)
-    has_keys = l_o > 0.0
-    l_safe = gl.where(has_keys, l_o, 1.0)
-    o = o / l_safe[:, None]
-    rows = m0 + WG * BM + gl.arange(0, BM, layout=o_rows)
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    row_ok = rows < LQ
-    gl.store(o_ptr + rows[:, None].to(gl.int64) * stride_ol + cols[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
-    lse = gl.where(has_keys, (gl.convert_layout(m_i, o_rows) + gl.log2(l_safe)) * 0.6931471805599453,
-                   float("-inf"))
-    gl.store(lse_ptr + rows, lse, mask=row_ok)
+        sv = (c + n_kv - 1) % STAGES
+        mbarrier.wait(v_ready.index(sv), ((c + n_kv - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_smem.index(sv), o, is_async=True)
+        o, _ = warpgroup_mma_wait(0, deps=(o_tok, p_op))
+        mbarrier.arrive(v_empty.index(sv), count=1)
+
+        # Rows without any key (all masked) get 0 and an LSE of -inf, as in the Triton kernel.
+        l_o = gl.convert_layout(l_i, o_rows)
+        has_keys = l_o > 0.0
+        l_safe = gl.where(has_keys, l_o, 1.0)
+        o = o / l_safe[:, None]
+        rows = m0 + WG * BM + gl.arange(0, BM, layout=o_rows)
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        row_ok = rows < LQ
+        o_ptr = Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
+        gl.store(o_ptr + rows[:, None].to(gl.int64) * stride_ol + cols[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+        lse = gl.where(has_keys, (gl.convert_layout(m_i, o_rows) + gl.log2(l_safe)) * 0.6931471805599453,
+                       float("-inf"))
+        gl.store(Lse + off_bh.to(gl.int64) * LQ + rows, lse, mask=row_ok)
+        c += n_kv
+        it += 1
 
 
 @gluon.jit
-def _producer(loads, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
-    """TMA loads: the two Q tiles of the program once, then K and V tiles through the STAGES-deep ring. V's tile j
-    sits at [v_row0 + j * v_row_step, v_col0 + j * v_col_step] of its 2-D view (token rows for bf16 V; for FP8's
-    transposed V, (head, channel) rows and token columns)."""
-    q_desc, k_desc, v_desc, ring, q_row, k_row0, col0, v_coords, n_kv = loads
-    q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty = ring
-    v_row0, v_row_step, v_col0, v_col_step = v_coords
+def _producer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
+    """TMA loads, task after task: a task's two Q tiles once both consumers are done with the last ones (the first
+    task does not wait), then its K and V tiles through the STAGES-deep ring, one counter over all tasks (empty
+    barriers start out completed: the first lap does not wait). FLAGS[0]: BLHD (see _task); FLAGS[-1]: V_T, V
+    comes transposed as FP8's (B*H*D, Lk_pad) view, tile j at [off_bh * D, j * BLOCK_N], instead of token rows."""
+    q_desc, k_desc, v_desc = descs
+    q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty = ring
+    n_tasks, n_m, H, LQ, LK = sched
+    BLHD: gl.constexpr = FLAGS[0]
+    V_T: gl.constexpr = FLAGS[len(FLAGS) - 1]
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    for c in gl.static_range(2):
-        mbarrier.expect(q_bar.index(c), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row + c * BM, col0], q_bar.index(c), q_smem.index(c))
-    for j in range(n_kv):
-        s = j % STAGES
-        phase = ((j // STAGES) & 1) ^ 1  # empty barriers start out completed: the first lap does not wait
-        mbarrier.wait(k_empty.index(s), phase)
-        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [k_row0 + j * BLOCK_N, col0], k_ready.index(s), k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), phase)
-        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [v_row0 + j * v_row_step, v_col0 + j * v_col_step],
-                                        v_ready.index(s), v_smem.index(s))
+    n_kv = gl.cdiv(LK, BLOCK_N)
+    c = 0
+    it = 0
+    for t in range(gl.program_id(0), n_tasks, gl.num_programs(0)):
+        task = _task(t, sched, BM, HEAD_DIM, BLHD)
+        off_bh, q_row, k_row0, col0 = task[2], task[4], task[5], task[6]
+        for w in gl.static_range(2):
+            mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
+            mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [q_row + w * BM, col0], q_bar.index(w), q_smem.index(w))
+        for j in range(n_kv):
+            s = (c + j) % STAGES
+            phase = (((c + j) // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(s), phase)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row0 + j * BLOCK_N, col0], k_ready.index(s), k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), phase)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            if V_T:
+                v_at = [off_bh * HEAD_DIM, j * BLOCK_N]
+            else:
+                v_at = [k_row0 + j * BLOCK_N, col0]
+            tma.async_copy_global_to_shared(v_desc, v_at, v_ready.index(s), v_smem.index(s))
+        c += n_kv
+        it += 1
 
 
 @gluon.jit
@@ -163,45 +212,37 @@ def _ring(q_desc, k_desc, v_desc, STAGES: gl.constexpr):
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for c in gl.static_range(2):
         mbarrier.init(q_bar.index(c), count=1)
+        mbarrier.init(q_empty.index(c), count=1)  # its consumer releases a Q tile
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)  # both consumers release a tile
         mbarrier.init(v_empty.index(i), count=2)
-    return q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty
+    return q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty
 
 
 @gluon.jit
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, Lse, Mask, stride_ob, stride_oh, stride_ol, stride_mb, H, LQ, LK,
-                     qk_scale, BLHD: gl.constexpr, STAGES: gl.constexpr, TAIL: gl.constexpr,
+                     qk_scale, n_tasks, BLHD: gl.constexpr, STAGES: gl.constexpr, TAIL: gl.constexpr,
                      HAS_MASK: gl.constexpr):
+    """Persistent: program p runs tasks p, p + P, ... of the n_tasks = B * H * cdiv(LQ, 2 * BM) query tiles."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
-    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
-    off_bh = gl.program_id(1)
-    off_b = off_bh // H
-    off_h = off_bh % H
-    m0 = gl.program_id(0) * (2 * BM)
-    q_row0, k_row0, col0 = tma_origin(off_b, off_h, off_bh, LQ, LK, HEAD_DIM, BLHD)
-    o_ptr = Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
-    lse_ptr = Lse + off_bh.to(gl.int64) * LQ
-    mask_ptr = Mask + off_b.to(gl.int64) * stride_mb
-
+    descs = (q_desc, k_desc, v_desc)
     ring = _ring(q_desc, k_desc, v_desc, STAGES)
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    loads = (q_desc, k_desc, v_desc, ring, q_row0 + m0, k_row0, col0, (k_row0, BLOCK_N, col0, 0),
-             gl.cdiv(LK, BLOCK_N))
-    rest = (o_ptr, lse_ptr, mask_ptr, stride_ol, m0, LQ, LK, qk_scale)
-    FLAGS: gl.constexpr = (TAIL, HAS_MASK)
+    sched = (n_tasks, gl.cdiv(LQ, 2 * BM), H, LQ, LK)
+    rest = (Out, Lse, Mask, stride_ob, stride_oh, stride_ol, stride_mb, qk_scale)
+    FLAGS: gl.constexpr = (BLHD, TAIL, HAS_MASK, False)
     gl.warp_specialize([
-        (_consumer, (loads, rest, 0, FLAGS)),
-        (_consumer, (loads, rest, 1, FLAGS)),
-        (_producer, (loads, rest, 0, FLAGS)),
+        (_consumer, (descs, ring, sched, rest, 0, FLAGS)),
+        (_consumer, (descs, ring, sched, rest, 1, FLAGS)),
+        (_producer, (descs, ring, sched, rest, 0, FLAGS)),
     ], [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
 
 
@@ -219,6 +260,12 @@ HEAD_DIMS = (64, 128)
 
 def _gl_dtype(dtype: torch.dtype):
     return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """The persistent grid's size: one program an SM (one fits, by shared memory and registers)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def runs_on(device: torch.device) -> bool:
@@ -242,9 +289,9 @@ def launch(q: torch.Tensor, views: tuple, out: torch.Tensor, lse: torch.Tensor, 
     for (x, rows, width, row_stride), block in zip(views, (BLOCK_M, BLOCK_N, BLOCK_N)):
         layout = gl.NVMMASharedLayout.get_default_for([block, D], _gl_dtype(x.dtype))
         descs.append(TensorDescriptor(x, [rows, width], [row_stride, 1], [block, D], layout))
-    grid = (triton.cdiv(Lq, CONSUMERS * BLOCK_M), lse.shape[0] * H)
-    _attn_fwd_hopper[grid](
+    n_tasks = lse.shape[0] * H * triton.cdiv(Lq, CONSUMERS * BLOCK_M)
+    _attn_fwd_hopper[(min(n_tasks, sm_count(q.device)), )](
         *descs, out, lse, mask_u8 if mask_u8 is not None else lse, *out_strides,
-        mask_u8.stride(0) if mask_u8 is not None else 0, H, Lq, Lk, scale * 1.4426950408889634,
+        mask_u8.stride(0) if mask_u8 is not None else 0, H, Lq, Lk, scale * 1.4426950408889634, n_tasks,
         BLHD=blhd, STAGES=STAGES, TAIL=Lk % BLOCK_N != 0, HAS_MASK=mask_u8 is not None,
         num_warps=4, maxnreg=MAXNREG)

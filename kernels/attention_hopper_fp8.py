@@ -21,7 +21,6 @@ wait. (With one buffer that wait had to come before the store, and ptxas hoisted
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -29,14 +28,14 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
+    fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
 )
 
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .fp8_scores import int8_scores, row_bias
 from .attention_hopper import (
-    BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _ring, runs_on,
+    BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _producer, _ring, _task, runs_on, sm_count,
 )
 
 
@@ -64,21 +63,14 @@ def _softmax_update_fp8(s_raw, m_i, l_i, j, LK, mask_ptr, q_row_scale, ks_ptr, T
 
 
 @gluon.jit
-def _task(t, n_m, H, BM: gl.constexpr):
-    """Task t of the persistent grid: (batch * head, first query row) of 2 * BM query rows; consecutive tasks share
-    a head, so the programs running at one time read the K and V of a few heads (L2)."""
-    off_bh = t // n_m
-    return off_bh, (t % n_m) * (2 * BM)
-
-
-@gluon.jit
-def _consumer_fp8(args, ring, p_smem, WG: gl.constexpr, FLAGS: gl.constexpr):
-    q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, strides, H, LQ, LK, NKB, sm_scale, n_m, n_tasks = args
-    stride_ob, stride_oh, stride_ol, stride_mb = strides
+def _consumer_fp8(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
+    q_desc, k_desc, vt_desc = descs
     q_smem, k_smem, vt_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty = ring
-    TAIL: gl.constexpr = FLAGS[0]
-    HAS_MASK: gl.constexpr = FLAGS[1]
-    QK_INT8: gl.constexpr = FLAGS[2]
+    n_tasks, n_m, H, LQ, LK = sched
+    p_smem, QS, KS, VS, QM, Out, Lse, Mask, stride_ob, stride_oh, stride_ol, stride_mb, NKB, sm_scale = rest
+    TAIL: gl.constexpr = FLAGS[1]
+    HAS_MASK: gl.constexpr = FLAGS[2]
+    QK_INT8: gl.constexpr = FLAGS[3]
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
@@ -96,9 +88,9 @@ def _consumer_fp8(args, ring, p_smem, WG: gl.constexpr, FLAGS: gl.constexpr):
     c = 0  # K/V tiles consumed so far: ring slot and phase of tile j of this task are those of c + j
     it = 0
     for t in range(gl.program_id(0), n_tasks, gl.num_programs(0)):
-        off_bh, m0 = _task(t, n_m, H, BM)
+        task = _task(t, sched, BM, HEAD_DIM, False)
+        off_b, off_h, off_bh, m0 = task[0], task[1], task[2], task[3]
         bh = off_bh.to(gl.int64)
-        off_b = off_bh // H
         mask_ptr = Mask + off_b.to(gl.int64) * stride_mb
         ks_ptr = KS + bh * NKB
         rows = m0 + WG * BM + gl.arange(0, BM, layout=s_rows)
@@ -164,7 +156,7 @@ def _consumer_fp8(args, ring, p_smem, WG: gl.constexpr, FLAGS: gl.constexpr):
         o = o * gl.load(VS + bh * HEAD_DIM + cols)[None, :] / l_safe[:, None]
         rows_o = m0 + WG * BM + gl.arange(0, BM, layout=o_rows)
         row_ok = rows_o < LQ
-        o_ptr = Out + off_b.to(gl.int64) * stride_ob + (off_bh % H).to(gl.int64) * stride_oh
+        o_ptr = Out + off_b.to(gl.int64) * stride_ob + off_h.to(gl.int64) * stride_oh
         gl.store(o_ptr + rows_o[:, None].to(gl.int64) * stride_ol + cols[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=row_ok[:, None])
         lse = gl.where(has_keys, (gl.convert_layout(m_i, o_rows) - 8.0 + gl.log2(l_safe)) * 0.6931471805599453,
@@ -176,60 +168,23 @@ def _consumer_fp8(args, ring, p_smem, WG: gl.constexpr, FLAGS: gl.constexpr):
 
 
 @gluon.jit
-def _producer_fp8(args, ring, p_smem, WG: gl.constexpr, FLAGS: gl.constexpr):
-    """TMA loads task after task: a task's two Q tiles once both consumers are done with the last ones, then its K
-    and V^T tiles through the STAGES-deep ring (one counter over all tasks)."""
-    q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, strides, H, LQ, LK, NKB, sm_scale, n_m, n_tasks = args
-    q_smem, k_smem, vt_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty = ring
-    BM: gl.constexpr = q_desc.block_type.shape[0]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
-    STAGES: gl.constexpr = k_smem.type.shape[0]
-    n_kv = gl.cdiv(LK, BLOCK_N)
-    c = 0
-    it = 0
-    for t in range(gl.program_id(0), n_tasks, gl.num_programs(0)):
-        off_bh, m0 = _task(t, n_m, H, BM)
-        for w in gl.static_range(2):
-            mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)  # completed once at init: the first task does not wait
-            mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [off_bh * LQ + m0 + w * BM, 0], q_bar.index(w), q_smem.index(w))
-        for j in range(n_kv):
-            s = (c + j) % STAGES
-            phase = (((c + j) // STAGES) & 1) ^ 1
-            mbarrier.wait(k_empty.index(s), phase)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [off_bh * LK + j * BLOCK_N, 0], k_ready.index(s), k_smem.index(s))
-            mbarrier.wait(v_empty.index(s), phase)
-            mbarrier.expect(v_ready.index(s), vt_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(vt_desc, [off_bh * HEAD_DIM, j * BLOCK_N], v_ready.index(s),
-                                            vt_smem.index(s))
-        c += n_kv
-        it += 1
-
-
-@gluon.jit
 def _attn_fwd_hopper_fp8(q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, stride_ob, stride_oh, stride_ol,
                          stride_mb, H, LQ, LK, NKB, sm_scale, n_tasks, STAGES: gl.constexpr, TAIL: gl.constexpr,
                          HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr):
-    """Persistent: program p runs tasks p, p + P, ... of the n_tasks = B * H * cdiv(LQ, 2 * BM) query tiles.
-    2-D views: Q (B*H*Lq, D), K (B*H*Lk, D), Vt (B*H*D, Lk_pad): tile j of Vt is [bh * D, j * BLOCK_N]."""
+    """Persistent, as the bf16 kernel. 2-D views: Q (B*H*Lq, D), K (B*H*Lk, D), Vt (B*H*D, Lk_pad)."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    q_smem, k_smem, vt_smem, q_bar, k_ready, k_empty, v_ready, v_empty = _ring(q_desc, k_desc, vt_desc, STAGES)
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for w in gl.static_range(2):
-        mbarrier.init(q_empty.index(w), count=1)
-    ring = (q_smem, k_smem, vt_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty)
+    descs = (q_desc, k_desc, vt_desc)
+    ring = _ring(q_desc, k_desc, vt_desc, STAGES)
+    sched = (n_tasks, gl.cdiv(LQ, 2 * BM), H, LQ, LK)
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BLOCK_N], gl.float8e4nv)
     p_smem = gl.allocate_shared_memory(gl.float8e4nv, [4, BM, BLOCK_N], p_layout)
-    args = (q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, (stride_ob, stride_oh, stride_ol, stride_mb), H,
-            LQ, LK, NKB, sm_scale, gl.cdiv(LQ, 2 * BM), n_tasks)
-    FLAGS: gl.constexpr = (TAIL, HAS_MASK, QK_INT8)
+    rest = (p_smem, QS, KS, VS, QM, Out, Lse, Mask, stride_ob, stride_oh, stride_ol, stride_mb, NKB, sm_scale)
+    FLAGS: gl.constexpr = (False, TAIL, HAS_MASK, QK_INT8, True)  # (BLHD, ..., V_T): see attention_hopper._producer
     gl.warp_specialize([
-        (_consumer_fp8, (args, ring, p_smem, 0, FLAGS)),
-        (_consumer_fp8, (args, ring, p_smem, 1, FLAGS)),
-        (_producer_fp8, (args, ring, p_smem, 0, FLAGS)),
+        (_consumer_fp8, (descs, ring, sched, rest, 0, FLAGS)),
+        (_consumer_fp8, (descs, ring, sched, rest, 1, FLAGS)),
+        (_producer, (descs, ring, sched, rest, 0, FLAGS)),
     ], [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
 
 
@@ -237,11 +192,6 @@ STAGES = 3  # 8-bit tiles: Q 16 KB, K and V^T 32 KB a stage at head dim 128, P 2
 # Head dim 128 only: at 64 the Triton-lang FP8 kernel is faster (H100, (1, 24, 4608, 64), kernel alone: int8 Q.K^T
 # 440.9 vs 383.5 TFLOP/s, e4m3 471.7 vs 391.0; perf/RESULTS.md, 2026-11-27).
 HEAD_DIM = 128
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def supported(t) -> bool:
@@ -261,7 +211,7 @@ def launch(t, out: torch.Tensor, lse: torch.Tensor, mask_u8: Optional[torch.Tens
         layout = gl.NVMMASharedLayout.get_default_for(block, dt)
         descs.append(TensorDescriptor(x, [rows, x.shape[3]], [x.shape[3], 1], block, layout))
     n_tasks = B * H * triton.cdiv(Lq, CONSUMERS * BLOCK_M)
-    _attn_fwd_hopper_fp8[(min(n_tasks, _sm_count(t.q.device)), )](
+    _attn_fwd_hopper_fp8[(min(n_tasks, sm_count(t.q.device)), )](
         *descs, t.q_scale, t.k_scale, t.v_scale, t.q_dot_kmean, out, lse,
         mask_u8 if mask_u8 is not None else lse, *out_strides, mask_u8.stride(0) if mask_u8 is not None else 0,
         H, Lq, Lk, t.k_scale.shape[-1], sm_scale, n_tasks,

@@ -518,24 +518,34 @@ def test_gpu_fp8_cosine(B, H, Lq, Lk, D, masked, qk_format, min_cos, fp8_kernel)
 
 
 @gpu
-@pytest.mark.parametrize("qk_format", ["int8", "fp8"])
-@pytest.mark.parametrize("B,H,Lq,Lk,D,masked", [c for c in GPU_CASES if c[4] == 128])
-def test_gpu_fp8_persistent_programs_take_task_after_task(B, H, Lq, Lk, D, masked, qk_format, monkeypatch):
-    """The Gluon FP8 kernel is persistent (one program an SM, query tiles handed out in turn). With 3 programs each
+@pytest.mark.parametrize("kernel", ["bf16", "int8", "fp8"])
+@pytest.mark.parametrize("B,H,Lq,Lk,D,masked", GPU_CASES)
+def test_gpu_gluon_programs_take_task_after_task(B, H, Lq, Lk, D, masked, kernel, monkeypatch):
+    """The Gluon kernels are persistent (one program an SM, query tiles handed out in turn). With 3 programs each
     runs many tasks, so the ring's phases and the Q hand-over cross task boundaries; every task must give the bits
     it gives when the test shapes' few tasks each get their own program."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernels are sm_90 only")
+    if kernel != "bf16" and D != A8._hopper_fp8.HEAD_DIM:
+        pytest.skip("the Gluon FP8 kernel takes head dim 128 only")
     monkeypatch.setattr(A, "HOPPER_KERNEL", True)
+    module = A._hopper if kernel == "bf16" else A8._hopper_fp8
+    launches, launch = [], module.launch
+    monkeypatch.setattr(module, "launch", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
     q, k, v = make_qkv(B, H, Lq, Lk, D, torch.bfloat16, "BLHD", "cuda")
     mask = make_mask(B, Lk, "cuda") if masked else None
-    t = quantize_fp8(q, k, v, "BLHD", qk_format)
-    assert A8._hopper_fp8.supported(t)
-    tasks = B * H * -(-Lq // (A8._hopper_fp8.CONSUMERS * A8._hopper_fp8.BLOCK_M))
-    assert tasks <= A8._hopper_fp8._sm_count(q.device)  # so the call below runs one task a program
-    one_each = attention_fp8_quantized(t, mask=mask)
-    monkeypatch.setattr(A8._hopper_fp8, "_sm_count", lambda device: 3)
-    few = attention_fp8_quantized(t, mask=mask)
+    if kernel == "bf16":
+        run = lambda: attention(q, k, v, mask=mask, return_lse=True)  # noqa: E731
+    else:
+        t = quantize_fp8(q, k, v, "BLHD", kernel)
+        run = lambda: attention_fp8_quantized(t, mask=mask)  # noqa: E731
+    tasks = B * H * -(-Lq // (A._hopper.CONSUMERS * A._hopper.BLOCK_M))
+    assert tasks <= A._hopper.sm_count(q.device)  # so the first call runs one task a program
+    one_each = run()
+    for m in (A._hopper, A8._hopper_fp8):
+        monkeypatch.setattr(m, "sm_count", lambda device: 3)
+    few = run()
+    assert len(launches) == 2
     assert torch.equal(few[0], one_each[0]) and torch.equal(few[1], one_each[1])
     check_finite(*few)
 
