@@ -9,7 +9,8 @@ warp-specialised partitions with their register budgets.
 
 The grid is persistent: one program an SM, each taking tasks (2 x BLOCK_M query rows of one (batch, head))
 in turn, so that one task's last tiles and output overlap the loads of the next (with a program a task, each
-paid ~6-11 us of start and finish at FLUX's length: perf/RESULTS.md). In a program:
+paid ~6-11 us of start and finish at FLUX's length; persistent, the FP8 kernel gained 6-9% there and this one 0-3%:
+perf/RESULTS.md). In a program:
   * a producer warp loads a task's two Q tiles once the consumers are done with the previous ones (q_empty) and
     streams K and V tiles by TMA into a STAGES-deep ring that runs on across tasks (ready barriers signalled
     by the copies, empty barriers by both consumers);

@@ -12,11 +12,12 @@ The consumer loop is software-pipelined by one key tile: S_{j+1} = Q K_{j+1}^T i
 S_j, so that product (and P_{j-1} V_{j-1}) runs on the tensor cores while the warpgroup exponentiates; one wait
 after the softmax then finds both done. (Issued as FA3 does, S_j and P_{j-1} V_{j-1} together after the softmax of
 tile j-1, the warpgroup sat ~520-550 cycles a tile waiting for S_j: perf/RESULTS.md, clock64 profile.) H100, kernel
-alone, int8 Q.K^T: +8% at (1,12,32760,128), +3-8% at (1,40,32760,128), unchanged at the 4,352-4,608 shapes; e4m3
-Q.K^T 5-7% slower at those (ptxas copies S_{j+1} into S_j's registers, 60 MOVs a tile; unrolling by two to avoid
-that spilled). S_j, S_{j+1} and O are 192 of a consumer's 240 registers, so P goes through shared memory, in two
-buffers a warpgroup: P_j is stored while P V_{j-1} still reads the other one, and only then does the warpgroup
-wait. (With one buffer that wait had to come before the store, and ptxas hoisted it above the exponentials.)
+alone, int8 Q.K^T: +3-11% at 32,760 tokens, unchanged at 4,352-4,608, where the persistent grid (attention_hopper)
+then gained 6-9%; e4m3 Q.K^T lost 5-7% at 4,352-4,608 to it (ptxas copies S_{j+1} into S_j's registers, 60 MOVs a
+tile; unrolling by two to avoid that spilled), 2-3% once persistent. S_j, S_{j+1} and O are 192 of a consumer's 240
+registers, so P goes through shared memory, in two buffers a warpgroup: P_j is stored while P V_{j-1} still reads
+the other one, and only then does the warpgroup wait. (With one buffer that wait had to come before the store, and
+ptxas hoisted it above the exponentials.)
 """
 
 from __future__ import annotations
