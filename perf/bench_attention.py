@@ -333,14 +333,16 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     nvdisasm = ptxas.with_name("nvdisasm")
     D = 128
+    scratch = tempfile.TemporaryDirectory()  # removed with the object when this function returns or raises
+    tmp = scratch.name
 
     def exps_before_pv_wait(cubin: bytes) -> int:
         """In the SASS of a Gluon kernel's main loop (the innermost backward branch with MMAs and exponentials):
         how many MUFU.EX2 precede the first full wgmma wait (WARPGROUP.DEPBAR.LE gsb0, 0x0), i.e. run while P V
         is in flight. ptxas hoisted that wait above all of them in the first FP8 kernel (perf/RESULTS.md)."""
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(cubin)
-        lines = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True).stdout.splitlines()
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        lines = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True).stdout.splitlines()
         labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\.(L_x_\d+):", line))}
         loops = []
         for i, line in enumerate(lines):
@@ -364,9 +366,9 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
                                options={"num_warps": num_warps, "num_stages": num_stages, **options})
         except Exception as e:
             return {"error": repr(e)[:300]}
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(k.asm["ptx"])
-        out = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", f.name, "-o", os.devnull],
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(k.asm["ptx"])
+        out = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", str(path), "-o", os.devnull],
                              capture_output=True, text=True).stderr
         regs = re.search(r"Used (\d+) registers", out)
         spills = re.search(r"(\d+) bytes spill stores", out)
