@@ -7,10 +7,10 @@ Triton's own warp specialisation and software pipelining of that kernel were slo
 those passes decide for us: asynchronous `warpgroup_mma` with explicit waits, TMA with mbarriers, and
 warp-specialised partitions with their register budgets.
 
-The grid is persistent: one program an SM, each taking tasks (2 x BLOCK_M query rows of one (batch, head))
-in turn, so that one task's last tiles and output overlap the loads of the next (with a program a task, each
-paid ~6-11 us of start and finish at FLUX's length; persistent, the FP8 kernel gained 6-9% there and this one 0-3%:
-perf/RESULTS.md). In a program:
+A program takes tasks (2 x BLOCK_M query rows of one (batch, head)) in turn: one each, or, with a persistent
+grid of one program an SM, several, so that one task's last tiles and output overlap the loads of the next (with a
+program a task, each paid ~6-11 us of start and finish at FLUX's length; persistent, the FP8 kernel gained 6-9%
+there and this one 0-3%: perf/RESULTS.md; which kernel uses which: PERSISTENT). In a program:
   * a producer warp loads a task's two Q tiles once the consumers are done with the previous ones (q_empty) and
     streams K and V tiles by TMA into a STAGES-deep ring that runs on across tasks (ready barriers signalled
     by the copies, empty barriers by both consumers);
@@ -233,7 +233,7 @@ def _ring(q_desc, k_desc, v_desc, STAGES: gl.constexpr):
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, Lse, Mask, stride_ob, stride_oh, stride_ol, stride_mb, H, LQ, LK,
                      qk_scale, n_tasks, BLHD: gl.constexpr, STAGES: gl.constexpr, TAIL: gl.constexpr,
                      HAS_MASK: gl.constexpr):
-    """Persistent: program p runs tasks p, p + P, ... of the n_tasks = B * H * cdiv(LQ, 2 * BM) query tiles."""
+    """Program p runs tasks p, p + P, ... of the n_tasks = B * H * cdiv(LQ, 2 * BM) query tiles (P = programs())."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     descs = (q_desc, k_desc, v_desc)
     ring = _ring(q_desc, k_desc, v_desc, STAGES)
@@ -263,10 +263,24 @@ def _gl_dtype(dtype: torch.dtype):
     return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
 
+# One task a program (the hardware schedules them) or a persistent grid of one program an SM. Persistent, the FP8
+# kernel gained 6-9% at FLUX's length and this one 0-3%, within its spread (H100, perf/RESULTS.md). But its tasks are
+# dealt out statically, so a program whose SM is held by another kernel - NCCL's, under Ulysses with head chunks,
+# where the exchange of one chunk overlaps the attention of the other - would finish its share that much later;
+# not measured. This kernel is the default backend and the one sequence parallelism attends with: it keeps one
+# task a program.
+PERSISTENT = False
+
+
 @functools.cache
 def sm_count(device: torch.device) -> int:
-    """The persistent grid's size: one program an SM (one fits, by shared memory and registers)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def programs(n_tasks: int, device: torch.device, persistent: bool) -> int:
+    """The grid: every task its own program, or (persistent) at most one program an SM (one fits, by shared
+    memory and registers)."""
+    return min(n_tasks, sm_count(device)) if persistent else n_tasks
 
 
 def runs_on(device: torch.device) -> bool:
@@ -291,7 +305,7 @@ def launch(q: torch.Tensor, views: tuple, out: torch.Tensor, lse: torch.Tensor, 
         layout = gl.NVMMASharedLayout.get_default_for([block, D], _gl_dtype(x.dtype))
         descs.append(TensorDescriptor(x, [rows, width], [row_stride, 1], [block, D], layout))
     n_tasks = lse.shape[0] * H * triton.cdiv(Lq, CONSUMERS * BLOCK_M)
-    _attn_fwd_hopper[(min(n_tasks, sm_count(q.device)), )](
+    _attn_fwd_hopper[(programs(n_tasks, q.device, PERSISTENT), )](
         *descs, out, lse, mask_u8 if mask_u8 is not None else lse, *out_strides,
         mask_u8.stride(0) if mask_u8 is not None else 0, H, Lq, Lk, scale * 1.4426950408889634, n_tasks,
         BLHD=blhd, STAGES=STAGES, TAIL=Lk % BLOCK_N != 0, HAS_MASK=mask_u8 is not None,
