@@ -67,7 +67,7 @@ def _softmax_update(s, m_i, l_i, j, n_kv, LK, mask_ptr, qk_scale, TAIL: gl.const
 
 @gluon.jit
 def _task(t, sched, BM: gl.constexpr, HEAD_DIM: gl.constexpr, BLHD: gl.constexpr):
-    """Task t of the persistent grid, 2 * BM query rows of one (batch, head): (off_b, off_h, off_bh, m0, and the TMA
+    """Task t, 2 * BM query rows of one (batch, head): (off_b, off_h, off_bh, m0, and the TMA
     origin: first Q row of the task, first K/V row and column of the head). Consecutive tasks share a head, so the
     programs running at one time read the K and V of a few heads (L2)."""
     n_tasks, n_m, H, LQ, LK = sched
