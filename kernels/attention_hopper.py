@@ -47,6 +47,13 @@ BLOCK_M = 64  # query rows per consumer warpgroup (wgmma's M is 64 per warpgroup
 CONSUMERS = 2
 
 
+@gluon.constexpr_function
+def wgmma_layout(n, k):
+    """Register layout of a consumer warpgroup's m64 x n wgmma accumulator, k the MMA's k step (16 for bf16
+    operands, 32 for 8-bit ones)."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, k])
+
+
 @gluon.jit
 def _softmax_update(s, m_i, l_i, j, n_kv, LK, mask_ptr, qk_scale, TAIL: gl.constexpr, HAS_MASK: gl.constexpr,
                     BLOCK_N: gl.constexpr):
@@ -92,10 +99,8 @@ def _consumer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = wgmma_layout(BLOCK_N, 16)
+    o_layout: gl.constexpr = wgmma_layout(HEAD_DIM, 16)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     n_kv = gl.cdiv(LK, BLOCK_N)

@@ -37,6 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .fp8_scores import int8_scores, row_bias
 from .attention_hopper import (
     BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _producer, _ring, _task, programs, runs_on,
+    wgmma_layout,
 )
 
 
@@ -76,10 +77,8 @@ def _consumer_fp8(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexp
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     STAGES: gl.constexpr = k_smem.type.shape[0]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 32])
+    s_layout: gl.constexpr = wgmma_layout(BLOCK_N, 32)
+    o_layout: gl.constexpr = wgmma_layout(HEAD_DIM, 32)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
     n_kv = gl.cdiv(LK, BLOCK_N)
