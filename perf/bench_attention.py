@@ -421,7 +421,8 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
         for masked in (False, True):  # ptxas schedules the two differently (the bf16 kernel hoists unmasked only)
             cx = dict(STAGES=AHF.STAGES, TAIL=True, HAS_MASK=masked, QK_INT8=int8)
             r = run(AHF._attn_fwd_hopper_fp8, types, cx, 4, 1, maxnreg=AH.MAXNREG)
-            if "error" not in r and r.get("exps_before_pv_wait", 64) < 64:  # all of a tile's 64 a thread: the +7-11% of 2026-11-27
+            # All of a tile's 64 exponentials a thread before the wait: the +7-11% of 2026-11-27.
+            if "error" not in r and r.get("exps_before_pv_wait", 64) < 64:
                 r["error"] = (f"ptxas hoisted the P V wait above the softmax ({r['exps_before_pv_wait']} of 64 exp2 "
                               "before it)")
             rows.append({"kernel": f"{'int8qk' if int8 else 'e4m3qk'} hopper (gluon)", "cfg": [D, masked], **r})
