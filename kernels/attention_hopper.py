@@ -87,9 +87,26 @@ def _task(t, sched, BM: gl.constexpr, HEAD_DIM: gl.constexpr, BLHD: gl.constexpr
 
 
 @gluon.jit
+def _publish_task(task_id, w, t):
+    """Producer (one warp): the task of Q tile w, before the arrive on q_bar[w] that releases it to the consumer."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    task_id.index(w).store(gl.full([1], t, gl.int32, layout))
+
+
+@gluon.jit
+def _next_task(ring, WG: gl.constexpr, it):
+    """Consumer: wait for the it-th Q tile and read its task (>= n_tasks: none left)."""
+    q_bar = ring[3]
+    task_id = ring[9]
+    mbarrier.wait(q_bar.index(WG), it & 1)
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    return gl.max(task_id.index(WG).load(layout), 0)
+
+
+@gluon.jit
 def _consumer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
     q_desc, k_desc, v_desc = descs
-    q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty = ring
+    q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, task_id, counter = ring
     n_tasks, n_m, H, LQ, LK = sched
     Out, Lse, Mask, stride_ob, stride_oh, stride_ol, stride_mb, qk_scale = rest
     BLHD: gl.constexpr = FLAGS[0]
@@ -109,7 +126,8 @@ def _consumer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
 
     c = 0  # K/V tiles consumed so far: ring slot and phase of tile j of this task are those of c + j
     it = 0
-    for t in range(gl.program_id(0), n_tasks, gl.num_programs(0)):
+    t = _next_task(ring, WG, it)
+    while t < n_tasks:
         task = _task(t, sched, BM, HEAD_DIM, BLHD)
         off_b, off_h, off_bh, m0 = task[0], task[1], task[2], task[3]
         mask_ptr = Mask + off_b.to(gl.int64) * stride_mb
@@ -118,7 +136,6 @@ def _consumer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
         l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
 
         # Tile 0: scores and softmax alone (no P V to overlap with yet).
-        mbarrier.wait(q_bar.index(WG), it & 1)
         mbarrier.wait(k_ready.index(c % STAGES), (c // STAGES) & 1)
         s_tok = warpgroup_mma(q, k_smem.index(c % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
@@ -167,16 +184,20 @@ def _consumer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
         gl.store(Lse + off_bh.to(gl.int64) * LQ + rows, lse, mask=row_ok)
         c += n_kv
         it += 1
+        t = _next_task(ring, WG, it)
 
 
 @gluon.jit
 def _producer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
     """TMA loads, task after task: a task's two Q tiles once both consumers are done with the last ones (the first
     task does not wait), then its K and V tiles through the STAGES-deep ring, one counter over all tasks (empty
-    barriers start out completed: the first lap does not wait). FLAGS[0]: BLHD (see _task); FLAGS[-1]: V_T, V
+    barriers start out completed: the first lap does not wait). Tasks are fetched, not dealt: a program's first is
+    its index, the next ones come from the launch's global counter (atomic), so a program that starts late - its
+    SM held by another kernel, NCCL's under Ulysses - takes fewer; each Q tile's task goes to its consumer in
+    task_id, published before the barrier arrive that releases the tile (t >= n_tasks: stop). FLAGS[0]: BLHD (see _task); FLAGS[-1]: V_T, V
     comes transposed as FP8's (B*H*D, Lk_pad) view, tile j at [off_bh * D, j * BLOCK_N], instead of token rows."""
     q_desc, k_desc, v_desc = descs
-    q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty = ring
+    q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, task_id, counter = ring
     n_tasks, n_m, H, LQ, LK = sched
     BLHD: gl.constexpr = FLAGS[0]
     V_T: gl.constexpr = FLAGS[len(FLAGS) - 1]
@@ -187,11 +208,13 @@ def _producer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
     n_kv = gl.cdiv(LK, BLOCK_N)
     c = 0
     it = 0
-    for t in range(gl.program_id(0), n_tasks, gl.num_programs(0)):
+    t = gl.program_id(0)
+    while t < n_tasks:
         task = _task(t, sched, BM, HEAD_DIM, BLHD)
         off_bh, q_row, k_row0, col0 = task[2], task[4], task[5], task[6]
         for w in gl.static_range(2):
             mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
+            _publish_task(task_id, w, t)
             mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [q_row + w * BM, col0], q_bar.index(w), q_smem.index(w))
         for j in range(n_kv):
@@ -209,11 +232,17 @@ def _producer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
             tma.async_copy_global_to_shared(v_desc, v_at, v_ready.index(s), v_smem.index(s))
         c += n_kv
         it += 1
+        t = gl.num_programs(0) + gl.atomic_add(counter, 1)  # the first task of each program is its own index
+    for w in gl.static_range(2):  # no task left: t >= n_tasks tells each consumer to stop
+        mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
+        _publish_task(task_id, w, t)
+        mbarrier.arrive(q_bar.index(w), count=1)
 
 
 @gluon.jit
-def _ring(q_desc, k_desc, v_desc, STAGES: gl.constexpr):
-    """One program's shared memory: two Q tiles, STAGES K and V tiles, and their barriers (initialised)."""
+def _ring(q_desc, k_desc, v_desc, counter, STAGES: gl.constexpr):
+    """One program's shared memory: two Q tiles, STAGES K and V tiles, their barriers (initialised), and the task of
+    each Q tile; counter: the launch's task counter in global memory (zeroed)."""
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
@@ -223,6 +252,7 @@ def _ring(q_desc, k_desc, v_desc, STAGES: gl.constexpr):
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    task_id = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     for c in gl.static_range(2):
         mbarrier.init(q_bar.index(c), count=1)
         mbarrier.init(q_empty.index(c), count=1)  # its consumer releases a Q tile
@@ -231,17 +261,17 @@ def _ring(q_desc, k_desc, v_desc, STAGES: gl.constexpr):
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)  # both consumers release a tile
         mbarrier.init(v_empty.index(i), count=2)
-    return q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty
+    return q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, task_id, counter
 
 
 @gluon.jit
-def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, Lse, Mask, stride_ob, stride_oh, stride_ol, stride_mb, H, LQ, LK,
-                     qk_scale, n_tasks, BLHD: gl.constexpr, STAGES: gl.constexpr, TAIL: gl.constexpr,
+def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, Lse, Mask, Counter, stride_ob, stride_oh, stride_ol, stride_mb, H,
+                     LQ, LK, qk_scale, n_tasks, BLHD: gl.constexpr, STAGES: gl.constexpr, TAIL: gl.constexpr,
                      HAS_MASK: gl.constexpr):
     """Program p runs tasks p, p + P, ... of the n_tasks = B * H * cdiv(LQ, 2 * BM) query tiles (P = programs())."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     descs = (q_desc, k_desc, v_desc)
-    ring = _ring(q_desc, k_desc, v_desc, STAGES)
+    ring = _ring(q_desc, k_desc, v_desc, Counter, STAGES)
     sched = (n_tasks, gl.cdiv(LQ, 2 * BM), H, LQ, LK)
     rest = (Out, Lse, Mask, stride_ob, stride_oh, stride_ol, stride_mb, qk_scale)
     FLAGS: gl.constexpr = (BLHD, TAIL, HAS_MASK, False)
@@ -269,11 +299,9 @@ def _gl_dtype(dtype: torch.dtype):
 
 
 # One task a program (the hardware schedules them) or a persistent grid of one program an SM. Persistent, the FP8
-# kernel gained 6-9% at FLUX's length and this one 0-3%, within its spread (H100, perf/RESULTS.md). But its tasks are
-# dealt out statically, so a program whose SM is held by another kernel - NCCL's, under Ulysses with head chunks,
-# where the exchange of one chunk overlaps the attention of the other - would finish its share that much later;
-# not measured. This kernel is the default backend and the one sequence parallelism attends with: it keeps one
-# task a program.
+# kernel gained 6-9% at FLUX's length and this one 0-3%, within its spread (H100, perf/RESULTS.md), with tasks dealt
+# out statically; branch gluon-dynamic-tasks fetches them from a counter instead (not yet run on a GPU), which a
+# program whose SM another kernel holds (NCCL's, under Ulysses with head chunks) cannot fall behind with.
 PERSISTENT = False
 
 
@@ -311,7 +339,8 @@ def launch(q: torch.Tensor, views: tuple, out: torch.Tensor, lse: torch.Tensor, 
         descs.append(TensorDescriptor(x, [rows, width], [row_stride, 1], [block, D], layout))
     n_tasks = lse.shape[0] * H * triton.cdiv(Lq, CONSUMERS * BLOCK_M)
     _attn_fwd_hopper[(programs(n_tasks, q.device, PERSISTENT), )](
-        *descs, out, lse, mask_u8 if mask_u8 is not None else lse, *out_strides,
+        *descs, out, lse, mask_u8 if mask_u8 is not None else lse, torch.zeros(1, dtype=torch.int32, device=q.device),
+        *out_strides,
         mask_u8.stride(0) if mask_u8 is not None else 0, H, Lq, Lk, scale * 1.4426950408889634, n_tasks,
         BLHD=blhd, STAGES=STAGES, TAIL=Lk % BLOCK_N != 0, HAS_MASK=mask_u8 is not None,
         num_warps=4, maxnreg=MAXNREG)

@@ -36,8 +36,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .fp8_scores import int8_scores, row_bias
 from .attention_hopper import (
-    BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _producer, _ring, _task, programs, runs_on,
-    wgmma_layout,
+    BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _next_task, _producer, _ring, _task, programs,
+    runs_on, wgmma_layout,
 )
 
 
@@ -67,7 +67,7 @@ def _softmax_update_fp8(s_raw, m_i, l_i, j, LK, mask_ptr, q_row_scale, ks_ptr, T
 @gluon.jit
 def _consumer_fp8(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
     q_desc, k_desc, vt_desc = descs
-    q_smem, k_smem, vt_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty = ring
+    q_smem, k_smem, vt_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, task_id, counter = ring
     n_tasks, n_m, H, LQ, LK = sched
     p_smem, QS, KS, VS, QM, Out, Lse, Mask, stride_ob, stride_oh, stride_ol, stride_mb, NKB, sm_scale = rest
     TAIL: gl.constexpr = FLAGS[1]
@@ -87,7 +87,8 @@ def _consumer_fp8(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexp
 
     c = 0  # K/V tiles consumed so far: ring slot and phase of tile j of this task are those of c + j
     it = 0
-    for t in range(gl.program_id(0), n_tasks, gl.num_programs(0)):
+    t = _next_task(ring, WG, it)
+    while t < n_tasks:
         task = _task(t, sched, BM, HEAD_DIM, False)
         off_b, off_h, off_bh, m0 = task[0], task[1], task[2], task[3]
         bh = off_bh.to(gl.int64)
@@ -99,7 +100,6 @@ def _consumer_fp8(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexp
         m_i = gl.full([BM], -1.0e30, gl.float32, s_rows)
         l_i = gl.zeros([BM], gl.float32, s_rows)
 
-        mbarrier.wait(q_bar.index(WG), it & 1)
         mbarrier.wait(k_ready.index(c % STAGES), (c // STAGES) & 1)
         s_tok = warpgroup_mma(q, k_smem.index(c % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(0, deps=(s_tok, ))
@@ -165,17 +165,18 @@ def _consumer_fp8(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexp
         gl.store(Lse + bh * LQ + rows_o, lse, mask=row_ok)
         c += n_kv
         it += 1
+        t = _next_task(ring, WG, it)
 
 
 @gluon.jit
-def _attn_fwd_hopper_fp8(q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, stride_ob, stride_oh, stride_ol,
-                         stride_mb, H, LQ, LK, NKB, sm_scale, n_tasks, STAGES: gl.constexpr, TAIL: gl.constexpr,
+def _attn_fwd_hopper_fp8(q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, Counter, stride_ob, stride_oh,
+                         stride_ol, stride_mb, H, LQ, LK, NKB, sm_scale, n_tasks, STAGES: gl.constexpr, TAIL: gl.constexpr,
                          HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr):
     """Tasks as in the bf16 kernel. 2-D views: Q (B*H*Lq, D), K (B*H*Lk, D), Vt (B*H*D, Lk_pad)."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     descs = (q_desc, k_desc, vt_desc)
-    ring = _ring(q_desc, k_desc, vt_desc, STAGES)
+    ring = _ring(q_desc, k_desc, vt_desc, Counter, STAGES)
     sched = (n_tasks, gl.cdiv(LQ, 2 * BM), H, LQ, LK)
     p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BLOCK_N], gl.float8e4nv)
     p_smem = gl.allocate_shared_memory(gl.float8e4nv, [4, BM, BLOCK_N], p_layout)
@@ -217,7 +218,7 @@ def launch(t, out: torch.Tensor, lse: torch.Tensor, mask_u8: Optional[torch.Tens
     n_tasks = B * H * triton.cdiv(Lq, CONSUMERS * BLOCK_M)
     _attn_fwd_hopper_fp8[(programs(n_tasks, t.q.device, PERSISTENT), )](
         *descs, t.q_scale, t.k_scale, t.v_scale, t.q_dot_kmean, out, lse,
-        mask_u8 if mask_u8 is not None else lse, *out_strides, mask_u8.stride(0) if mask_u8 is not None else 0,
+        mask_u8 if mask_u8 is not None else lse, torch.zeros(1, dtype=torch.int32, device=t.q.device), *out_strides, mask_u8.stride(0) if mask_u8 is not None else 0,
         H, Lq, Lk, t.k_scale.shape[-1], sm_scale, n_tasks,
         STAGES=STAGES, TAIL=Lk % BLOCK_N != 0, HAS_MASK=mask_u8 is not None, QK_INT8=t.q.dtype == torch.int8,
         num_warps=4, maxnreg=MAXNREG)
