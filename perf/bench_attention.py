@@ -405,7 +405,7 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
             descs = {name: f"tensordesc<bf16[{rows}, {d}],"
                            f"{gl.NVMMASharedLayout.get_default_for([rows, d], gl.bfloat16)!r}>"
                      for name, rows in (("q_desc", AH.BLOCK_M), ("k_desc", AH.BLOCK_N), ("v_desc", AH.BLOCK_N))}
-            types = dict(descs, Out="*bf16", Lse="*fp32", Mask="*u8", qk_scale="fp32")
+            types = dict(descs, Out="*bf16", Lse="*fp32", Mask="*u8", Counter="*i32", qk_scale="fp32")
             cx = dict(BLHD=True, STAGES=AH.STAGES, TAIL=True, HAS_MASK=masked)
             r = run(AH._attn_fwd_hopper, types, cx, 4, 1, maxnreg=AH.MAXNREG)
             rows.append({"kernel": "bf16 hopper (gluon)", "cfg": [d, masked], **r})
@@ -417,7 +417,7 @@ def compile_check(arch: int = 90, quick: bool = False) -> list[dict]:
         types = {name: f"tensordesc<{ts}{block},{gl.NVMMASharedLayout.get_default_for(block, dt)!r}>"
                  for name, block, dt, ts in blocks}
         types.update(QS="*fp32", KS="*fp32", VS="*fp32", QM="*fp32", Out="*bf16", Lse="*fp32", Mask="*u8",
-                     sm_scale="fp32")
+                     Counter="*i32", sm_scale="fp32")
         for masked in (False, True):  # ptxas schedules the two differently (the bf16 kernel hoists unmasked only)
             cx = dict(STAGES=AHF.STAGES, TAIL=True, HAS_MASK=masked, QK_INT8=int8)
             r = run(AHF._attn_fwd_hopper_fp8, types, cx, 4, 1, maxnreg=AH.MAXNREG)
