@@ -7,10 +7,15 @@ Triton's own warp specialisation and software pipelining of that kernel were slo
 those passes decide for us: asynchronous `warpgroup_mma` with explicit waits, TMA with mbarriers, and
 warp-specialised partitions with their register budgets.
 
-A program takes tasks (2 x BLOCK_M query rows of one (batch, head)) in turn: one each, or, with a persistent
-grid of one program an SM, several, so that one task's last tiles and output overlap the loads of the next (with a
-program a task, each paid ~6-11 us of start and finish at FLUX's length; persistent, the FP8 kernel gained 6-9%
-there and this one 0-3%: perf/RESULTS.md; which kernel uses which: PERSISTENT). In a program:
+The grid is persistent, one program an SM, and a program takes tasks (2 x BLOCK_M query rows of one (batch,
+head)) one after another, so that one task's last tiles and output overlap the loads of the next (with a program a
+task, each paid ~6-11 us of start and finish at FLUX's length). Tasks are fetched, not dealt out: a program's first
+is its own index, the next ones come from a counter of the launch (atomic), so a program whose SM is busy - with
+NCCL's kernels under Ulysses, where one head chunk's exchange overlaps the other's attention - takes fewer. H100,
+kernel alone (perf/RESULTS.md): persistent with a static share each, the FP8 kernel (int8 Q.K^T) gained 6-9% at
+4,352-4,608 tokens over one task a program and this one 0-3%; fetching the tasks, FP8 gained another 1-2% there and
+5-8% at 32,760 (e4m3 Q.K^T lost 0-3%), and this one stayed at +0-3%. FLUX's Ulysses-2 step took the same time with
+this kernel persistent as with a program a task (an H200 pair). In a program:
   * a producer warp loads a task's two Q tiles once the consumers are done with the previous ones (q_empty) and
     streams K and V tiles by TMA into a STAGES-deep ring that runs on across tasks (ready barriers signalled
     by the copies, empty barriers by both consumers);
@@ -191,11 +196,11 @@ def _consumer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
 def _producer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
     """TMA loads, task after task: a task's two Q tiles once both consumers are done with the last ones (the first
     task does not wait), then its K and V tiles through the STAGES-deep ring, one counter over all tasks (empty
-    barriers start out completed: the first lap does not wait). Tasks are fetched, not dealt: a program's first is
-    its index, the next ones come from the launch's global counter (atomic), so a program that starts late - its
-    SM held by another kernel, NCCL's under Ulysses - takes fewer; each Q tile's task goes to its consumer in
-    task_id, published before the barrier arrive that releases the tile (t >= n_tasks: stop). FLAGS[0]: BLHD (see _task); FLAGS[-1]: V_T, V
-    comes transposed as FP8's (B*H*D, Lk_pad) view, tile j at [off_bh * D, j * BLOCK_N], instead of token rows."""
+    barriers start out completed: the first lap does not wait). The producer fetches the tasks (module docstring)
+    and hands each Q tile's task to its consumer in task_id, written before the barrier arrive that releases the
+    tile (mbarrier arrive/wait order it); t >= n_tasks tells the consumer to stop. FLAGS[0]: BLHD (see _task);
+    FLAGS[-1]: V_T, V comes transposed as FP8's (B*H*D, Lk_pad) view, tile j at [off_bh * D, j * BLOCK_N], instead
+    of token rows."""
     q_desc, k_desc, v_desc = descs
     q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty, task_id, counter = ring
     n_tasks, n_m, H, LQ, LK = sched
@@ -268,7 +273,8 @@ def _ring(q_desc, k_desc, v_desc, counter, STAGES: gl.constexpr):
 def _attn_fwd_hopper(q_desc, k_desc, v_desc, Out, Lse, Mask, Counter, stride_ob, stride_oh, stride_ol, stride_mb, H,
                      LQ, LK, qk_scale, n_tasks, BLHD: gl.constexpr, STAGES: gl.constexpr, TAIL: gl.constexpr,
                      HAS_MASK: gl.constexpr):
-    """Program p runs tasks p, p + P, ... of the n_tasks = B * H * cdiv(LQ, 2 * BM) query tiles (P = programs())."""
+    """The n_tasks = B * H * cdiv(LQ, 2 * BM) query tiles, fetched by P = programs() programs: first task p, then
+    P + the counter's next value, until n_tasks."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     descs = (q_desc, k_desc, v_desc)
     ring = _ring(q_desc, k_desc, v_desc, Counter, STAGES)
@@ -298,22 +304,19 @@ def _gl_dtype(dtype: torch.dtype):
     return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
 
-# One task a program (the hardware schedules them) or a persistent grid of one program an SM. Persistent, the FP8
-# kernel gained 6-9% at FLUX's length and this one 0-3%, within its spread (H100, perf/RESULTS.md), with tasks dealt
-# out statically; branch gluon-dynamic-tasks fetches them from a counter instead (not yet run on a GPU), which a
-# program whose SM another kernel holds (NCCL's, under Ulysses with head chunks) cannot fall behind with.
-PERSISTENT = False
-
-
 @functools.cache
 def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def programs(n_tasks: int, device: torch.device, persistent: bool) -> int:
-    """The grid: every task its own program, or (persistent) at most one program an SM (one fits, by shared
-    memory and registers)."""
-    return min(n_tasks, sm_count(device)) if persistent else n_tasks
+def programs(n_tasks: int, device: torch.device) -> int:
+    """The persistent grid: one program an SM (one fits, by shared memory and registers), fewer for fewer tasks."""
+    return min(n_tasks, sm_count(device))
+
+
+def task_counter(device: torch.device) -> torch.Tensor:
+    """A launch's task counter (see the module docstring): zeroed for every launch, CUDA graphs included."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
 
 
 def runs_on(device: torch.device) -> bool:
@@ -338,9 +341,8 @@ def launch(q: torch.Tensor, views: tuple, out: torch.Tensor, lse: torch.Tensor, 
         layout = gl.NVMMASharedLayout.get_default_for([block, D], _gl_dtype(x.dtype))
         descs.append(TensorDescriptor(x, [rows, width], [row_stride, 1], [block, D], layout))
     n_tasks = lse.shape[0] * H * triton.cdiv(Lq, CONSUMERS * BLOCK_M)
-    _attn_fwd_hopper[(programs(n_tasks, q.device, PERSISTENT), )](
-        *descs, out, lse, mask_u8 if mask_u8 is not None else lse, torch.zeros(1, dtype=torch.int32, device=q.device),
-        *out_strides,
+    _attn_fwd_hopper[(programs(n_tasks, q.device), )](
+        *descs, out, lse, mask_u8 if mask_u8 is not None else lse, task_counter(q.device), *out_strides,
         mask_u8.stride(0) if mask_u8 is not None else 0, H, Lq, Lk, scale * 1.4426950408889634, n_tasks,
         BLHD=blhd, STAGES=STAGES, TAIL=Lk % BLOCK_N != 0, HAS_MASK=mask_u8 is not None,
         num_warps=4, maxnreg=MAXNREG)

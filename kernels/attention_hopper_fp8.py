@@ -37,7 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .fp8_scores import int8_scores, row_bias
 from .attention_hopper import (
     BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _next_task, _producer, _ring, _task, programs,
-    runs_on, wgmma_layout,
+    runs_on, task_counter, wgmma_layout,
 )
 
 
@@ -170,8 +170,8 @@ def _consumer_fp8(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexp
 
 @gluon.jit
 def _attn_fwd_hopper_fp8(q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask, Counter, stride_ob, stride_oh,
-                         stride_ol, stride_mb, H, LQ, LK, NKB, sm_scale, n_tasks, STAGES: gl.constexpr, TAIL: gl.constexpr,
-                         HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr):
+                         stride_ol, stride_mb, H, LQ, LK, NKB, sm_scale, n_tasks, STAGES: gl.constexpr,
+                         TAIL: gl.constexpr, HAS_MASK: gl.constexpr, QK_INT8: gl.constexpr):
     """Tasks as in the bf16 kernel. 2-D views: Q (B*H*Lq, D), K (B*H*Lk, D), Vt (B*H*D, Lk_pad)."""
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -189,10 +189,6 @@ def _attn_fwd_hopper_fp8(q_desc, k_desc, vt_desc, QS, KS, VS, QM, Out, Lse, Mask
     ], [4, 1], [REGS_CONSUMER, REGS_PRODUCER])
 
 
-# Persistent (attention_hopper.programs): +6-9% at 4,352-4,608 tokens for int8 Q.K^T, nothing at 32,760 (H100,
-# perf/RESULTS.md). Under Ulysses with head chunks NCCL's kernels may hold SMs while this one runs, which a static
-# share of tasks pays for (attention_hopper.PERSISTENT); not measured - FP8 is opt-in.
-PERSISTENT = True
 STAGES = 3  # 8-bit tiles: Q 16 KB, K and V^T 32 KB a stage at head dim 128, P 2 x 16 KB: 144 KB in all
 # Head dim 128 only: at 64 the Triton-lang FP8 kernel is faster (H100, (1, 24, 4608, 64), kernel alone: int8 Q.K^T
 # 440.9 vs 383.5 TFLOP/s, e4m3 471.7 vs 391.0; perf/RESULTS.md, 2026-11-27).
@@ -216,9 +212,10 @@ def launch(t, out: torch.Tensor, lse: torch.Tensor, mask_u8: Optional[torch.Tens
         layout = gl.NVMMASharedLayout.get_default_for(block, dt)
         descs.append(TensorDescriptor(x, [rows, x.shape[3]], [x.shape[3], 1], block, layout))
     n_tasks = B * H * triton.cdiv(Lq, CONSUMERS * BLOCK_M)
-    _attn_fwd_hopper_fp8[(programs(n_tasks, t.q.device, PERSISTENT), )](
+    _attn_fwd_hopper_fp8[(programs(n_tasks, t.q.device), )](
         *descs, t.q_scale, t.k_scale, t.v_scale, t.q_dot_kmean, out, lse,
-        mask_u8 if mask_u8 is not None else lse, torch.zeros(1, dtype=torch.int32, device=t.q.device), *out_strides, mask_u8.stride(0) if mask_u8 is not None else 0,
+        mask_u8 if mask_u8 is not None else lse, task_counter(t.q.device), *out_strides,
+        mask_u8.stride(0) if mask_u8 is not None else 0,
         H, Lq, Lk, t.k_scale.shape[-1], sm_scale, n_tasks,
         STAGES=STAGES, TAIL=Lk % BLOCK_N != 0, HAS_MASK=mask_u8 is not None, QK_INT8=t.q.dtype == torch.int8,
         num_warps=4, maxnreg=MAXNREG)

@@ -521,9 +521,10 @@ def test_gpu_fp8_cosine(B, H, Lq, Lk, D, masked, qk_format, min_cos, fp8_kernel)
 @pytest.mark.parametrize("kernel", ["bf16", "int8", "fp8"])
 @pytest.mark.parametrize("B,H,Lq,Lk,D,masked", GPU_CASES)
 def test_gpu_gluon_programs_take_task_after_task(B, H, Lq, Lk, D, masked, kernel, monkeypatch):
-    """The Gluon kernels' persistent grid (one program an SM, query tiles handed out in turn). With 3 programs each
-    runs many tasks, so the ring's phases and the Q hand-over cross task boundaries; every task must give the bits
-    it gives when the test shapes' few tasks each get their own program."""
+    """The Gluon kernels' persistent grid (one program an SM, query tiles fetched from the launch's counter). With 3
+    programs each runs many tasks, so the ring's phases and the Q hand-over cross task boundaries; every task must
+    give the bits it gives when the test shapes' few tasks each get their own program - also replayed from a CUDA
+    graph, twice, which only works if every replay starts the counter from zero."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernels are sm_90 only")
     if kernel != "bf16" and D != A8._hopper_fp8.HEAD_DIM:
@@ -543,11 +544,18 @@ def test_gpu_gluon_programs_take_task_after_task(B, H, Lq, Lk, D, masked, kernel
     assert tasks <= A._hopper.sm_count(q.device)  # so the first call runs one task a program
     one_each = run()
     monkeypatch.setattr(A._hopper, "sm_count", lambda device: 3)
-    monkeypatch.setattr(module, "PERSISTENT", True)  # the bf16 kernel is not persistent by default
     few = run()
-    assert len(launches) == 2
     assert torch.equal(few[0], one_each[0]) and torch.equal(few[1], one_each[1])
     check_finite(*few)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = run()
+    for _ in range(2):
+        for x in replayed:
+            x.fill_(float("nan"))  # a task no program took would keep these
+        graph.replay()
+        assert torch.equal(replayed[0], one_each[0]) and torch.equal(replayed[1], one_each[1])
+    assert len(launches) == 3
 
 
 @gpu
@@ -570,14 +578,10 @@ def test_autotuning_is_keyed_on_length_buckets():
         assert "LQ" not in key and "LK" not in key and {"LQ_TUNE", "LK_TUNE"} <= set(key)
 
 
-def test_gluon_grid_is_one_program_a_task_or_a_persistent_one_an_sm(monkeypatch):
+def test_gluon_grid_is_one_program_an_sm_or_a_task(monkeypatch):
     monkeypatch.setattr(A._hopper, "sm_count", lambda device: 132)
-    assert A._hopper.programs(864, None, persistent=False) == 864
-    assert A._hopper.programs(864, None, persistent=True) == 132
-    assert A._hopper.programs(54, None, persistent=True) == 54
-    # FP8 persistent (measured +6-9% at FLUX's length), bf16 not (0-3%, and it is what Ulysses attends with while
-    # NCCL kernels hold SMs): attention_hopper.PERSISTENT.
-    assert A8._hopper_fp8.PERSISTENT and not A._hopper.PERSISTENT
+    assert A._hopper.programs(864, None) == 132
+    assert A._hopper.programs(54, None) == 54
 
 
 def test_gluon_kernels_take_only_the_calls_they_support(monkeypatch):
