@@ -99,10 +99,8 @@ def _publish_task(task_id, w, t):
 
 
 @gluon.jit
-def _next_task(ring, WG: gl.constexpr, it):
+def _next_task(q_bar, task_id, WG: gl.constexpr, it):
     """Consumer: wait for the it-th Q tile and read its task (>= n_tasks: none left)."""
-    q_bar = ring[3]
-    task_id = ring[9]
     mbarrier.wait(q_bar.index(WG), it & 1)
     layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     return gl.max(task_id.index(WG).load(layout), 0)
@@ -131,7 +129,7 @@ def _consumer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
 
     c = 0  # K/V tiles consumed so far: ring slot and phase of tile j of this task are those of c + j
     it = 0
-    t = _next_task(ring, WG, it)
+    t = _next_task(q_bar, task_id, WG, it)
     while t < n_tasks:
         task = _task(t, sched, BM, HEAD_DIM, BLHD)
         off_b, off_h, off_bh, m0 = task[0], task[1], task[2], task[3]
@@ -189,7 +187,7 @@ def _consumer(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexpr):
         gl.store(Lse + off_bh.to(gl.int64) * LQ + rows, lse, mask=row_ok)
         c += n_kv
         it += 1
-        t = _next_task(ring, WG, it)
+        t = _next_task(q_bar, task_id, WG, it)
 
 
 @gluon.jit

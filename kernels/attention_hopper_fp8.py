@@ -87,7 +87,7 @@ def _consumer_fp8(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexp
 
     c = 0  # K/V tiles consumed so far: ring slot and phase of tile j of this task are those of c + j
     it = 0
-    t = _next_task(ring, WG, it)
+    t = _next_task(q_bar, task_id, WG, it)
     while t < n_tasks:
         task = _task(t, sched, BM, HEAD_DIM, False)
         off_b, off_h, off_bh, m0 = task[0], task[1], task[2], task[3]
@@ -165,7 +165,7 @@ def _consumer_fp8(descs, ring, sched, rest, WG: gl.constexpr, FLAGS: gl.constexp
         gl.store(Lse + bh * LQ + rows_o, lse, mask=row_ok)
         c += n_kv
         it += 1
-        t = _next_task(ring, WG, it)
+        t = _next_task(q_bar, task_id, WG, it)
 
 
 @gluon.jit
