@@ -509,8 +509,11 @@ def main() -> None:
         "device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
         "torch": torch.__version__, "triton": triton.__version__,
     }
-    rows = attention_rows(shapes)
-    pro = prologue_rows(1, 24, 4608, 128)
+    # Under inference_mode, as the denoisers call attention: in grad mode the custom ops' dispatch alone costs
+    # ~0.4 ms a call on the host (perf/RESULTS.md, "Host time of one attention call").
+    with torch.inference_mode():
+        rows = attention_rows(shapes)
+        pro = prologue_rows(1, 24, 4608, 128)
     result = {"meta": meta, "attention": rows, "prologue": pro, "configs": tuned_configs()}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_attention.json").write_text(json.dumps(result, indent=1))
