@@ -105,20 +105,23 @@ def _norm_rope(
 def _prologue_kernel(
     X, Out, W0, W1, Cos, Sin,
     eps, norm_split,
-    stride_xb, stride_xh, stride_xl,
-    stride_ob, stride_oh, stride_ol,
+    stride_xb, stride_xg, stride_xh, stride_xl,
+    stride_ob, stride_og, stride_oh, stride_ol,
     stride_cl,
-    H, L,
+    H, HEADS_IN_GROUP, L,
     HEAD_DIM: tl.constexpr,
     NORM: tl.constexpr,
     ROPE: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    HEADS: tl.constexpr,
 ):
     """Writes norm+RoPE(X) once (the prepass on K, and on Q before the Gluon kernel): BLOCK_L tokens of one
-    batch, every head, so cos/sin and the norm weights are loaded once for all heads. RoPE's partner column
-    (d ^ 1, or d ^ D/2 for rotate-half) is a second load of the same row, not a register shuffle: the
-    reshape/split form of `_norm_rope` ran this pass at ~0.5 TB/s on an H100 (perf/RESULTS.md)."""
+    batch, HEADS heads, so cos/sin and the norm weights are loaded once for them. Head h is at
+    (h // HEADS_IN_GROUP) * stride_g + (h % HEADS_IN_GROUP) * stride_h: Ulysses passes every rank's heads of a
+    chunk as groups, one launch instead of one per rank. RoPE's partner column (d ^ 1, or d ^ D/2 for
+    rotate-half) is a second load of the same row, not a register shuffle: the reshape/split form of
+    `_norm_rope` ran this pass at ~0.5 TB/s on an H100 (perf/RESULTS.md)."""
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     off_b = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
@@ -133,11 +136,15 @@ def _prologue_kernel(
         cs = rows[:, None] * stride_cl + d[None, :]
         cos = tl.load(Cos + cs, mask=ok, other=0.0)
         sin = tl.where(first[None, :], -1.0, 1.0) * tl.load(Sin + cs, mask=ok, other=0.0)
-    for h in range(H):
-        x_row = X + off_b * stride_xb + h * stride_xh + rows[:, None] * stride_xl
-        x = tl.load(x_row + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    for i in tl.static_range(HEADS):
+        h = tl.program_id(2).to(tl.int64) * HEADS + i
+        g = h // HEADS_IN_GROUP
+        hg = h - g * HEADS_IN_GROUP
+        here = ok & (h < H)
+        x_row = X + off_b * stride_xb + g * stride_xg + hg * stride_xh + rows[:, None] * stride_xl
+        x = tl.load(x_row + d[None, :], mask=here, other=0.0).to(tl.float32)
         if ROPE:
-            xp = tl.load(x_row + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+            xp = tl.load(x_row + partner[None, :], mask=here, other=0.0).to(tl.float32)
         if NORM:
             inv_rms = tl.math.rsqrt(tl.sum(x * x, axis=1) / HEAD_DIM + eps)[:, None]
             x = x * inv_rms * w
@@ -145,8 +152,8 @@ def _prologue_kernel(
                 xp = xp * inv_rms * wp
         if ROPE:
             x = x * cos + xp * sin
-        o_row = Out + off_b * stride_ob + h * stride_oh + rows[:, None] * stride_ol
-        tl.store(o_row + d[None, :], x.to(Out.dtype.element_ty), mask=ok)
+        o_row = Out + off_b * stride_ob + g * stride_og + hg * stride_oh + rows[:, None] * stride_ol
+        tl.store(o_row + d[None, :], x.to(Out.dtype.element_ty), mask=here)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -429,9 +436,14 @@ _attn_fwd_tuned = triton.autotune(
 
 
 def _prologue_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_L": bl}, num_warps=w) for bl in (16, 32, 64) for w in (4, 8)]
+    """16 tokens won on an H100 at FLUX's 4,608 (4 heads a program) and Ulysses-2's 2,304 (2 heads), and before
+    heads got a grid axis (2026-11-27, perf/RESULTS.md); 32 stays as the one larger tile tried."""
+    return [triton.Config({"BLOCK_L": bl, "HEADS": h}, num_warps=w)
+            for bl in (16, 32) for h in (1, 2, 4) for w in (4, 8)]
 
 
+# Not keyed on H: a CUDA graph captures FLUX's Ulysses calls with 2 head chunks after eager warm-up calls with one
+# (ulysses.auto_chunks), and a key first seen during capture would be tuned there, which fails the capture.
 _prologue_tuned = triton.autotune(configs=_prologue_configs(), key=["L", "HEAD_DIM", "NORM", "ROPE"])(
     _prologue_kernel
 )
@@ -496,21 +508,32 @@ def _norm_weights(w: Optional[torch.Tensor], d: int, like: torch.Tensor) -> tupl
     return w[0], w[-1]
 
 
+def _head_strides(x: torch.Tensor, layout: str) -> tuple[int, int, int, int, int]:
+    """(batch, head group, head, token) strides and the heads in a group of `layout`, or of (B, L, G, H, D)
+    (BLHD with heads in G groups)."""
+    if x.dim() == 5:
+        return x.stride(0), x.stride(2), x.stride(3), x.stride(1), x.shape[3]
+    sb, sh, sl = _strides(x, layout)
+    return sb, 0, sh, sl, dims(x, layout)[1]
+
+
 def _launch_prologue(x: torch.Tensor, layout: str, w: Optional[torch.Tensor], p: Prologue,
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    B, H, L, D = dims(x, layout)
+    """x: (B, L, H, D), (B, H, L, D), or (B, L, G, H, D) in layout "BLHD" (G groups of H heads)."""
+    B, D = x.shape[0], x.shape[-1]
+    H, L = (math.prod(x.shape[2:-1]), x.shape[1]) if layout == "BLHD" else (x.shape[1], x.shape[2])
     out = _alloc(tuple(x.shape), x, x.dtype) if out is None else out
     w0, w1 = _norm_weights(w, D, x)
     cos = p.cos if p.cos is not None else x
     sin = p.sin if p.sin is not None else x
-    sxb, sxh, sxl = _strides(x, layout)
-    sob, soh, sol = _strides(out, layout)
-    args = (x, out, w0, w1, cos, sin, p.eps, p.norm_split, sxb, sxh, sxl, sob, soh, sol, cos.stride(0), H, L)
+    *xs, in_group = _head_strides(x, layout)
+    *os_, _ = _head_strides(out, layout)
+    args = (x, out, w0, w1, cos, sin, p.eps, p.norm_split, *xs, *os_, cos.stride(0), H, in_group, L)
     meta = dict(HEAD_DIM=D, NORM=w is not None, ROPE=p.cos is not None, INTERLEAVED=p.interleaved)
     if INTERPRET:
-        _prologue_kernel[(triton.cdiv(L, 64), B)](*args, **meta, BLOCK_L=64)
+        _prologue_kernel[(triton.cdiv(L, 64), B, triton.cdiv(H, 2))](*args, **meta, BLOCK_L=64, HEADS=2)
     else:
-        _prologue_tuned[lambda m: (triton.cdiv(L, m["BLOCK_L"]), B)](*args, **meta)
+        _prologue_tuned[lambda m: (triton.cdiv(L, m["BLOCK_L"]), B, triton.cdiv(H, m["HEADS"]))](*args, **meta)
     return out
 
 
@@ -671,9 +694,13 @@ def attention(
 
 def norm_rope(x: torch.Tensor, prologue: Prologue, *, which: Literal["q", "k"] = "k",
               layout: Layout = "BLHD", out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The prologue alone, as one kernel (what k_mode="prepass" runs on K). out: where to write (x's
+    """The prologue alone, as one kernel (what k_mode="prepass" runs on K). x may also be (B, L, G, H, D), heads in
+    groups with a stride each (layout "BLHD"): Ulysses' heads of one chunk for every rank. out: where to write (x's
     shape and dtype, any strides with a contiguous last dimension; e.g. a slice of a send buffer)."""
-    B, H, L, D = dims(x, layout)
+    if not (x.dim() == 4 or (x.dim() == 5 and layout == "BLHD")):
+        raise ValueError(f"norm_rope: x must be (B, L, H, D), (B, H, L, D) or, in layout BLHD, (B, L, G, H, D); got "
+                         f"{tuple(x.shape)} in layout {layout}")
+    L, D = (x.shape[1] if layout == "BLHD" else x.shape[2]), x.shape[-1]
     if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1):
         raise ValueError(f"norm_rope: out must have x's shape {tuple(x.shape)} and dtype {x.dtype} with a contiguous "
                          f"last dimension, got {tuple(out.shape)}, {out.dtype}, strides {out.stride()}")

@@ -202,6 +202,27 @@ def test_attention_and_prologue_take_token_interleaved_views():
         norm_rope(q, p, which="q", out=buf[:, :, 1, :, :8])
 
 
+def check_prologue_into_head_groups(L: int, hc: int, D: int, dtype, device: str, tol: float) -> None:
+    """Ulysses' call: chunk 1 of 2 of every rank's heads, (1, L, P, hc, D) views of a (1, L, H, D) tensor, written
+    by one launch into their (P, 1, L, 3, hc, D) send-buffer slots (Q's of the three tensors interleaved per token),
+    leaving the other slots alone."""
+    P = 2
+    x = torch.randn(1, L, P * 2 * hc, D, dtype=dtype, device=device)
+    heads = x.unflatten(2, (P, 2, hc))[:, :, :, 1]
+    send = torch.full((P, 1, L, 3, hc, D), float("nan"), dtype=dtype, device=device)
+    p = make_prologue(L, D, norm=True, rope=True, interleaved=True, k_mode="prepass", split=5, device=device)
+    norm_rope(heads, p, which="q", out=send[:, :, :, 0].permute(1, 2, 0, 3, 4))
+    ref = reference_prologue(heads.reshape(1, L, P * hc, D).double(), p, which="q").view(heads.shape)
+    assert rel_err(send[:, :, :, 0].permute(1, 2, 0, 3, 4), ref) < tol
+    assert send[:, :, :, 1:].isnan().all()
+
+
+@interp
+def test_prologue_writes_head_groups():
+    """3 heads a group and 2 a program (the interpreter's HEADS): programs straddle the groups."""
+    check_prologue_into_head_groups(37, 3, 16, torch.float32, "cpu", 1e-6)
+
+
 @interp
 def test_registry_kernel_prologue_equals_the_torch_prologue():
     """What triton_fp8 and flash_attn (CUDA-only) apply before attending: Q's and K's own weights."""
@@ -461,6 +482,12 @@ def test_gpu_bf16_prologue_matches_fp64(D, interleaved, bf16_kernel):
 def test_gpu_bf16_inline_prologue_matches_fp64(interleaved):
     """k_mode="inline" (K's prologue inside the key loop) exists in the Triton-lang kernel only."""
     check_gpu_prologue("inline", 64, interleaved)
+
+
+@gpu
+def test_gpu_prologue_writes_head_groups():
+    """FLUX under Ulysses 2 with 2 chunks: 6 heads of each rank, 2,304 tokens."""
+    check_prologue_into_head_groups(2304, 6, 128, torch.bfloat16, "cuda", 1e-2)
 
 
 @gpu

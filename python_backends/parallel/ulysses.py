@@ -43,9 +43,9 @@ def check_heads(heads: int, ulysses_degree: int, chunks: int = 1) -> None:
                          f"attends with (ulysses_degree {ulysses_degree})")
 
 
-# Writes prepared Q (index 0) or K (index 1) heads into a send buffer: (index, the (B, L/P, hc, D) heads of one
-# rank's chunk, their (B, L/P, hc, D) strided destination). FLUX passes its QK norm + RoPE prologue here, so the
-# normalised Q and K are written once, straight into the buffer. V is sent as it is.
+# Writes prepared Q (index 0) or K (index 1) heads into a send buffer: (index, the (B, L/P, P, hc, D) heads of one
+# chunk for every rank, their strided destination of that shape). FLUX passes its QK norm + RoPE prologue here, so
+# the normalised Q and K are written once, straight into the buffer. V is sent as it is.
 Prepare = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -66,11 +66,15 @@ def seq_to_heads_send(xs: Sequence[torch.Tensor], size: int, prepare: Optional[P
     send = xs[0].new_empty(size, b, lp, len(xs), hc, d)
     for n, x in enumerate(xs):
         heads = x.unflatten(2, (size, chunks, hc))[:, :, :, chunk]  # (B, L/P, P, hc, D), a view
+        dest = send[:, :, :, n].permute(1, 2, 0, 3, 4)
         if prepare is None or n > 1:
-            send[:, :, :, n].copy_(heads.permute(2, 0, 1, 3, 4))
+            dest.copy_(heads)
         else:
-            for j in range(size):
-                prepare(n, heads[:, :, j], send[j, :, :, n])
+            # One launch for all ranks. FLUX under Ulysses 2 with 2 chunks: a launch a rank took 13.0 us (8 a
+            # block), one for all ranks takes 16.9 us (4 a block): 3.9 instead of 5.9 ms of prologue a step (H200
+            # profiles, 2026-11-27, perf/RESULTS.md); the step did not move, the prologue runs while an exchange
+            # travels.
+            prepare(n, heads, dest)
     return send
 
 

@@ -134,11 +134,13 @@ class SequenceParallelBackend:
 
 
 def write_prologue(prologue: Prologue, index: int, x: torch.Tensor, out: torch.Tensor) -> None:
-    """ulysses.Prepare: Q (index 0) or K (1) normalised and rotated into `out`."""
+    """ulysses.Prepare: Q (index 0) or K (1) normalised and rotated into `out`; x is (B, L, H, D) or, from
+    Ulysses, (B, L, P, hc, D)."""
     which = "qk"[index]
     if x.is_cuda:
         # One Triton kernel instead of ~15 fp32 torch ops: those took ~25 ms of a 118 ms Ulysses-2
         # step (FLUX.1-dev 1024x1024, H200, 2026-11-26 profile).
         norm_rope(x, prologue, which=which, out=out)
     else:
-        out.copy_(reference_prologue(x, prologue, which=which))
+        heads = x.reshape(*x.shape[:2], -1, x.shape[-1])
+        out.copy_(reference_prologue(heads, prologue, which=which).view(x.shape))
