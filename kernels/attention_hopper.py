@@ -317,9 +317,23 @@ def task_counter(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def runs_on(device: torch.device) -> bool:
-    """Whether `device` is one this kernel runs on (sm_90: H100, H200)."""
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) == (9, 0)
+    """Whether `device` is one this kernel runs on (sm_90: H100, H200). The capability is cached: asked on every
+    call it took ~25 us of an attention call's host time (perf/RESULTS.md, "Host time of one attention call")."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) == (9, 0)
+
+
+@functools.cache
+def smem_layout(block: tuple[int, ...], dtype) -> gl.NVMMASharedLayout:
+    """A TMA tile's shared-memory layout (cached: ~7-15 us a call on the host, three a launch)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 
 def supported(q: torch.Tensor, views: Optional[tuple]) -> bool:
@@ -336,8 +350,8 @@ def launch(q: torch.Tensor, views: tuple, out: torch.Tensor, lse: torch.Tensor, 
     D = q.shape[-1]
     descs = []
     for (x, rows, width, row_stride), block in zip(views, (BLOCK_M, BLOCK_N, BLOCK_N)):
-        layout = gl.NVMMASharedLayout.get_default_for([block, D], _gl_dtype(x.dtype))
-        descs.append(TensorDescriptor(x, [rows, width], [row_stride, 1], [block, D], layout))
+        descs.append(TensorDescriptor(x, [rows, width], [row_stride, 1], [block, D],
+                                      smem_layout((block, D), _gl_dtype(x.dtype))))
     n_tasks = lse.shape[0] * H * triton.cdiv(Lq, CONSUMERS * BLOCK_M)
     _attn_fwd_hopper[(programs(n_tasks, q.device), )](
         *descs, out, lse, mask_u8 if mask_u8 is not None else lse, task_counter(q.device), *out_strides,

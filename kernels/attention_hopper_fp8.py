@@ -37,7 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .fp8_scores import int8_scores, row_bias
 from .attention_hopper import (
     BLOCK_M, BLOCK_N, CONSUMERS, MAXNREG, REGS_CONSUMER, REGS_PRODUCER, _next_task, _producer, _ring, _task, programs,
-    runs_on, task_counter, wgmma_layout,
+    runs_on, smem_layout, task_counter, wgmma_layout,
 )
 
 
@@ -209,8 +209,7 @@ def launch(t, out: torch.Tensor, lse: torch.Tensor, mask_u8: Optional[torch.Tens
     descs = []
     for x, block, dt in ((t.q, [BLOCK_M, D], qk), (t.k, [BLOCK_N, D], qk), (t.vt, [D, BLOCK_N], gl.float8e4nv)):
         rows = x.shape[0] * x.shape[1] * x.shape[2]
-        layout = gl.NVMMASharedLayout.get_default_for(block, dt)
-        descs.append(TensorDescriptor(x, [rows, x.shape[3]], [x.shape[3], 1], block, layout))
+        descs.append(TensorDescriptor(x, [rows, x.shape[3]], [x.shape[3], 1], block, smem_layout(tuple(block), dt)))
     n_tasks = B * H * triton.cdiv(Lq, CONSUMERS * BLOCK_M)
     _attn_fwd_hopper_fp8[(programs(n_tasks, t.q.device), )](
         *descs, t.q_scale, t.k_scale, t.v_scale, t.q_dot_kmean, out, lse,

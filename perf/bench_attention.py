@@ -5,6 +5,7 @@
     TRITON_INTERPRET=1 python3 perf/bench_attention.py --step qwen-image,wan-14b --tiny --device cpu  # smoke test
     python3 perf/bench_attention.py --flux-step [--out DIR]     # = --step flux
     python3 perf/bench_attention.py --compile-check [--quick]   # no GPU: sm_90 cross-compile + ptxas -v
+    python3 perf/bench_attention.py --host [--out DIR]          # host time of one attention call
 
 For each shape (B, H, L, D), bf16, random inputs: TFLOP/s = 4 * B * H * L^2 * D / median time
 (triton.testing.do_bench). Ours run on (B, L, H, D) tensors, the layout diffusers' processors hold;
@@ -132,6 +133,46 @@ def attention_rows(shapes: list[tuple[int, int, int, int]]) -> list[dict]:
     for shape in shapes:
         rows.append(attention_row(*shape))
         torch.cuda.empty_cache()
+    return rows
+
+
+HOST_SHAPES = [(1, 24, 1024, 128), (1, 24, 4608, 128)]
+
+
+def host_us(fn: Callable[[], object], calls: int = 300) -> float:
+    """Host time of one call (us): `calls` launches timed without synchronising. Valid where the host is the
+    slower side, so that the launch queue never fills and blocks the loop."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def host_rows(shapes: list[tuple[int, int, int, int]]) -> list[dict]:
+    """Host time of an attention call beside do_bench's time (which is the host's too once the host is slower),
+    at a short length, where that can happen, and at FLUX's."""
+    rows = []
+    for B, H, L, D in shapes:
+        q, k, v = (torch.randn(B, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        mask = torch.ones(B, L, dtype=torch.bool, device="cuda")
+        mask[:, L - L // 8:] = False
+        t8 = quantize_fp8(q, k, v)
+        fns = {
+            "attention": lambda: attention(q, k, v),
+            "attention_mask": lambda: attention(q, k, v, mask=mask),
+            "fp8_quantized": lambda: attention_fp8_quantized(t8),
+            "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, *(x.transpose(1, 2).contiguous() for x in (q, k, v))),
+        }
+        row: dict = {"shape": [B, H, L, D]}
+        for name, fn in fns.items():
+            row[name] = {"host_us": host_us(fn), "do_bench_us": bench(fn) * 1e3}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -480,12 +521,23 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="--step's device: cuda, or cpu with --tiny (fp32, needs "
                     "TRITON_INTERPRET=1 for the triton backend)")
     ap.add_argument("--compile-check", action="store_true", help="cross-compile all Hopper configs (no GPU)")
+    ap.add_argument("--host", action="store_true", help="host time of one attention call (HOST_SHAPES)")
     args = ap.parse_args()
     if args.compile_check:
         rows = compile_check(quick=args.quick)
         bad = [r for r in rows if "error" in r]
         print(f"{len(rows)} kernels compiled for sm_90, {len(bad)} failed")
         raise SystemExit(1 if bad else 0)
+    if args.host:
+        with torch.inference_mode():  # as the denoisers call attention
+            rows = host_rows(HOST_SHAPES)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_host.json").write_text(json.dumps(rows, indent=1))
+        print(f"\n{torch.cuda.get_device_name()}: host us a call / do_bench us")
+        for row in rows:
+            print(row["shape"], ", ".join(f"{k} {v['host_us']:.1f} / {v['do_bench_us']:.1f}"
+                                          for k, v in row.items() if k != "shape"))
+        return
     steps = [s for s in args.step.split(",") if s] or (["flux"] if args.flux_step else [])
     if steps:
         device = torch.device(args.device)
