@@ -284,6 +284,9 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.extra_env = dict(env or {})
         self._tritonserver = tritonserver
+        # A log we made up ourselves is removed after a clean exit (code 0) and kept otherwise,
+        # where the error messages point at it: 74 such folders had piled up in /tmp from test
+        # and demo runs before this.
         self._own_log_dir: str | None = None
         if log_file is None:
             self._own_log_dir = tempfile.mkdtemp(prefix="ditserve-triton-")
@@ -486,6 +489,9 @@ class TritonServer:
             self._log_fh.close()
             self._log_fh = None
         self._cleanup_shm()
+        if self._own_log_dir is not None and proc.returncode == 0:
+            shutil.rmtree(self._own_log_dir, ignore_errors=True)
+            self._own_log_dir = None
         with contextlib.suppress(Exception):
             atexit.unregister(self._atexit_stop)
         return proc.returncode

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -209,6 +210,26 @@ def test_server_reports_early_death(tmp_path):
     assert session_processes(server.pid) == []
 
 
+@pytest.mark.parametrize("exit_code", [0, 3])
+def test_own_log_folder_is_removed_only_after_a_clean_exit(tmp_path, exit_code):
+    """With no log_file the server logs into a temp folder of its own: gone after exit code 0,
+    kept (for the error it explains) otherwise. A stand-in binary exits with the code asked."""
+    fake = tmp_path / "bin" / "tritonserver"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\ntrap 'exit $FAKE_EXIT' TERM\nwhile :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    server = TritonServer(tmp_path, tritonserver=fake, env={"FAKE_EXIT": str(exit_code)})
+    log_dir = server.log_file.parent
+    assert log_dir.is_dir() and log_dir != tmp_path
+    server.start(wait=False)
+    time.sleep(0.3)  # let sh install its trap
+    assert server.stop() == exit_code
+    assert log_dir.exists() == (exit_code != 0)
+    if exit_code:
+        assert "$ " + str(fake.resolve()) in server.log_file.read_text()
+        shutil.rmtree(log_dir)
+
+
 def test_prepare_backend_dir_is_idempotent():
     first = prepare_backend_dir()
     stub = first / "python" / STUB_NAME
@@ -238,7 +259,8 @@ def test_server_dies_with_the_process_that_started_it(tmp_path):
         "import os, sys\n"
         "from ditserve.server import TritonServer\n"
         f"s = TritonServer({str(FIXTURE_REPOSITORY)!r}, http_port=0, grpc_port=0, metrics_port=0,\n"
-        "                 host='127.0.0.1', models=['echo'])\n"
+        "                 host='127.0.0.1', models=['echo'],\n"
+        f"                 log_file={str(tmp_path / 'triton.log')!r})\n"
         "s.start()\n"
         "print(s.pid, flush=True)\n"
         "os.kill(os.getpid(), 9)\n"
