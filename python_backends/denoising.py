@@ -53,6 +53,7 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # Qwen-Image's is a copy
+from diffusers.utils.torch_utils import randn_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditserve import progress
@@ -431,6 +432,18 @@ def progress_target(row: Row) -> Optional[progress.Target]:
         return progress.Target.parse(parameter.value, parameter.row)
     except ValueError as error:
         raise RequestError(progress.PARAMETER, str(error)) from None
+
+
+def seeded_noise(requests: Sequence, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The starting latents of a batch, (sum of num_images, *shape): each request's ``params.num_images``
+    samples from a CPU generator of its own seeded with ``params.seed``, as the diffusers pipelines draw them
+    with generator=torch.Generator("cpu").manual_seed(seed): same seed, same image, on any device and
+    whatever the request is batched with."""
+    return torch.cat([
+        randn_tensor((r.params.num_images, *shape), generator=torch.Generator("cpu").manual_seed(r.params.seed),
+                     device=device, dtype=dtype)
+        for r in requests
+    ])
 
 
 def flow_match_scheduler(scheduler_class: type, scheduler_config, steps: int, image_tokens: int, device):

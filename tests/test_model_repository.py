@@ -10,11 +10,13 @@ import pytest
 
 from ditserve.denoising import GroupedDenoiser
 from ditserve.flux import FLUX_T2I
+from ditserve.flux.request import GenerationParams
 from ditserve.model_config import read_config
 from ditserve.qwen_image import QWEN_IMAGE_EDIT, QWEN_IMAGE_T2I
 from ditserve.streaming import StreamPlan, stream_model
 from ditserve.triton_model import check_io
 from ditserve.wan import WAN_I2V, WAN_T2V
+from ditserve.wan.request import VideoParams
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 PIPELINES = [FLUX_T2I, QWEN_IMAGE_T2I, QWEN_IMAGE_EDIT, WAN_T2V, WAN_I2V]
@@ -38,6 +40,15 @@ def test_ensemble_steps_follow_the_stage_list(pipeline):
     for step, spec in zip(steps, pipeline.stages):
         assert set(step["input_map"]) <= set(spec.stage.inputs), spec.model
         assert set(step["output_map"]) <= set(spec.stage.outputs), spec.model
+
+
+@pytest.mark.parametrize("params", [
+    GenerationParams(height=256, width=512, steps=4, guidance=3.5, true_cfg=1.0, seed=7, num_images=2),
+    VideoParams(height=480, width=832, num_frames=81, steps=4, guidance=5.0, guidance_2=3.0, seed=7, fps=16),
+], ids=lambda p: type(p).__name__)
+def test_generation_fields_are_what_as_row_writes(params):
+    """The request checks and denoisers list their parameter inputs as ``fields``: as_row must write those."""
+    assert list(params.as_row()) == list(params.fields)
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.name)

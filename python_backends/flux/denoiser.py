@@ -12,9 +12,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
-from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler
+from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler, seeded_noise
 from ditserve.flux.request import GenerationParams, latent_geometry
 from ditserve.flux.text_encoder import TextEncoderOptions
 from ditserve.kernels.flux_processor import set_attention_backend
@@ -62,19 +61,8 @@ def image_token_ids(grid_h: int, grid_w: int, device, dtype) -> torch.Tensor:
 class FluxDenoiser(TransformerDenoiser):
     Options = FluxDenoiserOptions
     pipeline_classes = ("FluxPipeline",)
-    inputs = (
-        "PROMPT_EMBEDS",
-        "POOLED_PROMPT_EMBEDS",
-        "NEGATIVE_PROMPT_EMBEDS",
-        "NEGATIVE_POOLED_PROMPT_EMBEDS",
-        "HEIGHT",
-        "WIDTH",
-        "NUM_INFERENCE_STEPS",
-        "GUIDANCE_SCALE",
-        "TRUE_CFG_SCALE",
-        "SEED",
-        "NUM_IMAGES",
-    )
+    inputs = ("PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS", "NEGATIVE_POOLED_PROMPT_EMBEDS",
+              *GenerationParams.fields)
 
     def load_components(self, checkpoint: Checkpoint) -> None:
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
@@ -141,19 +129,7 @@ class FluxDenoiser(TransformerDenoiser):
         def per_image(values: list) -> torch.Tensor:
             return torch.cat([v.expand(n, *v.shape[1:]) for v, n in zip(values, counts)])
 
-        # Each request draws its latents from its own CPU generator, as FluxPipeline does
-        # with generator=torch.Generator("cpu").manual_seed(seed): same seed, same image,
-        # on any device and whatever it is batched with.
-        noise = [
-            randn_tensor(
-                (r.params.num_images, self.latent_channels, latent_h, latent_w),
-                generator=torch.Generator("cpu").manual_seed(r.params.seed),
-                device=device,
-                dtype=dtype,
-            )
-            for r in requests
-        ]
-        latents = pack_latents(torch.cat(noise))
+        latents = pack_latents(seeded_noise(requests, (self.latent_channels, latent_h, latent_w), device, dtype))
         prompt = per_image([r.prompt_embeds[None] for r in requests])
         pooled = per_image([r.pooled_embeds[None] for r in requests])
         text_ids = torch.zeros(prompt.shape[1], 3, device=device, dtype=dtype)

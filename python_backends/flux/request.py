@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -40,6 +41,9 @@ class GenerationParams:
     true_cfg: float
     seed: int
     num_images: int
+    # The row fields that parse reads and as_row writes: every stage that passes them on lists them so.
+    fields: ClassVar[tuple[str, ...]] = ("HEIGHT", "WIDTH", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "TRUE_CFG_SCALE",
+                                         "SEED", "NUM_IMAGES")
 
     @classmethod
     def parse(cls, row: Row, size_multiple: int, default_size: int) -> GenerationParams:
@@ -75,10 +79,8 @@ def latent_geometry(checkpoint: Checkpoint) -> tuple[int, int]:
 
 
 class FluxRequestCheck(Stage):
-    inputs = ("PROMPT", "NEGATIVE_PROMPT", "HEIGHT", "WIDTH", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE",
-              "TRUE_CFG_SCALE", "SEED", "NUM_IMAGES")
-    outputs = ("PROMPT", "HEIGHT", "WIDTH", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "TRUE_CFG_SCALE", "SEED",
-               "NUM_IMAGES")
+    inputs = ("PROMPT", "NEGATIVE_PROMPT", *GenerationParams.fields)
+    outputs = ("PROMPT", *GenerationParams.fields)
 
     def __init__(self, runtime: Runtime, options=None):
         super().__init__(runtime, options)

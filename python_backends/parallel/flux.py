@@ -19,31 +19,19 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
 from ditserve.kernels.flux_processor import DitserveFluxAttnProcessor
 
-from .shard import gather, local_key_mask, plan, shard
-from .ulysses import check_heads
-from .usp import SequenceParallelBackend, SPMesh
+from .shard import local_key_mask, plan, shard
+from .usp import SequenceParallelBackend, SPMesh, all_gather_image, install_processor
 
 
 def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: str = "sdpa") -> int:
-    """Install the sequence-parallel processor on every FluxAttention; returns how many.
-
-    Raises ValueError when ulysses_degree does not divide the head count (checked here, at load,
-    rather than in the first request).
-    """
-    check_heads(transformer.config.num_attention_heads, mesh.layout.ulysses_degree, mesh.ulysses_chunks)
-    n = 0
-    for module in transformer.modules():
-        if isinstance(module, FluxAttention):
-            module.set_processor(DitserveFluxAttnProcessor(SequenceParallelBackend(mesh, backend)))
-            n += 1
-    if n == 0:
-        raise ValueError(f"set_sequence_parallel: {type(transformer).__name__} has no FluxAttention modules")
-    return n
+    """Install the sequence-parallel processor on every FluxAttention; returns how many (usp.install_processor)."""
+    processor = DitserveFluxAttnProcessor(SequenceParallelBackend(mesh, backend))
+    attentions = (m for m in transformer.modules() if isinstance(m, FluxAttention))
+    return install_processor(transformer, mesh, processor, attentions)
 
 
 def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: torch.Tensor,
@@ -69,10 +57,4 @@ def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: tor
         return_dict=False,
         **kwargs,
     )[0]
-    # The output holds only this rank's image (and padding) rows; put zero rows in front for its
-    # text rows so every rank sends a joint-shaped shard of one size, then drop the text rows.
-    text_rows = p.local_len - local.shape[1]
-    joint = torch.cat([local.new_zeros(batch, text_rows, local.shape[2]), local], dim=1)
-    parts = [torch.empty_like(joint) for _ in range(mesh.degree)]
-    dist.all_gather(parts, joint.contiguous(), group=mesh.group)
-    return gather(parts, p, dim=1)[:, p.text_len:]
+    return all_gather_image(local, p, mesh)

@@ -34,15 +34,13 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from diffusers.models.attention_processor import Attention
 
 from ditserve.kernels.processors import key_padding_mask
 from ditserve.kernels.qwen_processor import DitserveQwenAttnProcessor
 
-from .shard import gather, local_key_mask, plan, shard
-from .ulysses import check_heads
-from .usp import SequenceParallelBackend, SPMesh
+from .shard import local_key_mask, plan, shard
+from .usp import SequenceParallelBackend, SPMesh, all_gather_image, install_processor
 
 
 class QwenSequenceParallelProcessor(DitserveQwenAttnProcessor):
@@ -71,16 +69,9 @@ class QwenSequenceParallelProcessor(DitserveQwenAttnProcessor):
 
 
 def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: str = "sdpa") -> int:
-    """Install the sequence-parallel processor on every block's attention; returns how many.
-
-    Raises ValueError when ulysses_degree does not divide the head count (checked here, at load,
-    rather than in the first request).
-    """
-    check_heads(transformer.config.num_attention_heads, mesh.layout.ulysses_degree, mesh.ulysses_chunks)
+    """Install the sequence-parallel processor on every block's attention; returns how many (usp.install_processor)."""
     processor = QwenSequenceParallelProcessor(mesh, backend)
-    for block in transformer.transformer_blocks:
-        block.attn.set_processor(processor)
-    return len(transformer.transformer_blocks)
+    return install_processor(transformer, mesh, processor, (block.attn for block in transformer.transformer_blocks))
 
 
 def condition_index(img_shapes: list, device: torch.device) -> torch.Tensor:
@@ -143,9 +134,4 @@ def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: tor
         temb = temb.chunk(2)[0]  # the output norm is modulated by the timestep alone
     x = transformer.proj_out(transformer.norm_out(x, temb))
 
-    # This rank's output holds only its image (and padding) rows; put zero rows in front for its text
-    # rows so every rank sends a joint-shaped shard of one size, then drop the text rows.
-    x = torch.cat([x.new_zeros(batch, p.local_len - x.shape[1], x.shape[2]), x], dim=1)
-    parts = [torch.empty_like(x) for _ in range(mesh.degree)]
-    dist.all_gather(parts, x.contiguous(), group=mesh.group)
-    return gather(parts, p, dim=1)[:, text_len:]
+    return all_gather_image(x, p, mesh)

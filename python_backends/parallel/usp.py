@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,8 @@ import torch.distributed as dist
 from ditserve.kernels.attention import Prologue, norm_rope, reference_prologue
 
 from .ring import ring_attention
-from .ulysses import Prepare, ulysses_attention
+from .shard import ShardPlan, gather
+from .ulysses import Prepare, check_heads, ulysses_attention
 
 
 @dataclass(frozen=True)
@@ -144,3 +145,33 @@ def write_prologue(prologue: Prologue, index: int, x: torch.Tensor, out: torch.T
     else:
         heads = x.reshape(*x.shape[:2], -1, x.shape[-1])
         out.copy_(reference_prologue(heads, prologue, which=which).view(x.shape))
+
+
+# --- what every model's sequence-parallel forward (parallel.flux, .qwen_image, .wan) does around its blocks ---
+
+
+def install_processor(transformer: torch.nn.Module, mesh: SPMesh, processor: object,
+                      attentions: Iterable[torch.nn.Module]) -> int:
+    """A model's ``set_sequence_parallel``: one `processor` (a SequenceParallelBackend inside) on each of
+    `attentions`, the transformer's self or joint attention modules; returns how many.
+
+    Raises ValueError when ulysses_degree does not divide the head count (checked here, at load,
+    rather than in the first request) or when there is no module to install on.
+    """
+    check_heads(transformer.config.num_attention_heads, mesh.layout.ulysses_degree, mesh.ulysses_chunks)
+    modules = list(attentions)
+    if not modules:
+        raise ValueError(f"set_sequence_parallel: {type(transformer).__name__} has no attention modules to install on")
+    for module in modules:
+        module.set_processor(processor)
+    return len(modules)
+
+
+def all_gather_image(x: torch.Tensor, p: ShardPlan, mesh: SPMesh) -> torch.Tensor:
+    """This rank's output rows (B, its image rows [+ padding], C) -> the whole image stream (B, image tokens, C)
+    on every rank. A rank's shard may hold text rows too, which the output no longer has: zero rows stand in
+    front for them, so every rank sends a joint-shaped shard of one size, and the text rows are dropped after."""
+    x = torch.cat([x.new_zeros(x.shape[0], p.local_len - x.shape[1], x.shape[2]), x], dim=1)
+    parts = [torch.empty_like(x) for _ in range(mesh.degree)]
+    dist.all_gather(parts, x.contiguous(), group=mesh.group)
+    return gather(parts, p, dim=1)[:, p.text_len:]

@@ -26,14 +26,12 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from diffusers.models.transformers.transformer_wan import WanAttention
 
 from ditserve.kernels.wan_processor import DitserveWanAttnProcessor
 
-from .shard import gather, local_key_mask, plan, shard
-from .ulysses import check_heads
-from .usp import SequenceParallelBackend, SPMesh
+from .shard import local_key_mask, plan, shard
+from .usp import SequenceParallelBackend, SPMesh, all_gather_image, install_processor
 
 
 class WanSequenceParallelProcessor(DitserveWanAttnProcessor):
@@ -64,16 +62,10 @@ class WanSequenceParallelProcessor(DitserveWanAttnProcessor):
 
 
 def set_sequence_parallel(transformer: torch.nn.Module, mesh: SPMesh, backend: str = "sdpa") -> int:
-    """Install the sequence-parallel processor on the self-attention of every block; returns how many.
-
-    Raises ValueError when ulysses_degree does not divide the head count (checked here, at load,
-    rather than in the first request).
-    """
-    check_heads(transformer.config.num_attention_heads, mesh.layout.ulysses_degree, mesh.ulysses_chunks)
+    """Install the sequence-parallel processor on the self-attention of every block; returns how many
+    (usp.install_processor)."""
     processor = WanSequenceParallelProcessor(mesh, backend)
-    for block in transformer.blocks:
-        block.attn1.set_processor(processor)
-    return len(transformer.blocks)
+    return install_processor(transformer, mesh, processor, (block.attn1 for block in transformer.blocks))
 
 
 def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: torch.Tensor, timestep: torch.Tensor,
@@ -126,9 +118,7 @@ def sp_forward(transformer: torch.nn.Module, mesh: SPMesh, *, hidden_states: tor
         shift, scale = (transformer.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
     x = (transformer.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
     x = transformer.proj_out(x)
-    parts = [torch.empty_like(x) for _ in range(mesh.degree)]
-    dist.all_gather(parts, x.contiguous(), group=mesh.group)
-    x = gather(parts, p, dim=1, stream="image")
+    x = all_gather_image(x, p, mesh)
     # Unpatchify: (B, tokens, p_t * p_h * p_w * C) -> (B, C, F, H, W).
     x = x.reshape(batch, *grid, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
     return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)

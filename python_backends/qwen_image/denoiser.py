@@ -27,9 +27,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
-from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler
+from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler, seeded_noise
 from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.request import GenerationParams
 from ditserve.kernels.qwen_processor import set_attention_backend
@@ -86,19 +85,8 @@ def pad_texts(texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | N
 class QwenImageDenoiser(TransformerDenoiser):
     Options = QwenDenoiserOptions
     pipeline_classes = ("QwenImagePipeline",)
-    inputs = (
-        "PROMPT_EMBEDS",
-        "PROMPT_EMBEDS_MASK",
-        "NEGATIVE_PROMPT_EMBEDS",
-        "NEGATIVE_PROMPT_EMBEDS_MASK",
-        "HEIGHT",
-        "WIDTH",
-        "NUM_INFERENCE_STEPS",
-        "GUIDANCE_SCALE",
-        "TRUE_CFG_SCALE",
-        "SEED",
-        "NUM_IMAGES",
-    )
+    inputs = ("PROMPT_EMBEDS", "PROMPT_EMBEDS_MASK", "NEGATIVE_PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS_MASK",
+              *GenerationParams.fields)
 
     def load_components(self, checkpoint: Checkpoint) -> None:
         if self.transformer.config.guidance_embeds:
@@ -183,18 +171,8 @@ class QwenImageDenoiser(TransformerDenoiser):
         latent_h = 2 * (first.params.height // self.size_multiple)
         latent_w = 2 * (first.params.width // self.size_multiple)
         counts = [r.params.num_images for r in requests]
-        # Each request draws from its own CPU generator, as QwenImagePipeline with
-        # generator=torch.Generator("cpu").manual_seed(seed): (n, 1, C, h, w) holds the same numbers.
-        noise = [
-            randn_tensor(
-                (r.params.num_images, self.latent_channels, latent_h, latent_w),
-                generator=torch.Generator("cpu").manual_seed(r.params.seed),
-                device=device,
-                dtype=dtype,
-            )
-            for r in requests
-        ]
-        latents = pack_latents(torch.cat(noise))
+        # QwenImagePipeline draws (n, 1, C, h, w): the same numbers.
+        latents = pack_latents(seeded_noise(requests, (self.latent_channels, latent_h, latent_w), device, dtype))
         prompt, prompt_mask = pad_texts([r.prompt_embeds for r, n in zip(requests, counts) for _ in range(n)])
         shapes = [(1, latent_h // 2, latent_w // 2)]
         image_tokens = None

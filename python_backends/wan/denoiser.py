@@ -31,9 +31,8 @@ import dataclasses
 from typing import Optional
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
-from ditserve.denoising import AUTOTUNED_BACKENDS, TransformerDenoiser, TransformerOptions, attention_fits
+from ditserve.denoising import AUTOTUNED_BACKENDS, TransformerDenoiser, TransformerOptions, attention_fits, seeded_noise
 from ditserve.kernels import attention_hopper
 from ditserve.kernels.wan_processor import set_attention_backend
 from ditserve.loading import Checkpoint
@@ -67,17 +66,8 @@ class WanRequest:
 
 class WanDenoiser(TransformerDenoiser):
     Options = WanDenoiserOptions
-    inputs = (
-        "PROMPT_EMBEDS",
-        "NEGATIVE_PROMPT_EMBEDS",
-        "HEIGHT",
-        "WIDTH",
-        "NUM_FRAMES",
-        "NUM_INFERENCE_STEPS",
-        "GUIDANCE_SCALE",
-        "GUIDANCE_SCALE_2",
-        "SEED",
-    )
+    # FPS goes to the postprocess stage alone (VideoParams.parse gives its default here, unused).
+    inputs = ("PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS", *(f for f in VideoParams.fields if f != "FPS"))
 
     def load_components(self, checkpoint: Checkpoint) -> None:
         self.boundary_ratio = checkpoint.index.get("boundary_ratio")
@@ -166,13 +156,7 @@ class WanDenoiser(TransformerDenoiser):
         first = requests[0].params
         spatial, temporal = self.geometry.spatial_factor, self.geometry.temporal_factor
         shape = (1, self.latent_channels, (first.num_frames - 1) // temporal + 1, first.height // spatial, first.width // spatial)
-        # As WanPipeline with generator=torch.Generator("cpu").manual_seed(seed): fp32, whatever the dtype.
-        latents = torch.cat(
-            [
-                randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(r.params.seed), device=device, dtype=torch.float32)
-                for r in requests
-            ]
-        )
+        latents = seeded_noise(requests, shape[1:], device, torch.float32)  # as WanPipeline: fp32, whatever the dtype
         guided = [i for i, r in enumerate(requests) if r.params.guidance > 1]
         text = torch.stack([r.prompt_embeds for r in requests] + [requests[i].negative_embeds for i in guided])
         # Per expert: WanPipeline's guidance_scale on transformer's steps, guidance_scale_2 on transformer_2's.

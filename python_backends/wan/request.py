@@ -73,6 +73,9 @@ class VideoParams:
     seed: int
     fps: int
     num_images: ClassVar[int] = 1  # one video per request: GroupedDenoiser's unit of batching
+    # The row fields that parse reads and as_row writes (GenerationParams.fields).
+    fields: ClassVar[tuple[str, ...]] = ("HEIGHT", "WIDTH", "NUM_FRAMES", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE",
+                                         "GUIDANCE_SCALE_2", "SEED", "FPS")
 
     @classmethod
     def parse(cls, row: Row, geometry: VideoGeometry) -> VideoParams:
@@ -104,10 +107,8 @@ class VideoParams:
 class WanRequestCheck(FluxRequestCheck):
     """FLUX's request check with Wan's video parameters, geometry and defaults."""
 
-    inputs = ("PROMPT", "NEGATIVE_PROMPT", "HEIGHT", "WIDTH", "NUM_FRAMES", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE",
-              "GUIDANCE_SCALE_2", "SEED", "FPS")
-    outputs = ("PROMPT", "HEIGHT", "WIDTH", "NUM_FRAMES", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "GUIDANCE_SCALE_2",
-               "SEED", "FPS")
+    inputs = ("PROMPT", "NEGATIVE_PROMPT", *VideoParams.fields)
+    outputs = ("PROMPT", *VideoParams.fields)
 
     def configure(self, checkpoint: Checkpoint) -> None:
         self.geometry = VideoGeometry.read(checkpoint)
