@@ -156,7 +156,7 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="DITSERVE_DTYPE (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--models", default=None,
                    help="comma-separated models to load (explicit model control); default: all")
-    p.add_argument("--log-file", default=None, help="tritonserver log file (default: a temp file)")
+    p.add_argument("--log-file", default=None, help="tritonserver log file (default: a temp file, removed after a clean stop)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     p.add_argument("--startup-timeout", type=float, default=600.0,
                    help="seconds to wait for /v2/health/ready")
