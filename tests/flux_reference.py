@@ -1,5 +1,5 @@
 """Shared by the pipeline tests: request rows as the Triton adapter builds them, the diffusers
-reference pipelines, and their image for the same inputs."""
+reference pipelines, their image for the same inputs, and the pixel comparisons (parity is within 1/255)."""
 
 from __future__ import annotations
 
@@ -56,3 +56,26 @@ def reference_pipeline(model_path, pipeline_class=FluxPipeline, **components):
     pipe = pipeline_class.from_pretrained(resolve_model_path(model_path), dtype=torch.float32, **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pixel_diff(a: np.ndarray, b: np.ndarray) -> int:
+    """The largest difference between two uint8 images or videos, in 1/255 steps."""
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def assert_pixels_match(ours: np.ndarray, expected: np.ndarray, shape: tuple | None = None) -> None:
+    """Parity: our pixels have the reference's shape (and `shape`, where given), are not flat, and are within 1/255
+    of the reference's."""
+    assert ours.shape == expected.shape, (ours.shape, expected.shape)
+    assert shape is None or ours.shape == shape, (ours.shape, shape)
+    assert ours.std() > 5, "flat output: the test could not tell pipelines apart"
+    diff = pixel_diff(ours, expected)
+    assert diff <= 1, f"max pixel difference {diff}/255"
+
+
+def assert_batched_equal_alone(pipeline, rows: list[dict], batched: list, output: str = "IMAGE") -> None:
+    """Each row's result from one call with all `rows` (`batched`) is within 1/255 of that row run alone."""
+    for row, together in zip(rows, batched):
+        (alone,) = pipeline([row])
+        diff = pixel_diff(alone[output], together[output])
+        assert diff <= 1, f"batched differs from unbatched by {diff}/255"

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from flux_reference import CPU_FP32, make_row
+from flux_reference import CPU_FP32, make_row, pixel_diff
 from test_parallel_qwen_image import _inputs as qwen_inputs
 from test_parallel_qwen_image import _tiny_qwen
 from test_parallel_wan import _inputs as wan_inputs
@@ -115,7 +115,7 @@ def assert_same_pixels(pipeline: LocalPipeline, rows: list[dict], options, outpu
     for ours, ref in zip(triton, sdpa):
         assert not isinstance(ref, RequestError) and not isinstance(ours, RequestError), (ref, ours)
         assert ref[output].std() > 5, "flat output: the test could not tell backends apart"
-        diff = np.abs(ours[output].astype(int) - ref[output].astype(int)).max()
+        diff = pixel_diff(ours[output], ref[output])
         assert diff <= 1, f"triton differs from sdpa by {diff}/255"
     return sdpa
 

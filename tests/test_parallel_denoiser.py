@@ -13,10 +13,9 @@ import os
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
-from flux_reference import CPU_FP32, make_row
+from flux_reference import CPU_FP32, make_row, pixel_diff
 from test_progress import listen
 
 from ditserve.flux import FLUX_T2I
@@ -57,7 +56,7 @@ def assert_same(results, reference, what: str) -> None:
     for ours, ref in zip(results, reference):
         err = (ours["LATENTS"] - ref["LATENTS"]).abs().max().item()
         assert err < 1e-4, f"{what}: latents differ by {err}"
-        assert np.abs(ours["IMAGE"].astype(int) - ref["IMAGE"].astype(int)).max() <= 1, what
+        assert pixel_diff(ours["IMAGE"], ref["IMAGE"]) <= 1, what
 
 
 @pytest.mark.parametrize("options", [

@@ -15,7 +15,8 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from flux_reference import CPU_FP32, make_row, reference_pipeline, reference_uint8
+from flux_reference import (CPU_FP32, assert_batched_equal_alone, assert_pixels_match, make_row, pixel_diff,
+                            reference_pipeline, reference_uint8)
 from PIL import Image
 
 from ditserve.checkpoints import resolve_model_path
@@ -88,13 +89,6 @@ def reference_at(area, pipe, *args, **kwargs) -> np.ndarray:
         return reference_uint8(pipe, *args, **kwargs)
 
 
-def assert_close(image: np.ndarray, expected: np.ndarray) -> None:
-    assert image.shape == expected.shape
-    assert image.std() > 5, "image is flat: the test could not tell pipelines apart"
-    diff = np.abs(image.astype(int) - expected.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
-
-
 CASES = [
     pytest.param(
         ("make the cat red", None, (80, 48)),  # input 5:3, output square
@@ -126,7 +120,7 @@ def test_matches_qwen_image_edit_pipeline(ours, reference, texts, scalars):
     (result,) = ours([edit_row(prompt, negative, image=data, **scalars)])
     assert not isinstance(result, RequestError), result
     expected = reference_at(SMALL_AREA, reference, prompt, negative, image=image, **scalars)
-    assert_close(result["IMAGE"], expected)
+    assert_pixels_match(result["IMAGE"], expected)
     if "HEIGHT" in scalars:
         assert expected.shape[1:3] == (scalars["HEIGHT"], scalars["WIDTH"])
 
@@ -138,7 +132,7 @@ def test_matches_at_the_pipelines_own_condition_area(reference):
     scalars = dict(HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=2, SEED=4)
     (result,) = ours([edit_row("make it blue", image=data, **scalars)])
     assert not isinstance(result, RequestError), result
-    assert_close(result["IMAGE"], reference_uint8(reference, "make it blue", image=image, **scalars))
+    assert_pixels_match(result["IMAGE"], reference_uint8(reference, "make it blue", image=image, **scalars))
 
 
 def test_the_image_changes_the_result(ours):
@@ -147,7 +141,7 @@ def test_the_image_changes_the_result(ours):
     a, _ = encoded(64, 64, seed=1)
     b, _ = encoded(64, 64, seed=2)
     first, second = ours([edit_row("a cat", image=image, HEIGHT=64, WIDTH=64, NUM_INFERENCE_STEPS=2, SEED=1) for image in (a, b)])
-    assert np.abs(first["IMAGE"].astype(int) - second["IMAGE"].astype(int)).max() > 3
+    assert pixel_diff(first["IMAGE"], second["IMAGE"]) > 3
 
 
 def test_batched_rows_equal_their_unbatched_results(ours):
@@ -165,10 +159,7 @@ def test_batched_rows_equal_their_unbatched_results(ours):
     ]
     batched = ours(rows)
     assert isinstance(batched[-1], RequestError) and batched[-1].field == "INPUT_IMAGE"
-    for row, together in zip(rows[:-1], batched):
-        (alone,) = ours([row])
-        diff = np.abs(alone["IMAGE"].astype(int) - together["IMAGE"].astype(int)).max()
-        assert diff <= 1, f"batched differs from unbatched by {diff}/255"
+    assert_batched_equal_alone(ours, rows[:-1], batched)
     assert batched[3]["IMAGE"].shape == (1, 96, 160, 3)
 
 

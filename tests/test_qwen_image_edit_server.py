@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flux_reference import reference_uint8
+from flux_reference import pixel_diff, reference_uint8
 from test_qwen_image_edit_parity import encoded, reference_edit_pipeline
 from test_qwen_image_edit_request import encode, gradient, half, noise, png_declaring
 
@@ -24,7 +24,7 @@ def test_matches_qwen_image_edit_pipeline_through_triton(triton_server, referenc
     pixels = infer(triton_server, [data], NEGATIVE_PROMPT="dark", **scalars)
     expected = reference_uint8(reference, "make it red", "dark", image=image, **scalars)
     assert pixels[0].shape == expected.shape == (1, 80, 64, 3)
-    assert np.abs(pixels[0].astype(int) - expected.astype(int)).max() <= 1
+    assert pixel_diff(pixels[0], expected) <= 1
 
 
 def infer(triton_server, images: list[bytes] | None, **fields):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from flux_reference import CPU_FP32, make_row, reference_pipeline, reference_uint8
+from flux_reference import (CPU_FP32, assert_batched_equal_alone, assert_pixels_match, make_row, pixel_diff,
+                            reference_pipeline, reference_uint8)
 
 from ditserve.pipeline import LocalPipeline
 from ditserve.qwen_image import QWEN_IMAGE_T2I
@@ -52,11 +52,7 @@ def test_matches_qwen_image_pipeline(ours, reference, texts, scalars):
     (result,) = ours([make_row(*texts, **scalars)])
     assert not isinstance(result, RequestError), result
     expected = reference_uint8(reference, *texts, **scalars)
-    image = result["IMAGE"]
-    assert image.shape == expected.shape == (scalars.get("NUM_IMAGES", 1), scalars["HEIGHT"], scalars["WIDTH"], 3)
-    assert image.std() > 5, "image is flat: the test could not tell pipelines apart"
-    diff = np.abs(image.astype(int) - expected.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
+    assert_pixels_match(result["IMAGE"], expected, (scalars.get("NUM_IMAGES", 1), scalars["HEIGHT"], scalars["WIDTH"], 3))
 
 
 def test_batched_rows_equal_their_unbatched_results(ours):
@@ -71,11 +67,8 @@ def test_batched_rows_equal_their_unbatched_results(ours):
     ]
     batched = ours(rows)
     assert isinstance(batched[-1], RequestError) and batched[-1].field == "PROMPT"
-    for row, together in zip(rows[:-1], batched):
-        (alone,) = ours([row])
-        diff = np.abs(alone["IMAGE"].astype(int) - together["IMAGE"].astype(int)).max()
-        assert diff <= 1, f"batched differs from unbatched by {diff}/255"
-    assert np.abs(batched[0]["IMAGE"].astype(int) - batched[2]["IMAGE"].astype(int)).max() > 10
+    assert_batched_equal_alone(ours, rows[:-1], batched)
+    assert pixel_diff(batched[0]["IMAGE"], batched[2]["IMAGE"]) > 10
 
 
 def test_request_defaults_are_qwen_image_pipelines(ours):
