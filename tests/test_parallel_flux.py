@@ -43,6 +43,7 @@ def _inputs(text_len: int, grid: tuple[int, int]) -> dict:
 def _checks_flux() -> None:
     from ditserve.parallel import build_mesh
     from ditserve.parallel.flux import set_sequence_parallel, sp_forward
+    from ditserve.parallel.usp import install_processor
 
     for text_len, grid in ((3, (3, 4)), (5, (2, 3))):  # 15 and 11 joint tokens over 2 ranks
         inputs = _inputs(text_len, grid)
@@ -71,6 +72,8 @@ def _checks_flux() -> None:
                                              attention_head_dim=16, num_attention_heads=3, joint_attention_dim=24,
                                              pooled_projection_dim=12, axes_dims_rope=(4, 6, 6))
         set_sequence_parallel(three_heads, build_mesh(2, 1))
+    with pytest.raises(ValueError, match="FluxTransformer2DModel has no attention modules to install on"):
+        install_processor(_tiny_flux(), build_mesh(2, 1), object(), [])
     assert dist.get_world_size() == 2
 
 
