@@ -1134,21 +1134,17 @@ def main(argv=None) -> int:
         except Exception as e:  # the report goes on without the FLOP rows
             log(f"FLOP estimate failed: {type(e).__name__}: {e}")
         save()
-        if not args.skip_diffusers:
+        for side, skipped, run in (("diffusers", args.skip_diffusers, run_diffusers), ("ours", args.skip_ours, run_ours)):
+            if skipped:
+                continue
             try:
-                res["diffusers"] = run_diffusers(args, model_dir, workdir)
+                res[side] = run(args, model_dir, workdir)
             except Exception as e:
                 rc = 1
-                res["diffusers_error"] = f"{type(e).__name__}: {e}"
-                log(f"diffusers FAILED: {e}")
+                res[f"{side}_error"] = f"{type(e).__name__}: {e}"
+                log(f"{side} FAILED: {e}")
             save()
         if not args.skip_ours:
-            try:
-                res["ours"] = run_ours(args, model_dir, workdir)
-            except Exception as e:
-                rc = 1
-                res["ours_error"] = f"{type(e).__name__}: {e}"
-                log(f"ours FAILED: {e}")
             # Keep the server log's tail with the results (the full log can be large).
             slog = workdir / "tritonserver.log"
             if slog.is_file():
