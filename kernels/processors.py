@@ -9,7 +9,7 @@ the kernel, the others with torch first, so every backend computes the same func
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, Optional, Union
 
 import torch
@@ -40,7 +40,8 @@ class BackendProcessor:
         """Install cls(name, k_mode) on every `module_type` module of `transformer` (the model's
         `set_attention_backend`); name "diffusers" restores `diffusers_processor`. Returns how many."""
         processor = cls.diffusers_processor() if name == "diffusers" else cls(name, k_mode)
-        return set_processor(transformer, cls.module_type, processor)
+        modules = (m for m in transformer.modules() if isinstance(m, cls.module_type))
+        return set_processor(transformer, modules, processor, f"set_attention_backend ({cls.module_type.__name__})")
 
 
 # QK norms the prologue can compute: a per-head RMSNorm with an optional weight and no bias.
@@ -83,14 +84,14 @@ def key_padding_mask(mask: Optional[torch.Tensor], batch: int, length: int, who:
     return mask
 
 
-def set_processor(transformer: torch.nn.Module, kind: type, processor: object) -> int:
-    """Install `processor` (stateless: one instance serves every block) on every `kind` module of
-    `transformer`; returns how many."""
+def set_processor(transformer: torch.nn.Module, modules: Iterable[torch.nn.Module], processor: object,
+                  who: str) -> int:
+    """Install `processor` (stateless: one instance serves every block) on each of `modules`, attention modules
+    of `transformer`; returns how many. `who` names the caller in the error when there are none."""
     n = 0
-    for module in transformer.modules():
-        if isinstance(module, kind):
-            module.set_processor(processor)
-            n += 1
+    for module in modules:
+        module.set_processor(processor)
+        n += 1
     if n == 0:
-        raise ValueError(f"set_attention_backend: {type(transformer).__name__} has no {kind.__name__} modules")
+        raise ValueError(f"{who}: {type(transformer).__name__} has no attention modules to install on")
     return n

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ditserve.kernels.attention import Prologue, norm_rope, reference_prologue
+from ditserve.kernels.processors import set_processor
 
 from .ring import ring_attention
 from .shard import ShardPlan, gather
@@ -159,12 +160,7 @@ def install_processor(transformer: torch.nn.Module, mesh: SPMesh, processor: obj
     rather than in the first request) or when there is no module to install on.
     """
     check_heads(transformer.config.num_attention_heads, mesh.layout.ulysses_degree, mesh.ulysses_chunks)
-    modules = list(attentions)
-    if not modules:
-        raise ValueError(f"set_sequence_parallel: {type(transformer).__name__} has no attention modules to install on")
-    for module in modules:
-        module.set_processor(processor)
-    return len(modules)
+    return set_processor(transformer, attentions, processor, "set_sequence_parallel")
 
 
 def all_gather_image(x: torch.Tensor, p: ShardPlan, mesh: SPMesh) -> torch.Tensor:
