@@ -167,7 +167,8 @@ def all_gather_image(x: torch.Tensor, p: ShardPlan, mesh: SPMesh) -> torch.Tenso
     """This rank's output rows (B, its image rows [+ padding], C) -> the whole image stream (B, image tokens, C)
     on every rank. A rank's shard may hold text rows too, which the output no longer has: zero rows stand in
     front for them, so every rank sends a joint-shaped shard of one size, and the text rows are dropped after."""
-    x = torch.cat([x.new_zeros(x.shape[0], p.local_len - x.shape[1], x.shape[2]), x], dim=1)
+    if x.shape[1] < p.local_len:  # Wan's shards, and ranks past the text, hold no text rows: no copy
+        x = torch.cat([x.new_zeros(x.shape[0], p.local_len - x.shape[1], x.shape[2]), x], dim=1)
     parts = [torch.empty_like(x) for _ in range(mesh.degree)]
     dist.all_gather(parts, x.contiguous(), group=mesh.group)
     return gather(parts, p, dim=1)[:, p.text_len:]
