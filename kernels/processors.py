@@ -4,7 +4,7 @@
 Each processor is a drop-in for the model's diffusers processor (same inputs, same outputs) that hands
 the raw per-head Q, K, V to a registry backend (`ditserve.kernels.registry`), with the QK norm and the
 rotary embedding as a `Prologue` where the model's maths allows: the `triton` backend applies it inside
-the kernel, the others with torch first, so every backend computes the same function.
+the kernel, the others before it (`registry._unfused`), so every backend computes the same function.
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ def key_padding_mask(mask: Optional[torch.Tensor], batch: int, length: int, who:
 
 def set_processor(transformer: torch.nn.Module, modules: Iterable[torch.nn.Module], processor: object,
                   who: str) -> int:
-    """Install `processor` (stateless: one instance serves every block) on each of `modules`, attention modules
-    of `transformer`; returns how many. `who` names the caller in the error when there are none."""
+    """Install `processor` on each of `modules`, attention modules of `transformer`; returns how many. One
+    instance serves every block, so any state it keeps must be per forward, not per block (Wan's key mask).
+    `who` names the caller in the error when there are none."""
     n = 0
     for module in modules:
         module.set_processor(processor)

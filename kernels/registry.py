@@ -6,8 +6,8 @@
 
 All backends take and return (B, L, H, D) tensors (diffusers' layout after `unflatten`), a boolean
 key-padding mask (B, Lk) with True = attend, and an optional `Prologue` (per-head RMSNorm + RoPE).
-Backends that cannot fuse the prologue apply it with torch first (`reference_prologue`), so every
-backend computes the same function.
+Backends that cannot fuse the prologue apply it first (`_unfused`: torch's `reference_prologue` for `sdpa`,
+our Triton prologue kernel for the CUDA-only ones), so every backend computes the same function.
 
 Names: "sdpa" (torch scaled_dot_product_attention; the reference), "triton" (ditserve::attention),
 "triton_fp8" (ditserve::attention_fp8: int8 Q/K, e4m3 P/V), "flash_attn" (only listed when flash_attn imports).

@@ -111,7 +111,7 @@ def test_killed_worker_fails_the_request_and_the_group_restarts(reference):
         thread.join(60)
         error = outcome.get("error")
         assert isinstance(error, WorkerGroupError), outcome
-        assert f"parallel worker rank 1 (pid {worker}) exited with status -9" in str(error)
+        assert f"parallel worker rank 1 (pid {worker}) exited with status -9 (rank 0: " in str(error)
         assert "restarts for the next one" in str(error)
 
         assert_same(pipeline(ROWS), reference, "after the restart")
@@ -187,8 +187,12 @@ def test_qwen_image_graphs_need_sequence_parallel():
     (dict(sp_degree=0), "parameters sp_degree"),
     (dict(sp_degree=4, ring_degree=3), "parameter ring_degree: 3 does not divide sp_degree 4"),
     (dict(sp_degree=4, ulysses_degree=2, ring_degree=3), "must equal sp_degree 4, got 2 \\* 3"),
-    (dict(parallel_timeout_s=0), "parameter parallel_timeout_s: must be > 0"),
+    (dict(parallel_timeout_s=0), "parameter parallel_timeout_s: must be a finite number > 0, got 0"),
+    (dict(parallel_timeout_s=float("nan")), "parameter parallel_timeout_s: must be a finite number > 0, got nan"),
+    (dict(parallel_timeout_s=float("inf")), "parameter parallel_timeout_s: must be a finite number > 0, got inf"),
     (dict(sp_degree=2, ulysses_chunks=-1), "parameter ulysses_chunks: must be >= 0 \\(0: auto\\), got -1"),
+    (dict(sp_degree=2, ring_degree=2, ulysses_chunks=2), "parameter ulysses_chunks: 2 given, but only Ulysses"),
+    (dict(cfg_parallel=False, gpus="1"), "parameter gpus: set to '1', but it names the GPUs of a parallel group"),
 ])
 def test_parallel_config_validation(options, message):
     with pytest.raises(ConfigError, match=message):

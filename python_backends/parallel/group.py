@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import pickle
 import signal
@@ -121,9 +122,16 @@ class ParallelConfig:
             raise ConfigError(f"parameters ulysses_degree * ring_degree must equal sp_degree {sp}, got {u} * {r}")
         if options.ulysses_chunks < 0:
             raise ConfigError(f"parameter ulysses_chunks: must be >= 0 (0: auto), got {options.ulysses_chunks}")
-        if options.parallel_timeout_s <= 0:
-            raise ConfigError(f"parameter parallel_timeout_s: must be > 0, got {options.parallel_timeout_s}")
+        if options.ulysses_chunks and u == 1:
+            raise ConfigError(f"parameter ulysses_chunks: {options.ulysses_chunks} given, but only Ulysses exchanges "
+                              f"come in chunks and ulysses_degree is 1")
+        if not math.isfinite(options.parallel_timeout_s) or options.parallel_timeout_s <= 0:
+            raise ConfigError(f"parameter parallel_timeout_s: must be a finite number > 0, got {options.parallel_timeout_s}")
         world = sp * (2 if options.cfg_parallel else 1)
+        if world == 1 and options.gpus.strip():
+            # One rank runs on the model instance's own device: a GPU list here would be ignored.
+            raise ConfigError(f"parameter gpus: set to {options.gpus!r}, but it names the GPUs of a parallel group and "
+                              f"this model has none (sp_degree 1, cfg_parallel off); its GPU is the instance's")
         devices = _devices(options.gpus, device, world)
         return cls(u, r, options.cfg_parallel, devices, options.parallel_timeout_s, options.ulysses_chunks)
 
@@ -355,7 +363,11 @@ class WorkerGroup:
             if self.config.backend == "nccl":
                 torch.cuda.synchronize(self.config.devices[0])  # collectives have finished, or were aborted
         except Exception as exc:
-            reason = self.failure or self._exited_worker() or f"{type(exc).__name__}: {exc}"
+            # A worker's exit is the cause when it comes first; rank 0's own error may still be the
+            # request's fault that every rank met (the workers' tracebacks are only in the server log).
+            own = f"{type(exc).__name__}: {exc}"
+            worker = self.failure or self._exited_worker()
+            reason = f"{worker} (rank 0: {own})" if worker else own
             self.stop()
             raise WorkerGroupError(f"{reason}; this request failed, the group restarts for the next one") from exc
         if self.failure is not None:  # an aborted NCCL collective leaves garbage, not an exception
