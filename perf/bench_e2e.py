@@ -43,7 +43,7 @@ time limit (Wan 14B), so both sides run N1 and N2 steps; per step = (t(N2) - t(N
 the end-to-end latencies (and from the denoising stage alone), fixed costs = t(N1) - N1 x step, and the
 ``--steps`` end-to-end latency is reported as an ESTIMATE: fixed + steps x step.
 
-FLOP estimate of one denoising step (ENVIRONMENT.md's convention): every linear layer costs
+FLOP estimate of one denoising step (perf/RESULTS.md's convention): every linear layer costs
 2 x weights x the tokens it is applied to (each MMDiT stream only over its own tokens), attention
 4 x L^2 x (heads x head_dim) per block; with CFG every forward of the step counts (two per step).
 """
@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 REPO = Path(__file__).resolve().parent.parent
-H100_BF16_PEAK_TFLOPS = 790.0  # dense bf16 matmul, as measured on the host (ENVIRONMENT.md)
+H100_BF16_PEAK_TFLOPS = 790.0  # dense bf16 matmul, as measured on the H100 host
 STATE_DIR = Path(os.environ.get("DITSERVE_BENCH_STATE_DIR", "/tmp/ditserve_bench"))
 
 _T0 = time.monotonic()

@@ -26,7 +26,7 @@ Error: the latents after N2 steps against the one-GPU latents of the same reques
 and max abs; filled in once both have run, whatever the order), next to the same measure between our one-GPU
 attention and SDPA.
 
-FLOP per step: bench_e2e's formulas (ENVIRONMENT.md's convention), split over the GPUs. Memory: the most
+FLOP per step: bench_e2e's formulas (perf/RESULTS.md's convention), split over the GPUs. Memory: the most
 rank 0's torch allocator held on its GPU over the load and the runs (`max_memory_reserved`: weights, activations,
 CUDA graph pools; the workers hold about as much each).
 Writes bench_parallel.json / .md to ``--out`` (default $OUT, else out/bench) after every layout.

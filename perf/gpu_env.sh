@@ -167,7 +167,7 @@ EOF
     export DITSERVE_TRITONSERVER="$site/pytriton/tritonserver/bin/tritonserver"
     # No hub on the host: never try to reach it.
     export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
-    # NVLink multicast stays off on shared hosts (KINDS.md).
+    # NVLink multicast stays off: the lent hosts are shared and their rules forbid it.
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     export PYTHONUNBUFFERED=1
 

@@ -39,7 +39,7 @@ fi
 PYTRITON_VERSION=0.7.0
 # The packages that go into site-<tag>.tar.xz. Everything else the host already has
 # (torch, transformers, safetensors, huggingface-hub>=1.32, pillow, regex, filelock, requests, urllib3,
-# grpcio, protobuf, ml-dtypes, packaging, sentencepiece, tokenizers, accelerate): see KINDS.md's list.
+# grpcio, protobuf, ml-dtypes, packaging, sentencepiece, tokenizers, accelerate): the host's package list.
 SITE_PKGS=(numpy==1.26.4 diffusers==0.42.1 tritonclient==2.73.0 python-rapidjson==1.25 av==18.1.0)
 # The 3.11 stub only serves local dry runs on Debian 12 (~0.4 MB packed); the host needs 3.12.
 STUBS=(3.11 3.12)

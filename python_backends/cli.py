@@ -57,7 +57,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model_repository is None:
         from ditserve.paths import model_repository
 
-        args.model_repository = str(model_repository())
+        try:
+            args.model_repository = str(model_repository())
+        except FileNotFoundError as exc:  # installed without a checkout (pip install .)
+            print(f"ditserve: {exc}", file=sys.stderr, flush=True)
+            return 2
     if args.set:
         import tempfile
 

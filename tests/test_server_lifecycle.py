@@ -294,3 +294,16 @@ def test_cli_takes_subcommands_from_optional_modules(monkeypatch):
                         ("ditserve_test_fake_cli", "ditserve_test_missing_cli"))
     assert cli.main(["hello", "--name", "triton"]) == 7
     assert cli.build_parser().parse_args(["serve", "--models", "a,b"]).models == "a,b"
+
+
+def test_serve_outside_a_checkout_names_the_repository_settings(monkeypatch, tmp_path, capsys):
+    """Installed without a checkout (`pip install .`), `serve` finds no model repository: one line saying what to
+    set, exit code 2, no traceback."""
+    from ditserve import cli, paths
+
+    monkeypatch.setattr(paths, "__file__", str(tmp_path / "site-packages" / "ditserve" / "paths.py"))
+    for name in ("DITSERVE_REPO_ROOT", "DITSERVE_MODEL_REPOSITORY"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["serve", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ditserve: cannot locate the ditserve repository root") and "--model-repository" in err
