@@ -15,6 +15,7 @@ _EXPORTS = {
     "GenerateResult": "ditserve.client.triton",
     "ModelNotLoaded": "ditserve.client.triton",
     "Progress": "ditserve.client.triton",
+    "TritonTimeout": "ditserve.client.triton",
     "TritonUnavailable": "ditserve.client.triton",
     "VideoResult": "ditserve.client.triton",
     "RequestError": "ditserve.stage",

@@ -12,15 +12,37 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 # Standard library only: `ditserve serve` builds this parser too.
 from ditserve.client.terminal import Spinner, StepBar
 from ditserve.client.video_jobs import MAX_VIDEO_JOBS
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+DEFAULT_TIMEOUT_S = 600.0  # the clients' own default
+
+
+Number = TypeVar("Number", int, float)
+
+
+def _positive(convert: Callable[[str], Number]) -> Callable[[str], Number]:
+    """An argparse type: ``convert``'s value, refused unless finite and > 0 (a job limit of 0 would
+    refuse every video; a timeout of 0 every request)."""
+
+    def parse(text: str) -> Number:
+        value = convert(text)  # a ValueError is argparse's "invalid int value" message
+        if not (math.isfinite(value) and value > 0):
+            limit = "an integer >= 1" if convert is int else "a finite number > 0"
+            raise argparse.ArgumentTypeError(f"must be {limit}, got {text}")
+        return value
+
+    parse.__name__ = convert.__name__
+    return parse
 
 
 KINDS = {"generate": "text to images", "edit": "edit images", "video": "text to video (image to video with --image)"}
@@ -55,7 +77,8 @@ class _PipelineParser(argparse.ArgumentParser):
         self.add_argument("--response-format", choices=("file", "b64_json"), default="file",
                           help="file: write to --output-dir; b64_json: print OpenAI-style JSON on stdout")
         self.add_argument("--output-dir", type=Path, default=Path("."))
-        self.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the result")
+        self.add_argument("--timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
+                          help="seconds to wait for the result")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -81,7 +104,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-image-urls", action="store_true",
                    help="let /v1/images/edits requests name the image by an http(s) URL, which the gateway then "
                         "downloads (any address it can reach: enable only for trusted callers)")
-    p.add_argument("--max-video-jobs", type=int, default=MAX_VIDEO_JOBS,
+    p.add_argument("--triton-timeout", type=_positive(float), default=DEFAULT_TIMEOUT_S,
+                   help="seconds to wait for one Triton request (a video takes longest); longer ones answer 504 "
+                        "(a video job fails with code timeout)")
+    p.add_argument("--max-video-jobs", type=_positive(int), default=MAX_VIDEO_JOBS,
                    help="video jobs kept in memory with their MP4; when full, a new job replaces the oldest "
                         "finished one, or is refused (429) while all are queued or running")
     p.set_defaults(func=_openai)
@@ -91,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here: `ditserve serve` builds this parser too and needs no client libraries.
     from tritonclient.utils import InferenceServerException
 
-    from ditserve.client import PIPELINES, Client, ModelNotLoaded, RequestError, TritonUnavailable
+    from ditserve.client import PIPELINES, Client, ModelNotLoaded, RequestError, TritonTimeout, TritonUnavailable
     from ditserve.client.download import read_image
     from ditserve.streaming import stream_model
 
@@ -102,6 +128,8 @@ def _run(args: argparse.Namespace) -> int:
         if fields.get("image"):
             fields["image"] = [read_image(source, "image") for source in fields["image"]]
         model = args.model or pipeline.model_for(fields)
+        if args.response_format == "file":  # before the request, which a folder that cannot be made would waste
+            args.output_dir.mkdir(parents=True, exist_ok=True)
         client = Client(url, protocol=args.protocol, timeout_s=args.timeout)
         label, note = f"ditserve {args.kind}", None
         if client.streams(model):
@@ -119,6 +147,8 @@ def _run(args: argparse.Namespace) -> int:
         return _fail(args.kind, f"not available: ensemble {error.model} is not loaded on the server at {url}")
     except InferenceServerException as error:  # the server refused the request
         return _fail(args.kind, error.message())
+    except TritonTimeout as error:  # before OSError: a TimeoutError is one
+        return _fail(args.kind, f"{error}; give a longer one with --timeout")
     except (RequestError, TritonUnavailable, OSError) as error:
         return _fail(args.kind, str(error))
 
@@ -128,11 +158,13 @@ def _run(args: argparse.Namespace) -> int:
         data = [{"b64_json": base64.b64encode(p).decode()} for p in payloads]
         print(json.dumps({"created": int(time.time()), "data": data}))
     else:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        for i, payload in enumerate(payloads):
-            path = args.output_dir / f"{model}_{i}.{extension}"
-            path.write_bytes(payload)
-            print(f"wrote {path}", file=info)
+        try:
+            for i, payload in enumerate(payloads):
+                path = args.output_dir / f"{model}_{i}.{extension}"
+                path.write_bytes(payload)
+                print(f"wrote {path}", file=info)
+        except OSError as error:  # full disk, no permission, ...: its message names the file
+            return _fail(args.kind, str(error))
     why = f" ({note})" if note else ""
     print(f"latency {result.latency_s * 1000:.0f} ms over {args.protocol}{why}; server compute per stage:", file=info)
     for model, ms in result.stage_ms.items():
@@ -149,4 +181,4 @@ def _openai(args: argparse.Namespace) -> int:
     from ditserve.client.gateway import serve
 
     return serve(args.triton_url or DEFAULT_URLS[args.protocol], args.protocol, args.host, args.port, args.api_key,
-                 args.allow_image_urls, args.max_video_jobs)
+                 args.allow_image_urls, args.max_video_jobs, args.triton_timeout)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -22,7 +21,10 @@ DOWNLOAD_TIMEOUT_S = 30.0
 
 
 def is_url(source: str) -> bool:
-    return urlsplit(source).scheme in ("http", "https")
+    """Whether ``source`` is meant as an http(s) URL, well-formed or not: by its scheme alone, so that
+    a malformed one (``http://[::1/x``, which urlsplit refuses) is ``download``'s error naming the
+    field, not a missing file."""
+    return source.lstrip().partition(":")[0].lower() in ("http", "https")
 
 
 def download(url: str, field: str, *, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> bytes:
@@ -44,6 +46,8 @@ def download(url: str, field: str, *, max_bytes: int = MAX_DOWNLOAD_BYTES, timeo
                 if time.monotonic() > deadline:
                     raise RequestError(field, f"downloading {url} took more than {timeout_s:g} s")
                 chunks.append(chunk)
+    except httpx.InvalidURL as error:  # not an httpx.HTTPError
+        raise RequestError(field, f"{url!r} is not a valid URL: {error}") from None
     except httpx.TimeoutException:
         raise RequestError(field, f"downloading {url} took more than {timeout_s:g} s") from None
     except httpx.HTTPError as error:

@@ -35,8 +35,8 @@ from starlette.routing import Route
 from tritonclient.utils import InferenceServerException
 
 from ditserve.client.download import download, is_url
-from ditserve.client.pipelines import PIPELINES, Pipeline, from_text
-from ditserve.client.triton import AsyncClient, ModelNotLoaded, TritonUnavailable
+from ditserve.client.pipelines import PIPELINES, Pipeline, from_text, utf8
+from ditserve.client.triton import AsyncClient, ModelNotLoaded, TritonTimeout, TritonUnavailable
 from ditserve.client.video_jobs import MAX_VIDEO_JOBS, JobError, JobsFull, VideoJob, VideoJobs
 from ditserve.images import ImageLimits
 from ditserve.stage import RequestError
@@ -48,8 +48,17 @@ MAX_BODY_BYTES = 256 * 1024
 MAX_IMAGE_BYTES = ImageLimits().max_bytes
 MAX_UPLOAD_BYTES = MAX_IMAGE_BYTES + MAX_BODY_BYTES
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-# OpenAI fields that change nothing here: accepted, so that SDK defaults do not fail.
-IGNORED_FIELDS = ("quality", "style", "user", "background", "moderation", "input_fidelity", "safety_identifier")
+# OpenAI image options this gateway has no setting for: the values it honours as it is (absent or null
+# always is: the SDK sends only the fields it is given); any other value is a 400, not a silent no-op.
+FIXED_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "background": (("auto", "opaque"), "the images are opaque"),
+    "quality": (("auto", "standard"), "quality is set by num_inference_steps"),
+    "style": ((), "a DALL-E 3 option"),
+    "moderation": (("low",), "the gateway filters no content"),
+    "input_fidelity": (("low",), "Qwen-Image-Edit has no fidelity setting"),
+}
+# About the caller (OpenAI's abuse monitoring), not the image: ignored.
+METADATA_FIELDS = ("user", "safety_identifier")
 IMAGE_FIELDS = ("image", "image[]")  # the SDK names one file "image", a list "image[]"
 REFERENCE_FIELD = "input_reference"  # videos.create's image: the first frame
 
@@ -60,9 +69,12 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
         body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+        # ASCII with escapes (JSONResponse writes UTF-8): a field name echoed from the request may hold a lone
+        # surrogate (JSON's "\ud800"), which has no UTF-8.
+        return Response(json.dumps({"error": body}, separators=(",", ":")), status_code=self.status,
+                        media_type="application/json")
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -70,14 +82,14 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, allow_image_urls: bool = False,
-               max_video_jobs: int = MAX_VIDEO_JOBS) -> Starlette:
+               max_video_jobs: int = MAX_VIDEO_JOBS, triton_timeout_s: float = 600.0) -> Starlette:
     triton: dict[str, AsyncClient] = {}
     videos = VideoJobs(max_video_jobs)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         # tritonclient's aio clients belong to the event loop that creates them.
-        triton["client"] = AsyncClient(triton_url, protocol=protocol)
+        triton["client"] = AsyncClient(triton_url, protocol=protocol, timeout_s=triton_timeout_s)
         yield
         await videos.close()
         await triton["client"].close()
@@ -102,6 +114,8 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
                 return ApiError(404, str(error), param="model", code="model_not_found").response()
             except TritonUnavailable as error:
                 return ApiError(503, str(error), code="triton_unavailable", type="server_error").response()
+            except TritonTimeout as error:
+                return ApiError(504, _timed_out(error), code="timeout", type="server_error").response()
 
         return wrapped
 
@@ -121,11 +135,11 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
     async def images(kind: str, body: dict[str, Any]) -> JSONResponse:
         """generations and edits alike, once their bodies are read: OpenAI's options, then the table's fields."""
         pipeline = PIPELINES[kind]
-        response_format = body.pop("response_format", None) or "b64_json"
+        response_format = _text_option(body, "response_format") or "b64_json"
         if response_format != "b64_json":
             raise ApiError(400, f"response_format {response_format!r} is not supported; use b64_json "
                                 "(this gateway keeps no images to link to)", param="response_format")
-        output_format = body.pop("output_format", None) or "png"
+        output_format = _text_option(body, "output_format") or "png"
         if output_format not in OUTPUT_FORMATS:
             raise ApiError(400, f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}",
                            param="output_format")
@@ -135,8 +149,12 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
         if quality is not None and (isinstance(quality, bool) or not isinstance(quality, int) or not 0 <= quality <= 100):
             raise ApiError(400, f"output_compression must be an integer in [0, 100], got {quality!r}",
                            param="output_compression")
-        model = body.pop("model", None) or pipeline.model
-        for name in IGNORED_FIELDS:
+        if quality is not None and output_format == "png":  # the server's PNGs are sent as they are
+            raise ApiError(400, "output_compression: applies to jpeg and webp only, not png",
+                           param="output_compression")
+        model = _text_option(body, "model") or pipeline.model
+        _fixed_options(body)
+        for name in METADATA_FIELDS:
             body.pop(name, None)
         if body.get("size") == "auto":  # OpenAI's default: the model's own size
             body.pop("size")
@@ -155,7 +173,7 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
 
     async def edits(request: Request) -> JSONResponse:
         pipeline = PIPELINES["edit"]
-        form = await _form(request, MAX_UPLOAD_BYTES, max_body_bytes)
+        form = await _form(request, MAX_UPLOAD_BYTES, max_body_bytes, files_field="image")
         if "mask" in form:
             raise ApiError(400, "mask: Qwen-Image-Edit takes no mask; say in the prompt what to change", param="mask")
         uploads = [(name, value) for name in IMAGE_FIELDS for value in form.pop(name, [])]
@@ -171,7 +189,7 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
             body = await _json_body(request, max_body_bytes)
             references = [body.pop(REFERENCE_FIELD)] if body.get(REFERENCE_FIELD) is not None else []
         else:
-            form = await _form(request, MAX_UPLOAD_BYTES, max_body_bytes)
+            form = await _form(request, MAX_UPLOAD_BYTES, max_body_bytes, files_field=REFERENCE_FIELD)
             references = form.pop(REFERENCE_FIELD, [])
             body = {name: _text_field(pipeline, name, values) for name, values in form.items()}
         body = {name: value for name, value in body.items() if value is not None}
@@ -181,25 +199,25 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
             if len(references) != 1:
                 raise ApiError(400, f"{REFERENCE_FIELD}: expected 1 image, got {len(references)}", param=REFERENCE_FIELD)
             body["image"] = [await _image_bytes(REFERENCE_FIELD, references[0], allow_image_urls)]
-        model = body.pop("model", None) or pipeline.model_for(body)
+        model = _text_option(body, "model") or pipeline.model_for(body)
         seconds = body.pop("seconds", None)
         _only_table_fields(pipeline, body, also=("model", "seconds", REFERENCE_FIELD))
-        # Checked now, so that a bad field is a 400 here and not a failed job later.
-        try:
-            pipeline.tensors(body)
-        except RequestError as error:
-            if error.field != "image":
-                raise
-            raise RequestError(REFERENCE_FIELD, str(error).removeprefix("image: ")) from None
         if seconds is not None:
             if "num_frames" in body:
                 raise ApiError(400, "seconds: give seconds or num_frames, not both", param="seconds")
             fps = body.get("fps", DEFAULT_FPS)
+            pipeline.fields["fps"].tensors("fps", fps)  # checked first: the frame count is computed from it
             body["num_frames"] = _seconds(seconds) * fps + 1
-            try:
-                pipeline.tensors(body)
-            except RequestError as error:
+        # Checked now, so that a bad field is a 400 here and not a failed job later; in a thread, as
+        # AsyncClient.run does: checking the reference image decodes it (up to 4096x4096).
+        try:
+            await asyncio.to_thread(pipeline.tensors, body)
+        except RequestError as error:
+            if error.field == "image":
+                raise RequestError(REFERENCE_FIELD, str(error).removeprefix("image: ")) from None
+            if error.field == "num_frames" and seconds is not None:
                 raise RequestError("seconds", f"{seconds} s at {fps} fps is {body['num_frames']} frames; {error}") from None
+            raise
         if not await triton["client"].is_model_ready(model):
             raise ModelNotLoaded(model, triton_url)
         frames, fps = body.get("num_frames", DEFAULT_FRAMES), body.get("fps", DEFAULT_FPS)
@@ -214,6 +232,8 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
                 raise JobError(error.code or error.type, error.message) from error
             except (TritonUnavailable, ModelNotLoaded) as error:
                 raise JobError("triton_unavailable", str(error)) from error
+            except TritonTimeout as error:
+                raise JobError("timeout", _timed_out(error)) from error
 
         try:
             videos.start(job, render)
@@ -271,7 +291,7 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "ditserve"} for name in names]
         return JSONResponse({"object": "list", "data": data})
 
-    async def http_error(_request: Request, error: Exception) -> JSONResponse:
+    async def http_error(_request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
         return ApiError(error.status_code, error.detail, code="not_found" if error.status_code == 404 else None).response()
 
@@ -320,17 +340,25 @@ async def _json_body(request: Request, limit: int) -> dict[str, Any]:
         body = json.loads(await _limited(request, limit).body())
     except ValueError as error:
         raise ApiError(400, f"request body is not valid JSON: {error}") from error
+    except RecursionError:  # [[[[...: the decoder recurses once per level
+        raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
 
 
-async def _form(request: Request, limit: int, max_field_bytes: int) -> dict[str, list[str | UploadFile]]:
+async def _form(request: Request, limit: int, max_field_bytes: int,
+                files_field: str) -> dict[str, list[str | UploadFile]]:
     """A form body, read no further than ``limit`` bytes: field name -> its values. Multipart as
-    OpenAI's SDKs send it; urlencoded too, for requests without files (an image by URL)."""
+    OpenAI's SDKs send it; urlencoded too, for requests without files (an image by URL).
+    ``files_field``: the route's file field, named by the error about too many files."""
     if not request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise ApiError(400, "request body must be multipart/form-data, as OpenAI's SDKs send it")
-    form = await _limited(request, limit).form(max_files=len(IMAGE_FIELDS) + 1, max_part_size=max_field_bytes)
+    try:
+        form = await _limited(request, limit).form(max_files=len(IMAGE_FIELDS) + 1, max_part_size=max_field_bytes)
+    except HTTPException as error:  # Starlette's parser limits; a text field too large is not named by it
+        param = files_field if error.detail.startswith("Too many files") else None
+        raise ApiError(error.status_code, f"{param}: {error.detail}" if param else error.detail, param=param) from error
     fields: dict[str, list[str | UploadFile]] = {}
     for name, value in form.multi_items():
         fields.setdefault(name, []).append(value)
@@ -345,7 +373,7 @@ def _text_field(pipeline: Pipeline, name: str, values: list[str | UploadFile]) -
     return values[0] if converter is None else from_text(converter, name, values[0])
 
 
-async def _image_bytes(name: str, value: str | UploadFile, allow_urls: bool) -> bytes:
+async def _image_bytes(name: str, value: Any, allow_urls: bool) -> bytes:
     """An uploaded image file's bytes; an http(s) URL's only where the gateway allows URLs."""
     if isinstance(value, str):
         if not is_url(value):
@@ -354,11 +382,38 @@ async def _image_bytes(name: str, value: str | UploadFile, allow_urls: bool) -> 
             raise ApiError(400, f"{name}: this gateway does not download image URLs (it runs without "
                                 "--allow-image-urls); upload the file instead", param=name)
         return await asyncio.to_thread(download, value, name)
+    if not isinstance(value, UploadFile):  # a JSON body's value can be anything
+        raise ApiError(400, f"{name}: expected an image file upload or an http(s) URL, got {type(value).__name__}",
+                       param=name)
     data = await value.read(MAX_IMAGE_BYTES + 1)
     if len(data) > MAX_IMAGE_BYTES:
         raise ApiError(413, f"{name}: {value.filename or 'the file'} is larger than {MAX_IMAGE_BYTES} bytes, the limit",
                        param=name, code="image_too_large")
     return data
+
+
+def _text_option(body: dict[str, Any], name: str) -> str | None:
+    """An OpenAI option that is no table field, taken out of ``body``: a string, None when absent or null."""
+    value = body.pop(name, None)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name}: must be a string, got {type(value).__name__}", param=name)
+    utf8(name, value)  # a model name goes to Triton as UTF-8
+    return value
+
+
+def _fixed_options(body: dict[str, Any]) -> None:
+    """Takes ``FIXED_OPTIONS`` out of ``body``, refusing a value this gateway would not honour."""
+    for name, (honoured, why) in FIXED_OPTIONS.items():
+        value = body.pop(name, None)
+        if value is not None and value not in honoured:
+            allowed = f"allowed: {', '.join(honoured)}" if honoured else "leave it out"
+            raise ApiError(400, f"{name}: {value!r} is not supported here ({why}); {allowed}", param=name)
+
+
+def _timed_out(error: TritonTimeout) -> str:
+    return f"{error}; longer requests need a larger ditserve openai --triton-timeout"
 
 
 def _seconds(value: Any) -> int:
@@ -382,11 +437,12 @@ def _encode(pngs: list[bytes], image_format: str, quality: int | None) -> list[b
 
 
 def serve(triton_url: str, protocol: str, host: str, port: int, api_key: str | None, allow_image_urls: bool = False,
-          max_video_jobs: int = MAX_VIDEO_JOBS) -> int:
+          max_video_jobs: int = MAX_VIDEO_JOBS, triton_timeout_s: float = 600.0) -> int:
     import uvicorn
 
     print(f"ditserve openai: forwarding to Triton at {triton_url} over {protocol}; "
           f"OpenAI base URL http://{host}:{port}/v1", flush=True)
-    app = create_app(triton_url, protocol, api_key, allow_image_urls=allow_image_urls, max_video_jobs=max_video_jobs)
+    app = create_app(triton_url, protocol, api_key, allow_image_urls=allow_image_urls, max_video_jobs=max_video_jobs,
+                     triton_timeout_s=triton_timeout_s)
     uvicorn.run(app, host=host, port=port, log_level="info")
     return 0

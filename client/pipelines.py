@@ -28,6 +28,15 @@ from ditserve.wan.limits import MAX_FPS, MAX_FRAMES
 Tensor = tuple[str, list]
 
 
+def utf8(field: str, text: str) -> bytes:
+    """``text`` as the UTF-8 the server reads; JSON's "\\ud800" escape makes a str with a lone
+    surrogate, which has none."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as error:
+        raise RequestError(field, f"is not valid Unicode text: {error.reason} at character {error.start}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Text:
     tensor: str
@@ -42,7 +51,7 @@ class Text:
             raise RequestError(field, f"must be at most {self.max_chars} characters, got {len(value)}")
         if self.required and not value.strip():
             raise RequestError(field, "must not be empty")
-        return {self.tensor: ("BYTES", [value.encode()])}
+        return {self.tensor: ("BYTES", [utf8(field, value)])}
 
     def datatypes(self) -> dict[str, str]:
         return {self.tensor: "BYTES"}
@@ -199,7 +208,7 @@ class Pipeline:
             names = list(self.fields[name].datatypes()) if name in self.fields else [name]
             if len(names) != 1:
                 raise RequestError(name, f"cannot be mixed with ensemble input names; send {' and '.join(names)}")
-            tensors[names[0]] = (datatypes[names[0]], [value.encode() if isinstance(value, str) else value])
+            tensors[names[0]] = (datatypes[names[0]], [utf8(name, value) if isinstance(value, str) else value])
         return tensors
 
     def field_of(self, message: str) -> str | None:

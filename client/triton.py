@@ -40,6 +40,15 @@ class TritonUnavailable(ConnectionError):
     """The Triton server could not be reached."""
 
 
+class TritonTimeout(TimeoutError):
+    """A request got no answer within the client's timeout: a long request (a video), not an unreachable
+    server; the server may still be working on it."""
+
+    def __init__(self, url: str, timeout_s: float):
+        super().__init__(f"Triton server at {url} did not answer within {timeout_s:g} s, the client's timeout")
+        self.timeout_s = timeout_s
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateResult:
     png: list[bytes]
@@ -78,14 +87,19 @@ Request = tuple[Pipeline, str, list, list]
 
 
 @contextlib.contextmanager
-def _reachable(url: str) -> Iterator[None]:
-    """Connection failures of either protocol, sync or async, as one TritonUnavailable."""
+def _reachable(url: str, timeout_s: float) -> Iterator[None]:
+    """Connection failures of either protocol, sync or async, as one TritonUnavailable; a request
+    past ``timeout_s`` as TritonTimeout."""
     try:
         yield
+    except TimeoutError as error:  # HTTP (socket's and asyncio's timeouts); an OSError, so caught first
+        raise TritonTimeout(url, timeout_s) from error
     except OSError as error:  # HTTP: refused / reset / DNS (aiohttp's errors are OSErrors too)
         raise TritonUnavailable(f"Triton server at {url} is unreachable: {error}") from error
     except InferenceServerException as error:
-        if error.status() in ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"):
+        if error.status() == "StatusCode.DEADLINE_EXCEEDED":
+            raise TritonTimeout(url, timeout_s) from error
+        if error.status() == "StatusCode.UNAVAILABLE":
             raise TritonUnavailable(f"Triton server at {url} is unreachable: {error.message()}") from error
         raise
 
@@ -231,7 +245,7 @@ class Client(_Requests):
         super().__init__(url, protocol, asyncio=False, timeout_s=timeout_s, stage_timings=stage_timings)
 
     def _drive(self, steps: Steps) -> Any:
-        with _reachable(self.url):
+        with _reachable(self.url, self.timeout_s):
             try:
                 name, args, kwargs = next(steps)
                 while True:
@@ -289,7 +303,7 @@ class AsyncClient(_Requests):
         super().__init__(url, protocol, asyncio=True, timeout_s=timeout_s, stage_timings=stage_timings)
 
     async def _drive(self, steps: Steps) -> Any:
-        with _reachable(self.url):
+        with _reachable(self.url, self.timeout_s):
             try:
                 name, args, kwargs = next(steps)
                 while True:

@@ -58,6 +58,7 @@ def check_progress(kind: str, protocol: str, captured, steps: int) -> None:
     [
         pytest.param(dict(prompt=" "), "prompt", "empty", id="blank-prompt"),
         pytest.param(dict(prompt="a" * 20_001), "prompt", "20000", id="long-prompt"),
+        pytest.param(dict(prompt="a \ud800"), "prompt", "not valid Unicode", id="lone-surrogate"),  # JSON's "\ud800"
         pytest.param(dict(), "prompt", "required", id="no-prompt"),
         pytest.param(dict(prompt="a", size="64"), "size", "WIDTHxHEIGHT", id="size-malformed"),
         pytest.param(dict(prompt="a", size="48x64"), "size", "[64, 4096]", id="size-too-small"),
