@@ -59,6 +59,8 @@ FIXED_OPTIONS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 # About the caller (OpenAI's abuse monitoring), not the image: ignored.
 METADATA_FIELDS = ("user", "safety_identifier")
+# InferenceServerException.status() of Triton's "bad input" answer, over HTTP and over gRPC.
+CLIENT_ERROR_STATUSES = ("400", "StatusCode.INVALID_ARGUMENT")
 IMAGE_FIELDS = ("image", "image[]")  # the SDK names one file "image", a list "image[]"
 REFERENCE_FIELD = "input_reference"  # videos.create's image: the first frame
 
@@ -128,9 +130,11 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
             return await triton["client"].run(kind, model, **options, **fields)
         except InferenceServerException as error:
             field = pipeline.field_of(error.message())
-            if field is None:
+            # The stages answer bad input as the client's error (HTTP 400, gRPC INVALID_ARGUMENT); a gRPC stream
+            # carries no code, so a message naming an input counts as bad input too.
+            if field is None and error.status() not in CLIENT_ERROR_STATUSES:
                 raise ApiError(500, f"Triton: {error.message()}", type="server_error") from error
-            raise ApiError(400, f"{field}: {error.message()}", param=field) from error
+            raise ApiError(400, f"{field}: {error.message()}" if field else error.message(), param=field) from error
 
     async def images(kind: str, body: dict[str, Any]) -> JSONResponse:
         """generations and edits alike, once their bodies are read: OpenAI's options, then the table's fields."""

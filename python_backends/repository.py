@@ -2,7 +2,9 @@
 
 Triton reads model parameters from each model's config.pbtxt. Rather than editing the checked-in
 repository to turn on, say, sequence parallelism, ``overlay`` copies the repository (configs and
-the two-line model.py files: kilobytes) and rewrites the named parameters in the copy.
+the two-line model.py files: kilobytes) and rewrites the named parameters in the copy. Only parameters
+that the model's config.pbtxt declares can be set: every parameter a model reads is declared in the
+shipped configs, so any other name is a typo that would otherwise be ignored.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+
+from ditserve.model_config import config_parameters, read_config
 
 
 def parse_setting(text: str) -> tuple[str, str, str]:
@@ -22,25 +26,32 @@ def parse_setting(text: str) -> tuple[str, str, str]:
 
 
 def set_parameter(config: str, key: str, value: str) -> str:
-    """config.pbtxt text with parameter ``key`` set to the string ``value`` (added if absent)."""
+    """config.pbtxt text with its parameter ``key`` set to the string ``value``; ValueError when no line
+    ``parameters: { key: "KEY" value: { string_value: "..." } }`` declares it."""
     line = f'parameters: {{ key: "{key}" value: {{ string_value: "{value}" }} }}'
     pattern = re.compile(r'^parameters:\s*\{\s*key:\s*"' + re.escape(key) + r'"\s*value:\s*\{\s*string_value:\s*"[^"]*"\s*\}\s*\}\s*$',
                          re.MULTILINE)
-    if pattern.search(config):
-        return pattern.sub(line.replace("\\", "\\\\"), config, count=1)
-    return config.rstrip("\n") + "\n" + line + "\n"
+    if not pattern.search(config):
+        raise ValueError(f"--set: parameter {key!r} is not declared on one line of the form "
+                         f"'parameters: {{ key: \"{key}\" value: {{ string_value: \"...\" }} }}', which --set rewrites")
+    return pattern.sub(line.replace("\\", "\\\\"), config, count=1)
 
 
 def overlay(source: Path, settings: Iterable[str], dest: Path) -> Path:
     """Copy repository ``source`` to ``dest`` with ``settings`` ('MODEL.PARAM=VALUE') applied."""
     parsed = [parse_setting(s) for s in settings]
-    for model, _, value in parsed:
+    configs: dict[str, str] = {}  # model -> its config.pbtxt with the settings applied: all checked before the copy
+    for model, key, value in parsed:
         if not (source / model / "config.pbtxt").is_file():
             raise ValueError(f"--set: no model {model!r} in {source}")
         if '"' in value or "\n" in value:
             raise ValueError(f"--set {model}: values cannot contain quotes or newlines, got {value!r}")
+        declared = config_parameters(read_config(source, model))
+        if key not in declared:
+            raise ValueError(f"--set {model}.{key}: {model}'s config.pbtxt declares no parameter {key!r}; it declares: "
+                             f"{', '.join(sorted(declared)) or 'none'}")
+        configs[model] = set_parameter(configs.get(model) or (source / model / "config.pbtxt").read_text(), key, value)
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__"), symlinks=True)
-    for model, key, value in parsed:
-        config = dest / model / "config.pbtxt"
-        config.write_text(set_parameter(config.read_text(), key, value))
+    for model, text in configs.items():
+        (dest / model / "config.pbtxt").write_text(text)
     return dest

@@ -79,11 +79,20 @@ class Runtime:
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise ConfigError("device: cuda was asked for but torch sees no CUDA device")
+            count = torch.cuda.device_count()
+            # Here, not at the first tensor moved there: that fails mid-load with CUDA's "invalid device ordinal".
+            if device.index is not None and device.index >= count:
+                raise ConfigError(f"device: {device_name!r} is not a GPU torch sees: it sees {count} "
+                                  f"(cuda:0 to cuda:{count - 1})")
             device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         dtype_name = pick("dtype") or ("bfloat16" if device.type == "cuda" else "float32")
         if dtype_name not in _DTYPES:
             raise ConfigError(f"dtype: must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
         return cls(model_path=pick("model_path") or "tiny", device=device, dtype=_DTYPES[dtype_name])
+
+
+#: The config.pbtxt parameters that Runtime.from_parameters reads: one per field, of the same name.
+RUNTIME_PARAMETERS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(Runtime))
 
 
 def parse_options(options_type: type, params: Mapping[str, str]):
@@ -145,6 +154,9 @@ class Stage(ABC):
     inputs: ClassVar[tuple[str, ...]] = ()  # Triton tensor names; config.pbtxt must match
     outputs: ClassVar[tuple[str, ...]] = ()
     request_parameters: ClassVar[tuple[str, ...]] = ()  # Triton request parameters the rows carry
+    # Inputs that must have one value in every row of a request: they set the shape of its outputs, which
+    # go back as one tensor per request. The adapter refuses a request whose rows differ before any row runs.
+    uniform_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, runtime: Runtime, options: Any = None):
         self.runtime = runtime
@@ -245,13 +257,17 @@ def prompt_fields(row: Row, max_chars: int) -> tuple[str, str | None]:
     return prompt, text_field(row, "NEGATIVE_PROMPT", required=False, max_chars=max_chars)
 
 
-def tensor_field(row: Row, name: str, ndim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor input of a fixed rank, moved to the stage's device and dtype."""
+def tensor_field(row: Row, name: str, ndim: int, device: torch.device, dtype: torch.dtype, *,
+                 width: int | None = None) -> torch.Tensor:
+    """A tensor input of a fixed rank (and last dimension ``width``, where given: e.g. the width of the
+    embeddings the checkpoint's transformer takes), moved to the stage's device and dtype."""
     if name not in row:
         raise RequestError(name, "is required")
     value = row[name]
     if value.dim() != ndim:
         raise RequestError(name, f"expected {ndim} dimensions, got shape {tuple(value.shape)}")
+    if width is not None and value.shape[-1] != width:
+        raise RequestError(name, f"last dimension must be {width} for this checkpoint, got shape {tuple(value.shape)}")
     if value.is_floating_point() and not torch.isfinite(value).all():
         raise RequestError(name, "contains NaN or infinite values")
     return value.to(device=device, dtype=dtype)

@@ -19,7 +19,8 @@ a two-line model.py.
 Responses to one request: when ``STEP`` is requested (by default every output is), one response per
 denoising step with ``STEP`` and ``TOTAL_STEPS`` (per row of the request: steps done and total, 0 for
 a row whose denoising has not started yet); then one final response with the requested ensemble
-outputs, or one error, the failing stage's own message (e.g. ``WIDTH: must be a multiple of 16``).
+outputs, or one error, the failing stage's own message (e.g. ``WIDTH: must be a multiple of 16``) and
+code (INVALID_ARG for bad input, INTERNAL otherwise; gRPC's stream carries only the message).
 
 Only the standard library and numpy at import time: each Python-backend model is its own process,
 and this one must not pay for torch.
@@ -38,7 +39,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ditserve import progress
-from ditserve.model_config import ConfigError, read_config
+from ditserve.model_config import ConfigError, check_parameter_names, config_parameters, read_config
 
 STEP, TOTAL_STEPS = "STEP", "TOTAL_STEPS"
 PROGRESS_OUTPUTS = (
@@ -60,7 +61,11 @@ class Step:
 
 
 class StageFailed(Exception):
-    """A step answered with an error: its message is the request's answer."""
+    """A step answered with an error: its message and code (a ``TritonError`` code) are the request's answer."""
+
+    def __init__(self, message: str, code: Any):
+        super().__init__(message)
+        self.code = code
 
 
 # (step, its inputs by the model's names, the progress parameter or None) -> its outputs by the model's names
@@ -141,6 +146,7 @@ class TritonStreamModel:
         # args["model_repository"] is this model's folder; the ensemble is its sibling.
         self.plan = StreamPlan.read(Path(args["model_repository"]).parent, ensemble)
         self.plan.check(config)
+        check_parameter_names(self.name, config_parameters(config), ())  # it has none of its own
         self.inputs = [t["name"] for t in self.plan.inputs]
         self.outputs = [t["name"] for t in self.plan.outputs]
 
@@ -163,10 +169,12 @@ class TritonStreamModel:
                 _renamed(pb, results[name], name) for name in self.outputs if name in requested and name in results
             ])
         except StageFailed as failure:
-            response = pb.InferenceResponse(error=pb.TritonError(str(failure)))
+            # The stage's code too: bad input stays the client's error (INVALID_ARG), as from the ensemble.
+            response = pb.InferenceResponse(error=pb.TritonError(str(failure), failure.code))
         except Exception as exc:  # noqa: BLE001 - the request must end; the server stays up
             traceback.print_exc()
-            response = pb.InferenceResponse(error=pb.TritonError(f"{self.name}: internal error: {type(exc).__name__}: {exc}"))
+            response = pb.InferenceResponse(error=pb.TritonError(f"{self.name}: internal error: {type(exc).__name__}: {exc}",
+                                                                 pb.TritonError.INTERNAL))
         sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _progress(self, sender, batch: int) -> progress.OnStep:
@@ -189,7 +197,7 @@ class TritonStreamModel:
                                       parameters={progress.PARAMETER: listener} if listener else {})
         response = await request.async_exec()
         if response.has_error():
-            raise StageFailed(response.error().message())
+            raise StageFailed(response.error().message(), response.error().code())
         return {tensor.name(): tensor for tensor in response.output_tensors()}
 
 

@@ -7,24 +7,29 @@ A model's ``model.py`` is two lines::
     TritonPythonModel = triton_model(FluxDenoiser)
 
 At load the adapter checks that config.pbtxt declares exactly the stage's inputs and outputs,
+refuses parameters that neither the stage's options, its runtime nor the Python backend read,
 parses the parameters once into the stage's typed options, and builds the stage. At each
-``execute`` it splits every request into rows (one per batch element), hands all rows of
-all requests to the stage at once, and answers each request with its own outputs or its
-own error: a bad request never fails the others batched with it, and an unexpected
-exception fails only the requests of that call while the model stays loaded.
+``execute`` it splits every request into rows (one per batch element), refuses a request whose
+rows differ in one of the stage's ``uniform_fields``, hands all rows of all other requests to the
+stage at once, and answers each request with its own outputs or its own error: a bad request never
+fails the others batched with it, and an unexpected exception fails only the requests of that call
+while the model stays loaded. Bad input (a ``RequestError``) is answered as the client's error,
+INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT); anything else as INTERNAL (HTTP 500, gRPC INTERNAL).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ditserve.model_config import ConfigError, config_parameters
-from ditserve.stage import RequestError, RequestParameter, Runtime, Stage, parse_options
+from ditserve.model_config import ConfigError, check_parameter_names, config_parameters
+from ditserve.stage import RUNTIME_PARAMETERS, RequestError, RequestParameter, Runtime, Stage, parse_options
 
 
 def check_io(stage_cls: type[Stage], config: dict[str, Any]) -> None:
@@ -36,6 +41,27 @@ def check_io(stage_cls: type[Stage], config: dict[str, Any]) -> None:
                 f"{config.get('name')}: config.pbtxt {kind}s {sorted(configured)} do not match "
                 f"{stage_cls.__name__}'s {sorted(declared)}"
             )
+
+
+def check_uniform(fields: Sequence[str], inputs: dict[str, Any]) -> None:
+    """RequestError when one request's rows (the first dimension of its ``inputs``) differ in one of
+    ``fields`` (the stage's ``uniform_fields``): they would run, each at its own shape, and fail only
+    once their outputs could not be stacked into the request's one tensor."""
+    for name in fields:
+        values = inputs.get(name)
+        if values is None or len(values) < 2:
+            continue
+        first = values[0]
+        for i, value in enumerate(values[1:], 1):
+            same = torch.equal(value, first) if isinstance(value, torch.Tensor) else np.array_equal(value, first)
+            if not same:
+                raise RequestError(name, f"must be equal for every row of a request, got {_shown(first)} in row 0 and "
+                                         f"{_shown(value)} in row {i}; send rows that differ as separate requests")
+
+
+def _shown(value: Any) -> Any:
+    flat = value.reshape(-1).tolist()
+    return flat[0] if len(flat) == 1 else flat
 
 
 def stack_rows(values: list[Any]) -> Any:
@@ -57,14 +83,19 @@ def triton_model(stage_cls: type[Stage]) -> type:
             self.name = args["model_name"]
             check_io(stage_cls, config)
             params = config_parameters(config)
+            check_parameter_names(self.name, params,
+                                  (*RUNTIME_PARAMETERS, *(field.name for field in dataclasses.fields(stage_cls.Options))))
             if args.get("model_instance_kind") == "GPU" and not params.get("device"):
                 params["device"] = f"cuda:{args['model_instance_device_id']}"
             self.string_inputs = {t["name"] for t in config["input"] if t["data_type"] == "TYPE_STRING"}
             self.stage = stage_cls(Runtime.from_parameters(params), parse_options(stage_cls.Options, params))
 
-        def _rows(self, requests) -> tuple[list[dict[str, Any]], list[int]]:
+        def _rows(self, requests) -> tuple[list[dict[str, Any]], list[int], dict[int, RequestError]]:
+            """The rows of all requests and the index of each row's request; and the requests refused
+            before any of their rows runs, by index."""
             rows: list[dict[str, Any]] = []
             owners: list[int] = []
+            refused: dict[int, RequestError] = {}
             for index, request in enumerate(requests):
                 inputs: dict[str, Any] = {}
                 for name in stage_cls.inputs:
@@ -75,6 +106,11 @@ def triton_model(stage_cls: type[Stage]) -> type:
                         inputs[name] = tensor.as_numpy()
                     else:
                         inputs[name] = torch.from_dlpack(tensor.to_dlpack())
+                try:
+                    check_uniform(stage_cls.uniform_fields, inputs)
+                except RequestError as error:
+                    refused[index] = error
+                    continue
                 batch = len(next(iter(inputs.values()))) if inputs else 1
                 parameters = {}
                 if stage_cls.request_parameters:
@@ -84,7 +120,7 @@ def triton_model(stage_cls: type[Stage]) -> type:
                     rows.append({name: value[b] for name, value in inputs.items()}
                                 | {name: RequestParameter(value, b) for name, value in parameters.items()})
                     owners.append(index)
-            return rows, owners
+            return rows, owners, refused
 
         def _response(self, outputs: list[dict[str, Any]]):
             pb = self.pb
@@ -105,26 +141,35 @@ def triton_model(stage_cls: type[Stage]) -> type:
 
         def execute(self, requests):
             pb = self.pb
-            rows, owners = self._rows(requests)
+            rows, owners, refused = self._rows(requests)
             try:
                 results = self.stage.execute(rows)
             except Exception as exc:  # noqa: BLE001 - the server must stay up; every request gets an answer
                 traceback.print_exc()
-                error = pb.TritonError(f"{self.name}: internal error: {type(exc).__name__}: {exc}")
-                return [pb.InferenceResponse(error=error) for _ in requests]
+                error = pb.TritonError(f"{self.name}: internal error: {type(exc).__name__}: {exc}", pb.TritonError.INTERNAL)
+                return [self._refusal(refused[i]) if i in refused else pb.InferenceResponse(error=error)
+                        for i in range(len(requests))]
             per_request: list[list[Any]] = [[] for _ in requests]
             for owner, result in zip(owners, results):
                 per_request[owner].append(result)
             responses = []
-            for results_of_request in per_request:
+            for index, results_of_request in enumerate(per_request):
+                if index in refused:
+                    responses.append(self._refusal(refused[index]))
+                    continue
                 errors = [r for r in results_of_request if isinstance(r, RequestError)]
                 try:
                     if errors:
                         raise errors[0]
                     responses.append(self._response(results_of_request))
                 except RequestError as error:
-                    responses.append(pb.InferenceResponse(error=pb.TritonError(str(error))))
+                    responses.append(self._refusal(error))
             return responses
+
+        def _refusal(self, error: RequestError):
+            """The answer to bad input: the client's error, INVALID_ARG, which Triton sends as HTTP 400 and gRPC
+            INVALID_ARGUMENT (a TritonError's code is INTERNAL, 500, unless given)."""
+            return self.pb.InferenceResponse(error=self.pb.TritonError(str(error), self.pb.TritonError.INVALID_ARG))
 
         def finalize(self) -> None:
             self.stage.close()

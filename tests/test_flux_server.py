@@ -96,6 +96,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_stays_up(client, change, fi
         client.generate(request.pop("prompt"), **request)
     message = str(info.value)
     assert field in message and limit in message, message
+    assert info.value.status() == "400", message  # the client's error, not the server's (500)
     assert client.server.is_server_ready()
     assert client.generate("a cat", SEED=1, **SMALL).pixels.shape == (1, 64, 64, 3)
 
@@ -142,6 +143,33 @@ def test_bad_request_batched_with_good_ones_fails_alone(triton_server, client):
     results = concurrently(triton_server, [lambda c, i=i, x=x: send(c, i, x) for i, x in enumerate(requests)])
     assert [isinstance(r, InferenceServerException) for r in results] == [False, True, False, True, False]
     assert "HEIGHT" in str(results[1]) and "NUM_IMAGES" in str(results[3])
+
+
+def _grpc_request(prompts: list[bytes], **scalars: list[int]) -> list:
+    inputs = []
+    prompt = grpcclient.InferInput("PROMPT", [len(prompts), 1], "BYTES")
+    prompt.set_data_from_numpy(np.array([[p] for p in prompts], dtype=object))
+    inputs.append(prompt)
+    for name, values in scalars.items():
+        item = grpcclient.InferInput(name, [len(values), 1], "INT32")
+        item.set_data_from_numpy(np.array([[v] for v in values], dtype=np.int32))
+        inputs.append(item)
+    return inputs
+
+
+@pytest.mark.parametrize("scalars,message", [
+    pytest.param(dict(HEIGHT=[72]), "HEIGHT: must be a multiple of 16", id="bad-height"),
+    pytest.param(dict(NUM_IMAGES=[1, 2]), "NUM_IMAGES: must be equal for every row of a request, got 1 in row 0 and 2",
+                 id="rows-of-different-sizes"),
+])
+def test_grpc_bad_input_is_invalid_argument(triton_server, scalars, message):
+    """Bad input is the client's error over gRPC too (INVALID_ARGUMENT, not INTERNAL), through the ensemble;
+    rows of one request that would give images of different shapes are refused as bad input, naming the field."""
+    server = grpcclient.InferenceServerClient(triton_server.grpc_url)
+    rows = len(next(iter(scalars.values())))
+    with pytest.raises(InferenceServerException) as info:
+        server.infer("flux_t2i", _grpc_request([b"a cat"] * rows, NUM_INFERENCE_STEPS=[2] * rows, **scalars))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and message in info.value.message(), info.value
 
 
 def test_grpc_batch_of_two_prompts_in_one_request(triton_server):

@@ -180,6 +180,22 @@ def test_a_triton_request_past_the_timeout_is_a_504_and_a_failed_video(monkeypat
         assert "--triton-timeout" in video["error"]["message"]
 
 
+@pytest.mark.parametrize("status, message, expected, param", [
+    ("400", "flux_request: a message naming no input", 400, None),  # HTTP: the stage's INVALID_ARG
+    ("StatusCode.INVALID_ARGUMENT", "no input named here", 400, None),  # the same over gRPC
+    (None, "HEIGHT: must be a multiple of 16", 400, "size"),  # a gRPC stream's error: no code, an input named
+    ("500", "flux_denoiser: internal error: RuntimeError: boom", 500, None),
+])
+def test_triton_errors_map_by_their_code_then_by_the_input_named(client, status, message, expected, param):
+    from tritonclient.utils import InferenceServerException
+
+    FakeTriton.last.fail = InferenceServerException(message, status=status)
+    response = client.post(GENERATIONS, json={"prompt": "a"})
+    assert response.status_code == expected, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+
+
 def test_openai_command_options(monkeypatch, capsys):
     served = []
 

@@ -81,6 +81,22 @@ def test_stage_configs_declare_the_stage_io_and_batch(spec):
         assert config["parameters"]["model_path"]["string_value"] == MODEL_PATHS[prefix]
 
 
+@pytest.mark.parametrize("spec", STAGES, ids=lambda s: s.model)
+def test_stage_configs_declare_every_option_and_nothing_else(spec):
+    """What the adapter checks at load (a parameter nothing reads is refused), and what `ditserve serve --set`
+    relies on (it sets only parameters a config declares): every option of the stage is declared."""
+    import dataclasses
+
+    from ditserve.model_config import check_parameter_names, config_parameters
+    from ditserve.stage import RUNTIME_PARAMETERS
+
+    params = config_parameters(load_config(spec.model))
+    options = {field.name for field in dataclasses.fields(spec.stage.Options)}
+    check_parameter_names(spec.model, params, (*RUNTIME_PARAMETERS, *options))
+    assert options <= set(params), f"{spec.model}: options {sorted(options - set(params))} not declared"
+    assert set(spec.stage.uniform_fields) <= set(spec.stage.inputs)
+
+
 def test_qwen_image_ensembles_have_flux_t2i_inputs_and_outputs_plus_the_edit_image():
     flux, t2i, edit = load_config("flux_t2i"), load_config("qwen_image_t2i"), load_config("qwen_image_edit")
     assert t2i["input"] == flux["input"] and t2i["output"] == flux["output"]

@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import json
+import sys
 import time
+import types
 from collections import defaultdict
 from pathlib import Path
 
@@ -152,7 +155,7 @@ def fake_infer(calls: list, steps: int = 3, fail: str | None = None):
     async def infer(step, inputs, listener):
         calls.append((step.model, dict(inputs), listener))
         if step.model == fail:
-            raise StageFailed("HEIGHT: must be a multiple of 16")
+            raise StageFailed("HEIGHT: must be a multiple of 16", "INVALID_ARG")
         if step.model.endswith("denoiser") and listener is not None:
             def denoise():
                 reporter = progress.Reporter([progress.Target(listener, 0)])
@@ -191,6 +194,84 @@ def test_without_on_step_nothing_listens_and_a_failing_stage_ends_the_stream():
     with pytest.raises(StageFailed, match="HEIGHT: must be a multiple of 16"):
         asyncio.run(plan.run({"PROMPT": "p"}, fake_infer(calls, fail="wan_request"), lambda *e: events.append(e)))
     assert [model for model, _, _ in calls] == ["wan_request"] and events == []
+
+
+class FakeStreamRequest:
+    """A request to a stream model, as its execute sees it: PROMPT alone, the final outputs asked for (no STEP)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def get_response_sender(self):
+        return types.SimpleNamespace(send=lambda response, flags=0: self.sent.append((response, flags)))
+
+    def requested_output_names(self):
+        return ["IMAGE", "PNG"]
+
+
+def stream_pb(monkeypatch, answer):
+    """triton_python_backend_utils for a stream model; every BLS request to a step gets ``answer(model)``."""
+    from test_triton_adapter import FakeError, FakeResponse, FakeTensor
+
+    class BlsRequest:
+        def __init__(self, model_name, inputs, requested_output_names, parameters):
+            self.model_name = model_name
+
+        async def async_exec(self):
+            return answer(self.model_name)
+
+    prompt = types.SimpleNamespace(name=lambda: "PROMPT", shape=lambda: (1, 1))
+    module = types.SimpleNamespace(
+        Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=FakeError, InferenceRequest=BlsRequest,
+        get_input_tensor_by_name=lambda request, name: prompt if name == "PROMPT" else None,
+        TRITONSERVER_RESPONSE_COMPLETE_FINAL=1,
+    )
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
+    return module
+
+
+def load_stream(parameters=None):
+    from ditserve.streaming import TritonStreamModel
+
+    config = read_config(REPOSITORY, "flux_t2i_stream") | {"parameters": parameters or {}}
+    model = TritonStreamModel()
+    model.initialize({"model_config": json.dumps(config), "model_name": "flux_t2i_stream",
+                      "model_repository": str(REPOSITORY / "flux_t2i_stream")})
+    return model
+
+
+def test_the_stream_model_answers_with_the_failing_stages_message_and_code(monkeypatch):
+    """A stage's bad-input error stays the client's error (INVALID_ARG) through the stream model, as through
+    the ensemble; an unexpected exception is INTERNAL."""
+    from test_triton_adapter import FakeError
+
+    def bad_height(model):
+        assert model == "flux_request"
+        error = FakeError("HEIGHT: must be a multiple of 16", FakeError.INVALID_ARG)
+        return types.SimpleNamespace(has_error=lambda: True, error=lambda: error)
+
+    stream_pb(monkeypatch, bad_height)
+    request = FakeStreamRequest()
+    asyncio.run(load_stream().execute([request]))
+    ((response, flags),) = request.sent
+    assert (response.error.message(), response.error.code(), flags) == ("HEIGHT: must be a multiple of 16",
+                                                                        FakeError.INVALID_ARG, 1)
+
+    def broken(model):
+        raise RuntimeError("BLS broke")
+
+    stream_pb(monkeypatch, broken)
+    request = FakeStreamRequest()
+    asyncio.run(load_stream().execute([request]))
+    ((response, _),) = request.sent
+    assert response.error.code() == FakeError.INTERNAL and "internal error: RuntimeError: BLS broke" in response.error.message()
+
+
+def test_a_stream_model_refuses_parameters_at_load(monkeypatch):
+    stream_pb(monkeypatch, lambda model: None)
+    load_stream({"FORCE_CPU_ONLY_INPUT_TENSORS": {"string_value": "no"}})  # the Python backend's own
+    with pytest.raises(ConfigError, match="parameter 'sp_degree' not read by this model"):
+        load_stream({"sp_degree": {"string_value": "2"}})
 
 
 @pytest.mark.parametrize("change,message", [

@@ -1,8 +1,9 @@
 """FLUX.1 denoising: latent preparation, FlowMatch Euler schedule, guidance, true CFG.
 
-Rows that share (height, width, steps) share one timestep schedule and image token count,
-so they run as one batched transformer forward per step; each row keeps its own seed,
-guidance and true-CFG scale. The result must equal ``FluxPipeline`` for each row alone.
+Rows that share (height, width, steps, text length) share one timestep schedule, image token
+count and text token count, so they run as one batched transformer forward per step; each row
+keeps its own seed, guidance and true-CFG scale. The result must equal ``FluxPipeline`` for each
+row alone.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class FluxDenoiser(TransformerDenoiser):
     pipeline_classes = ("FluxPipeline",)
     inputs = ("PROMPT_EMBEDS", "POOLED_PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS", "NEGATIVE_POOLED_PROMPT_EMBEDS",
               *GenerationParams.fields)
+    uniform_fields = GenerationParams.shape_fields
 
     def load_components(self, checkpoint: Checkpoint) -> None:
         self.size_multiple, self.default_size = latent_geometry(checkpoint)
@@ -93,16 +95,23 @@ class FluxDenoiser(TransformerDenoiser):
 
     def parse(self, row: Row) -> FluxRequest:
         device, dtype = self.runtime.device, self.runtime.dtype
-        prompt = tensor_field(row, "PROMPT_EMBEDS", 2, device, dtype)
-        pooled = tensor_field(row, "POOLED_PROMPT_EMBEDS", 1, device, dtype)
+        config = self.transformer.config
+        text_width, pooled_width = config.joint_attention_dim, config.pooled_projection_dim
+        prompt = tensor_field(row, "PROMPT_EMBEDS", 2, device, dtype, width=text_width)
+        pooled = tensor_field(row, "POOLED_PROMPT_EMBEDS", 1, device, dtype, width=pooled_width)
         negative = negative_pooled = None
         if "NEGATIVE_PROMPT_EMBEDS" in row and row["NEGATIVE_PROMPT_EMBEDS"].numel() > 0:
-            negative = tensor_field(row, "NEGATIVE_PROMPT_EMBEDS", 2, device, dtype)
-            negative_pooled = tensor_field(row, "NEGATIVE_POOLED_PROMPT_EMBEDS", 1, device, dtype)
+            negative = tensor_field(row, "NEGATIVE_PROMPT_EMBEDS", 2, device, dtype, width=text_width)
+            negative_pooled = tensor_field(row, "NEGATIVE_POOLED_PROMPT_EMBEDS", 1, device, dtype, width=pooled_width)
             if negative.shape != prompt.shape:
                 raise RequestError("NEGATIVE_PROMPT_EMBEDS", f"shape {tuple(negative.shape)} != PROMPT_EMBEDS {tuple(prompt.shape)}")
         params = GenerationParams.parse(row, self.size_multiple, self.default_size)
         return FluxRequest(prompt, pooled, negative, negative_pooled, params)
+
+    def group_key(self, request: FluxRequest) -> tuple:
+        # The text length too: a batch's texts are concatenated as they are, without a mask (FluxPipeline's are
+        # all max_sequence_length long, as flux_text_encoder pads them), and a negative has its prompt's length.
+        return (*super().group_key(request), request.prompt_embeds.shape[0])
 
     # --- the denoising loop -----------------------------------------------------------
 
@@ -115,7 +124,7 @@ class FluxDenoiser(TransformerDenoiser):
 
     @torch.inference_mode()
     def denoise(self, requests: list[FluxRequest]) -> list[torch.Tensor]:
-        """Denoise requests of one (height, width, steps); packed latents per request, fp32.
+        """Denoise requests of one group key (height, width, steps, text length); packed latents per request, fp32.
 
         Each result is (num_images, h/2, w/2, 4C): the transformer's tokens laid on their
         2x2-patch grid, so the VAE stage can unpack them without being told the size.

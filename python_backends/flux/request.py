@@ -44,6 +44,8 @@ class GenerationParams:
     # The row fields that parse reads and as_row writes: every stage that passes them on lists them so.
     fields: ClassVar[tuple[str, ...]] = ("HEIGHT", "WIDTH", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE", "TRUE_CFG_SCALE",
                                          "SEED", "NUM_IMAGES")
+    # Those that set the shape of a request's outputs: the stages that read them declare them uniform_fields.
+    shape_fields: ClassVar[tuple[str, ...]] = ("HEIGHT", "WIDTH", "NUM_IMAGES")
 
     @classmethod
     def parse(cls, row: Row, size_multiple: int, default_size: int) -> GenerationParams:
@@ -81,6 +83,8 @@ def latent_geometry(checkpoint: Checkpoint) -> tuple[int, int]:
 class FluxRequestCheck(Stage):
     inputs = ("PROMPT", "NEGATIVE_PROMPT", *GenerationParams.fields)
     outputs = ("PROMPT", *GenerationParams.fields)
+    # Refused here, before any model runs, when the rows of one request differ in them.
+    uniform_fields = GenerationParams.shape_fields
 
     def __init__(self, runtime: Runtime, options=None):
         super().__init__(runtime, options)

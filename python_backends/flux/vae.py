@@ -49,10 +49,7 @@ class FluxVaeDecoder(Stage):
         return run_by_shape(rows, self.parse, run, key=lambda tokens: tuple(tokens.shape[1:]))
 
     def parse(self, row: Row) -> torch.Tensor:
-        tokens = tensor_field(row, "LATENTS", 4, self.runtime.device, self.runtime.dtype)
-        if tokens.shape[-1] != self.token_channels:
-            raise RequestError("LATENTS", f"last dimension must be {self.token_channels}, got {tokens.shape[-1]}")
-        return tokens
+        return tensor_field(row, "LATENTS", 4, self.runtime.device, self.runtime.dtype, width=self.token_channels)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

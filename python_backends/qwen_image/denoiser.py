@@ -57,9 +57,9 @@ class QwenRequest:
         return self.params.true_cfg > 1 and self.negative_embeds is not None
 
 
-def _real_tokens(row: Row, embeds_name: str, mask_name: str, device, dtype) -> torch.Tensor:
-    """The embeddings of the real tokens: padding (mask 0) is dropped; the mask must be a prefix."""
-    embeds = tensor_field(row, embeds_name, 2, device, dtype)
+def _real_tokens(row: Row, embeds_name: str, mask_name: str, device, dtype, width: int) -> torch.Tensor:
+    """The embeddings of the real tokens, ``width`` wide: padding (mask 0) is dropped; the mask must be a prefix."""
+    embeds = tensor_field(row, embeds_name, 2, device, dtype, width=width)
     if mask_name not in row:
         return embeds
     mask = row[mask_name].reshape(-1).to(device=device)
@@ -87,6 +87,7 @@ class QwenImageDenoiser(TransformerDenoiser):
     pipeline_classes = ("QwenImagePipeline",)
     inputs = ("PROMPT_EMBEDS", "PROMPT_EMBEDS_MASK", "NEGATIVE_PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS_MASK",
               *GenerationParams.fields)
+    uniform_fields = GenerationParams.shape_fields
 
     def load_components(self, checkpoint: Checkpoint) -> None:
         if self.transformer.config.guidance_embeds:
@@ -138,14 +139,13 @@ class QwenImageDenoiser(TransformerDenoiser):
 
     def parse(self, row: Row) -> QwenRequest:
         device, dtype = self.runtime.device, self.runtime.dtype
-        prompt = _real_tokens(row, "PROMPT_EMBEDS", "PROMPT_EMBEDS_MASK", device, dtype)
+        width = self.transformer.config.joint_attention_dim
+        prompt = _real_tokens(row, "PROMPT_EMBEDS", "PROMPT_EMBEDS_MASK", device, dtype, width)
         if prompt.shape[0] == 0:
             raise RequestError("PROMPT_EMBEDS", "has no tokens")
         negative = None
         if "NEGATIVE_PROMPT_EMBEDS" in row and row["NEGATIVE_PROMPT_EMBEDS"].numel() > 0:
-            negative = _real_tokens(row, "NEGATIVE_PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS_MASK", device, dtype)
-            if negative.shape[-1] != prompt.shape[-1]:
-                raise RequestError("NEGATIVE_PROMPT_EMBEDS", f"width {negative.shape[-1]} != PROMPT_EMBEDS {prompt.shape[-1]}")
+            negative = _real_tokens(row, "NEGATIVE_PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS_MASK", device, dtype, width)
         return QwenRequest(prompt, negative, parse_params(row, self.size_multiple, self.default_size, self.min_steps))
 
     def _forward(self, *, hidden_states: torch.Tensor, image_tokens: Optional[torch.Tensor], shapes: tuple,
@@ -237,9 +237,8 @@ class QwenImageEditDenoiser(QwenImageDenoiser):
 
     def parse(self, row: Row) -> QwenRequest:
         request = super().parse(row)
-        latents = tensor_field(row, "IMAGE_LATENTS", 3, self.runtime.device, self.runtime.dtype)
-        if latents.shape[-1] != 4 * self.latent_channels:
-            raise RequestError("IMAGE_LATENTS", f"last dimension must be {4 * self.latent_channels}, got {latents.shape[-1]}")
+        latents = tensor_field(row, "IMAGE_LATENTS", 3, self.runtime.device, self.runtime.dtype,
+                               width=4 * self.latent_channels)
         return dataclasses.replace(request, image_latents=latents)
 
     def group_key(self, request: QwenRequest) -> tuple:

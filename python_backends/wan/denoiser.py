@@ -68,6 +68,7 @@ class WanDenoiser(TransformerDenoiser):
     Options = WanDenoiserOptions
     # FPS goes to the postprocess stage alone (VideoParams.parse gives its default here, unused).
     inputs = ("PROMPT_EMBEDS", "NEGATIVE_PROMPT_EMBEDS", *(f for f in VideoParams.fields if f != "FPS"))
+    uniform_fields = VideoParams.shape_fields
 
     def load_components(self, checkpoint: Checkpoint) -> None:
         self.boundary_ratio = checkpoint.index.get("boundary_ratio")
@@ -135,8 +136,9 @@ class WanDenoiser(TransformerDenoiser):
 
     def parse(self, row: Row) -> WanRequest:
         device, dtype = self.runtime.device, self.runtime.dtype
-        prompt = tensor_field(row, "PROMPT_EMBEDS", 2, device, dtype)
-        negative = tensor_field(row, "NEGATIVE_PROMPT_EMBEDS", 2, device, dtype)
+        width = self.transformer.config.text_dim
+        prompt = tensor_field(row, "PROMPT_EMBEDS", 2, device, dtype, width=width)
+        negative = tensor_field(row, "NEGATIVE_PROMPT_EMBEDS", 2, device, dtype, width=width)
         if negative.shape != prompt.shape:
             raise RequestError("NEGATIVE_PROMPT_EMBEDS", f"shape {tuple(negative.shape)} != PROMPT_EMBEDS {tuple(prompt.shape)}")
         return WanRequest(prompt, negative, VideoParams.parse(row, self.geometry))
@@ -277,14 +279,15 @@ class WanImageDenoiser(WanDenoiser):
         condition = tensor_field(row, "CONDITION", 4, self.runtime.device, torch.float32)
         if tuple(condition.shape) != expected:
             raise RequestError("CONDITION", f"expected shape {expected} for this size and frame count, got {tuple(condition.shape)}")
-        embeds = tensor_field(row, "IMAGE_EMBEDS", 2, self.runtime.device, self.runtime.dtype)
         image_dim = self.transformer.config.image_dim
+        embeds = tensor_field(row, "IMAGE_EMBEDS", 2, self.runtime.device, self.runtime.dtype, width=image_dim)
         if image_dim is None:
             if embeds.numel():
                 raise RequestError("IMAGE_EMBEDS", "this checkpoint's transformer takes no image context; expected it empty")
             embeds = None
-        elif embeds.shape[-1] != image_dim or not embeds.shape[0]:
-            raise RequestError("IMAGE_EMBEDS", f"expected (tokens, {image_dim}), got shape {tuple(embeds.shape)}")
+        elif not embeds.shape[0]:
+            raise RequestError("IMAGE_EMBEDS", f"expected (tokens, {image_dim}) with at least one token, "
+                                               f"got shape {tuple(embeds.shape)}")
         return dataclasses.replace(request, condition=condition, image_embeds=embeds)
 
     def group_key(self, request: WanRequest) -> tuple:

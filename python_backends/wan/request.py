@@ -76,6 +76,7 @@ class VideoParams:
     # The row fields that parse reads and as_row writes (GenerationParams.fields).
     fields: ClassVar[tuple[str, ...]] = ("HEIGHT", "WIDTH", "NUM_FRAMES", "NUM_INFERENCE_STEPS", "GUIDANCE_SCALE",
                                          "GUIDANCE_SCALE_2", "SEED", "FPS")
+    shape_fields: ClassVar[tuple[str, ...]] = ("HEIGHT", "WIDTH", "NUM_FRAMES")  # as GenerationParams.shape_fields
 
     @classmethod
     def parse(cls, row: Row, geometry: VideoGeometry) -> VideoParams:
@@ -109,6 +110,7 @@ class WanRequestCheck(FluxRequestCheck):
 
     inputs = ("PROMPT", "NEGATIVE_PROMPT", *VideoParams.fields)
     outputs = ("PROMPT", *VideoParams.fields)
+    uniform_fields = VideoParams.shape_fields
 
     def configure(self, checkpoint: Checkpoint) -> None:
         self.geometry = VideoGeometry.read(checkpoint)
