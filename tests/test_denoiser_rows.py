@@ -132,3 +132,15 @@ def test_flux_rows_of_different_text_lengths_are_denoised_in_batches_of_one_leng
     for r, result in zip(rows, together):
         (alone,) = denoiser.execute([r])
         torch.testing.assert_close(result["LATENTS"], alone["LATENTS"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flux", "qwen"])
+def test_a_text_without_tokens_fails_its_row_alone(kind):
+    denoiser, row = loaded(kind)
+    bad = row(seed=2)
+    bad["PROMPT_EMBEDS"] = bad["PROMPT_EMBEDS"][:0]
+    if kind == "flux":  # FLUX's negative must have its prompt's shape
+        bad["NEGATIVE_PROMPT_EMBEDS"] = bad["NEGATIVE_PROMPT_EMBEDS"][:0]
+    good, refused = denoiser.execute([row(seed=1), bad])
+    assert set(good) == {"LATENTS"}
+    assert isinstance(refused, RequestError) and str(refused) == "PROMPT_EMBEDS: has no tokens", refused

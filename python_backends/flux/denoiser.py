@@ -98,6 +98,8 @@ class FluxDenoiser(TransformerDenoiser):
         config = self.transformer.config
         text_width, pooled_width = config.joint_attention_dim, config.pooled_projection_dim
         prompt = tensor_field(row, "PROMPT_EMBEDS", 2, device, dtype, width=text_width)
+        if prompt.shape[0] == 0:  # as Qwen-Image's: the joint attention would have no text to attend to
+            raise RequestError("PROMPT_EMBEDS", "has no tokens")
         pooled = tensor_field(row, "POOLED_PROMPT_EMBEDS", 1, device, dtype, width=pooled_width)
         negative = negative_pooled = None
         if "NEGATIVE_PROMPT_EMBEDS" in row and row["NEGATIVE_PROMPT_EMBEDS"].numel() > 0:
