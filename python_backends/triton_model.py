@@ -146,8 +146,11 @@ def triton_model(stage_cls: type[Stage]) -> type:
                 results = self.stage.execute(rows)
             except Exception as exc:  # noqa: BLE001 - the server must stay up; every request gets an answer
                 traceback.print_exc()
-                error = pb.TritonError(f"{self.name}: internal error: {type(exc).__name__}: {exc}", pb.TritonError.INTERNAL)
-                return [self._refusal(refused[i]) if i in refused else pb.InferenceResponse(error=error)
+                message = f"{self.name}: internal error: {type(exc).__name__}: {exc}"
+                # One TritonError per response: responses sharing one crashed tritonserver 2.51 (SIGSEGV in
+                # libtriton_python.so once a batch of several requests failed; tests/test_server_lifecycle.py).
+                return [self._refusal(refused[i]) if i in refused
+                        else pb.InferenceResponse(error=pb.TritonError(message, pb.TritonError.INTERNAL))
                         for i in range(len(requests))]
             per_request: list[list[Any]] = [[] for _ in requests]
             for owner, result in zip(owners, results):

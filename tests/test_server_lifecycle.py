@@ -307,3 +307,32 @@ def test_serve_outside_a_checkout_names_the_repository_settings(monkeypatch, tmp
     assert cli.main(["serve", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ditserve: cannot locate the ditserve repository root") and "--model-repository" in err
+
+
+def test_an_unexpected_error_fails_every_request_of_its_batch_and_the_server_stays_up(tmp_path):
+    """A stage exception (not bad input) answers each request of the batch with its own INTERNAL error. One
+    TritonError shared by the responses crashed tritonserver (SIGSEGV) as soon as the batch held two requests."""
+    import concurrent.futures
+
+    grpc = pytest.importorskip("tritonclient.grpc")
+
+    def infer(url: str, x: float):
+        client = grpc.InferenceServerClient(url)
+        tensor = grpc.InferInput("X", [1, 1], "FP32")
+        tensor.set_data_from_numpy(np.array([[x]], np.float32))
+        try:
+            return float(client.infer("failing", [tensor]).as_numpy("Y")[0, 0])
+        except grpc.InferenceServerException as error:
+            return error.status(), error.message()
+        finally:
+            client.close()
+
+    with TritonServer(FIXTURE_REPOSITORY, http_port=0, grpc_port=0, metrics_port=0, host="127.0.0.1",
+                      models=["failing"], device="cpu", log_file=tmp_path / "triton.log") as server:
+        url = server.grpc_url.split("://", 1)[-1]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:  # within the 0.5 s queue delay: one batch
+            answers = list(pool.map(lambda x: infer(url, x), [1.0, -1.0, 2.0, 3.0]))
+        log = (tmp_path / "triton.log").read_text()
+        assert "Signal (11)" not in log, log[-3000:]
+        assert answers == [("StatusCode.INTERNAL", "failing: internal error: RuntimeError: a negative X")] * 4, answers
+        assert server.is_ready() and infer(url, 4.0) == 8.0
