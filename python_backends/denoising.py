@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import traceback
 from abc import abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -64,7 +65,8 @@ from ditserve.parallel.group import ParallelConfig, ParallelContext, ParallelOpt
 from ditserve.parallel.ring import RING_BACKENDS
 from ditserve.parallel.ulysses import HeadsError, check_heads
 from ditserve.parallel.usp import SPMesh
-from ditserve.stage import ConfigError, Outputs, RequestError, Row, Runtime, Stage, check_choice, check_parameter
+from ditserve.stage import (ConfigError, Outputs, RequestError, Row, Runtime, Stage, StageFailure, check_choice,
+                            check_parameter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,8 +297,8 @@ class GroupedDenoiser(Stage):
             if on_step is not None:
                 on_step(done, total)
 
-    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
-        results: list[Outputs | RequestError | None] = [None] * len(rows)
+    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError | StageFailure]:
+        results: list[Outputs | RequestError | StageFailure | None] = [None] * len(rows)
         groups: dict[tuple, list[tuple[int, Any]]] = defaultdict(list)
         targets: dict[int, progress.Target] = {}
         for i, row in enumerate(rows):
@@ -317,6 +319,12 @@ class GroupedDenoiser(Stage):
                     self.on_step = reporter = progress.Reporter(listening)
                 try:
                     latents = self.dispatch(requests)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of memory at one size: the other groups still run
+                    traceback.print_exc()
+                    failure = StageFailure(exc)
+                    for i, _ in chunk:
+                        results[i] = failure
+                    continue
                 finally:
                     if listening:
                         self.on_step = None

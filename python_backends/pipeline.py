@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage
+from ditserve.stage import Outputs, RequestError, Row, Runtime, Stage, StageFailure
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,5 +41,7 @@ class LocalPipeline:
             if not alive:
                 break
             for i, result in zip(alive, stage.execute([state[i] for i in alive])):
+                if isinstance(result, StageFailure):  # no per-request answer in process: the call fails
+                    raise result
                 state[i] = result if isinstance(result, RequestError) else {**state[i], **result}
         return state

@@ -11,7 +11,9 @@ written as plain PyTorch so that it can be unit-tested without Triton. The Trito
   parameters that the stage declares (``request_parameters``) are there too, as
   ``RequestParameter``s, when the request has them;
 * ``Stage.execute(rows)`` returns one entry per row: a dict of outputs (batch dimension
-  removed) or a ``RequestError`` that fails that row's request alone.
+  removed), a ``RequestError`` that fails that row's request alone (bad input), or a
+  ``StageFailure`` that fails it as an internal error (its batch broke: out of memory, a parallel
+  worker lost) while the rows of other batches keep their outputs.
 
 Stages receive every row that Triton's dynamic batcher hands over in one call and decide
 themselves how to group them (e.g. the denoiser groups by output size and step count).
@@ -44,6 +46,15 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class StageFailure(RuntimeError):
+    """An unexpected exception that broke some rows' batch only: their requests get an internal error
+    naming it, and the other rows of the call their outputs."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.__cause__ = cause  # raised in process (LocalPipeline), it chains to what it stands for
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -163,8 +174,8 @@ class Stage(ABC):
         self.options = options if options is not None else self.Options()
 
     @abstractmethod
-    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError]:
-        """Run every row; return outputs or a ``RequestError`` for each, in order."""
+    def execute(self, rows: Sequence[Row]) -> list[Outputs | RequestError | StageFailure]:
+        """Run every row; return outputs, a ``RequestError`` or a ``StageFailure`` for each, in order."""
 
     def close(self) -> None:
         """Release what outlives the object's memory (worker processes); the model is unloading."""

@@ -12,8 +12,9 @@ parses the parameters once into the stage's typed options, and builds the stage.
 ``execute`` it splits every request into rows (one per batch element), refuses a request whose
 rows differ in one of the stage's ``uniform_fields``, hands all rows of all other requests to the
 stage at once, and answers each request with its own outputs or its own error: a bad request never
-fails the others batched with it, and an unexpected exception fails only the requests of that call
-while the model stays loaded. Bad input (a ``RequestError``) is answered as the client's error,
+fails the others batched with it; a ``StageFailure`` (an exception the stage caught for one batch of
+its rows) fails only those rows' requests, and an exception out of the stage only the requests of that
+call, while the model stays loaded. Bad input (a ``RequestError``) is answered as the client's error,
 INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT); anything else as INTERNAL (HTTP 500, gRPC INTERNAL).
 """
 
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 from ditserve.model_config import ConfigError, check_parameter_names, config_parameters
-from ditserve.stage import RUNTIME_PARAMETERS, RequestError, RequestParameter, Runtime, Stage, parse_options
+from ditserve.stage import (RUNTIME_PARAMETERS, RequestError, RequestParameter, Runtime, Stage, StageFailure,
+                            parse_options)
 
 
 def check_io(stage_cls: type[Stage], config: dict[str, Any]) -> None:
@@ -146,11 +148,8 @@ def triton_model(stage_cls: type[Stage]) -> type:
                 results = self.stage.execute(rows)
             except Exception as exc:  # noqa: BLE001 - the server must stay up; every request gets an answer
                 traceback.print_exc()
-                message = f"{self.name}: internal error: {type(exc).__name__}: {exc}"
-                # One TritonError per response: responses sharing one crashed tritonserver 2.51 (SIGSEGV in
-                # libtriton_python.so once a batch of several requests failed; tests/test_server_lifecycle.py).
-                return [self._refusal(refused[i]) if i in refused
-                        else pb.InferenceResponse(error=pb.TritonError(message, pb.TritonError.INTERNAL))
+                failure = StageFailure(exc)
+                return [self._refusal(refused[i]) if i in refused else self._internal(failure)
                         for i in range(len(requests))]
             per_request: list[list[Any]] = [[] for _ in requests]
             for owner, result in zip(owners, results):
@@ -160,6 +159,10 @@ def triton_model(stage_cls: type[Stage]) -> type:
                 if index in refused:
                     responses.append(self._refusal(refused[index]))
                     continue
+                failures = [r for r in results_of_request if isinstance(r, StageFailure)]
+                if failures:
+                    responses.append(self._internal(failures[0]))
+                    continue
                 errors = [r for r in results_of_request if isinstance(r, RequestError)]
                 try:
                     if errors:
@@ -168,6 +171,13 @@ def triton_model(stage_cls: type[Stage]) -> type:
                 except RequestError as error:
                     responses.append(self._refusal(error))
             return responses
+
+        def _internal(self, failure: StageFailure):
+            """The answer to a stage's unexpected exception: INTERNAL (HTTP 500). A TritonError of its own per
+            response: responses sharing one crashed tritonserver 2.51 (SIGSEGV in libtriton_python.so) once a
+            failed batch held several requests (tests/test_server_lifecycle.py)."""
+            return self.pb.InferenceResponse(error=self.pb.TritonError(f"{self.name}: internal error: {failure}",
+                                                                       self.pb.TritonError.INTERNAL))
 
         def _refusal(self, error: RequestError):
             """The answer to bad input: the client's error, INVALID_ARG, which Triton sends as HTTP 400 and gRPC

@@ -144,3 +144,27 @@ def test_a_text_without_tokens_fails_its_row_alone(kind):
     good, refused = denoiser.execute([row(seed=1), bad])
     assert set(good) == {"LATENTS"}
     assert isinstance(refused, RequestError) and str(refused) == "PROMPT_EMBEDS: has no tokens", refused
+
+
+def test_a_group_whose_forward_breaks_fails_its_rows_alone():
+    """An exception in one group's batch (out of memory at one size, a parallel worker lost) is a StageFailure
+    for that group's rows; the groups of other sizes in the same call still get their latents."""
+    from ditserve.stage import StageFailure
+
+    denoiser, row = loaded("flux")
+    small, large = row(seed=1), {**row(seed=2), "HEIGHT": torch.tensor([80], dtype=torch.int32)}
+    dispatch = denoiser.dispatch
+
+    def out_of_memory_at_80(requests):
+        if requests[0].params.height == 80:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return dispatch(requests)
+
+    denoiser.dispatch = out_of_memory_at_80
+    try:
+        good, broken = denoiser.execute([small, large])
+    finally:
+        del denoiser.dispatch
+    assert isinstance(broken, StageFailure) and str(broken) == "OutOfMemoryError: CUDA out of memory"
+    (alone,) = denoiser.execute([small])
+    torch.testing.assert_close(good["LATENTS"], alone["LATENTS"])

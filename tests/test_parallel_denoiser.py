@@ -23,7 +23,7 @@ from ditserve.flux.denoiser import FluxDenoiser, FluxDenoiserOptions
 from ditserve.parallel.group import ParallelConfig, ParallelOptions, WorkerGroupError
 from ditserve.pipeline import LocalPipeline
 from ditserve.progress import PARAMETER
-from ditserve.stage import ConfigError, RequestParameter, Runtime
+from ditserve.stage import ConfigError, RequestParameter, Runtime, StageFailure
 
 RUNTIME = Runtime(model_path="tiny", **CPU_FP32)
 # 64x80 has 20 image tokens, 80x80 has 25: with the prompt's tokens, one of the two joint lengths is
@@ -110,7 +110,7 @@ def test_killed_worker_fails_the_request_and_the_group_restarts(reference):
         os.kill(worker, 9)
         thread.join(60)
         error = outcome.get("error")
-        assert isinstance(error, WorkerGroupError), outcome
+        assert isinstance(error, StageFailure) and isinstance(error.__cause__, WorkerGroupError), outcome
         assert f"parallel worker rank 1 (pid {worker}) exited with status -9 (rank 0: " in str(error)
         assert "restarts for the next one" in str(error)
 

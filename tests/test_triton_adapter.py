@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditserve.stage import ConfigError, RequestError, RequestParameter, Runtime, Stage
+from ditserve.stage import ConfigError, RequestError, RequestParameter, Runtime, Stage, StageFailure
 from ditserve.triton_model import triton_model
 
 
@@ -78,7 +78,8 @@ def pb(monkeypatch):
 
 
 class Doubler(Stage):
-    """Y = 2 X per row; X = 0 gives an empty Y; X = -1 is bad input; X = 99 breaks the stage."""
+    """Y = 2 X per row; X = 0 gives an empty Y; X = -1 is bad input; X = 98 a row whose batch broke; X = 99
+    breaks the stage."""
 
     inputs = ("X",)
     outputs = ("Y",)
@@ -87,8 +88,9 @@ class Doubler(Stage):
         values = [float(row["X"].reshape(())) for row in rows]
         if 99 in values:
             raise RuntimeError("stage broke")
-        return [RequestError("X", "must be >= 0, got -1") if v == -1 else {"Y": torch.tensor([2 * v] if v else [])}
-                for v in values]
+        return [RequestError("X", "must be >= 0, got -1") if v == -1
+                else StageFailure(torch.OutOfMemoryError("CUDA out of memory")) if v == 98
+                else {"Y": torch.tensor([2 * v] if v else [])} for v in values]
 
 
 def load(config_inputs=("X",), stage=None, parameters=None):
@@ -138,6 +140,15 @@ def test_an_exception_fails_that_call_and_the_model_keeps_serving(pb):
     assert all("internal error: RuntimeError: stage broke" in r.error.message() for r in broken)
     assert all(r.error.code() == FakeError.INTERNAL for r in broken)
     assert [outputs(r) for r in model.execute([request(1.0)])] == [[2.0]]
+
+
+def test_a_row_whose_batch_broke_fails_its_request_as_internal_and_no_other(pb):
+    responses = load().execute([request(1.0), request(5.0, 98.0), request(4.0, -1.0)])
+    assert outputs(responses[0]) == [2.0]
+    error = responses[1].error
+    assert (error.message(), error.code()) == ("doubler: internal error: OutOfMemoryError: CUDA out of memory",
+                                               FakeError.INTERNAL)
+    assert responses[2].error.code() == FakeError.INVALID_ARG
 
 
 def test_config_that_does_not_match_the_stage_is_refused_at_load(pb):
