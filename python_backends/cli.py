@@ -49,30 +49,31 @@ class _Shutdown(Exception):
         self.signum = signum
 
 
+def _repository(path: str | None, settings: Sequence[str]) -> str:
+    """The repository to serve: ``path`` or the checkout's, copied with the --set ``settings`` applied."""
+    if path is None:
+        from ditserve.paths import model_repository
+
+        path = str(model_repository())
+    if settings:
+        import tempfile
+
+        from ditserve.repository import overlay
+
+        path = str(overlay(Path(path), settings, Path(tempfile.mkdtemp(prefix="ditserve-repo-")) / "model_repository"))
+    return path
+
+
 def _serve(args: argparse.Namespace) -> int:
     from ditserve.server import TritonServer, TritonServerError
 
     device = args.device or _default_device()
     dtype = args.dtype or _default_dtype(device)
-    if args.model_repository is None:
-        from ditserve.paths import model_repository
-
-        try:
-            args.model_repository = str(model_repository())
-        except FileNotFoundError as exc:  # installed without a checkout (pip install .)
-            print(f"ditserve: {exc}", file=sys.stderr, flush=True)
-            return 2
-    if args.set:
-        import tempfile
-
-        from ditserve.repository import overlay
-
-        try:
-            args.model_repository = str(overlay(Path(args.model_repository), args.set,
-                                                Path(tempfile.mkdtemp(prefix="ditserve-repo-")) / "model_repository"))
-        except ValueError as exc:
-            print(f"ditserve: {exc}", file=sys.stderr, flush=True)
-            return 2
+    try:
+        args.model_repository = _repository(args.model_repository, args.set)
+    except (FileNotFoundError, ValueError) as exc:  # installed without a checkout (pip install .), a bad --set
+        print(f"ditserve: {exc}", file=sys.stderr, flush=True)
+        return 2
 
     def _on_signal(signum, _frame):
         # Later signals are ignored: stopping has its own timeouts and ends in SIGKILL.
