@@ -168,6 +168,9 @@ class Stage(ABC):
     # Inputs that must have one value in every row of a request: they set the shape of its outputs, which
     # go back as one tensor per request. The adapter refuses a request whose rows differ before any row runs.
     uniform_fields: ClassVar[tuple[str, ...]] = ()
+    # For outputs whose shape follows an input's content (a decoded image's size): that input, which the
+    # adapter names when the rows of one request give such an output different shapes.
+    sources: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def __init__(self, runtime: Runtime, options: Any = None):
         self.runtime = runtime

@@ -129,8 +129,11 @@ def triton_model(stage_cls: type[Stage]) -> type:
             tensors = []
             for name in stage_cls.outputs:
                 values = [row[name] for row in outputs]
-                if len({tuple(v.shape) for v in values}) > 1:
-                    raise RequestError(name, "the rows of one request produced different shapes; send them as separate requests")
+                shapes = [tuple(v.shape) for v in values]
+                if (row := next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)) is not None:
+                    raise RequestError(stage_cls.sources.get(name, name),
+                                       f"the rows of one request must give {name} one shape, got {shapes[0]} in row 0 "
+                                       f"and {shapes[row]} in row {row}; send them as separate requests")
                 value = stack_rows(values)
                 if isinstance(value, torch.Tensor) and not value.numel():
                     # Triton's DLPack import refuses empty tensors ("not contiguous"); numpy carries them.

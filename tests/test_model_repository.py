@@ -95,6 +95,7 @@ def test_stage_configs_declare_every_option_and_nothing_else(spec):
     check_parameter_names(spec.model, params, (*RUNTIME_PARAMETERS, *options))
     assert options <= set(params), f"{spec.model}: options {sorted(options - set(params))} not declared"
     assert set(spec.stage.uniform_fields) <= set(spec.stage.inputs)
+    assert set(spec.stage.sources) <= set(spec.stage.outputs) and set(spec.stage.sources.values()) <= set(spec.stage.inputs)
 
 
 def test_qwen_image_ensembles_have_flux_t2i_inputs_and_outputs_plus_the_edit_image():

@@ -197,6 +197,24 @@ def test_rows_of_a_request_that_differ_in_a_uniform_field_are_refused_before_the
     assert refused.error.code() == FakeError.INVALID_ARG
 
 
+class Expander(Tiler):
+    """Tiler whose rows may differ in N: Y's shape follows N's value, as a decoded image's size follows the image."""
+
+    uniform_fields = ()
+    sources = {"Y": "N"}
+
+
+def test_rows_whose_outputs_differ_in_shape_are_refused_naming_the_input_they_come_from(pb):
+    responses = load(("X", "N"), stage=Expander).execute([tiler_request([2.0, 3.0], [1, 2]), tiler_request([4.0], [3])])
+    assert responses[0].error.message() == ("N: the rows of one request must give Y one shape, got (1,) in row 0 and "
+                                            "(2,) in row 1; send them as separate requests")
+    assert responses[0].error.code() == FakeError.INVALID_ARG
+    assert outputs(responses[1]) == [4.0] * 3
+    # Without a source the output's own name is the field.
+    (response,) = load(("X", "N"), stage=type("Bare", (Expander,), {"sources": {}})).execute([tiler_request([2.0, 3.0], [1, 2])])
+    assert response.error.message().startswith("Y: the rows of one request must give Y one shape")
+
+
 def test_parameters_nothing_reads_are_refused_at_load_naming_them_and_the_valid_ones(pb):
     # The stage's options, the runtime's and the Python backend's own parameters are read.
     model = load(("X", "N"), stage=Tiler, parameters={"scale": "2", "model_path": "", "dtype": "float32",

@@ -104,6 +104,7 @@ class QwenImageEditRequestCheck(QwenImageRequestCheck):
     Options = EditRequestOptions
     inputs = (*QwenImageRequestCheck.inputs, "INPUT_IMAGE")
     outputs = (*QwenImageRequestCheck.outputs, "CONDITION_IMAGE")
+    sources = {"CONDITION_IMAGE": "INPUT_IMAGE"}  # its size follows the image's aspect ratio
 
     def condition_image(self, row: Row) -> Image.Image:
         (image,) = images_field(row, "INPUT_IMAGE", max_images=MAX_INPUT_IMAGES, limits=self.options.limits)

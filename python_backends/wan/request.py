@@ -142,6 +142,7 @@ class WanImageRequestCheck(WanRequestCheck):
     Options = ImageInputOptions
     inputs = (*WanRequestCheck.inputs, "IMAGE")
     outputs = (*WanRequestCheck.outputs, "CONDITION_IMAGE", "CLIP_IMAGE")
+    sources = {"CLIP_IMAGE": "IMAGE"}  # the image as sent, at its own size
 
     def configure(self, checkpoint: Checkpoint) -> None:
         super().configure(checkpoint)
