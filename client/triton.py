@@ -118,12 +118,14 @@ class _Base:
         if protocol == "http":
             timeouts = {"conn_timeout": timeout_s} if asyncio else {"network_timeout": timeout_s, "connection_timeout": timeout_s}
             self.server = client_module.InferenceServerClient(url, **timeouts)
-            self._infer_kwargs: dict[str, Any] = {}
+            self._bounded: dict[str, Any] = {}  # the connection's timeouts bound every call
             self._json: dict[str, Any] = {}  # HTTP answers JSON already
         else:
             self.server = client_module.InferenceServerClient(url)
-            self._infer_kwargs = {"client_timeout": timeout_s}
-            self._json = {"as_json": True}
+            # Each gRPC call carries its deadline: without one, a server that stopped answering (stuck in a
+            # model load) would hang even the readiness check before the request.
+            self._bounded = {"client_timeout": timeout_s}
+            self._json = {**self._bounded, "as_json": True}
 
     def _request(self, kind: str, model: str | None, outputs: tuple[str, ...] | None, fields: Mapping[str, Any]) -> Request:
         pipeline = PIPELINES[kind]
@@ -211,7 +213,7 @@ class _Requests(_Base):
         before = yield from compute_ns()
         start = time.perf_counter()
         if progress is None:
-            response = yield "infer", (model, inputs), {"outputs": outputs, **self._infer_kwargs}
+            response = yield "infer", (model, inputs), {"outputs": outputs, **self._bounded}
         else:  # one of the client's own methods: streaming differs between the sync and asyncio clients
             step_outputs = [self.triton.InferRequestedOutput(name) for name in (STEP, TOTAL_STEPS)]
             response = yield "_stream_infer", (target, inputs, outputs + step_outputs, progress), {}
@@ -232,7 +234,7 @@ class _Requests(_Base):
         return ensembles
 
     def _is_ready(self, model: str) -> Steps:
-        return (yield "is_model_ready", (model,), {})
+        return (yield "is_model_ready", (model,), self._bounded)
 
     def _streams(self, model: str) -> Steps:
         return self.protocol == "grpc" and (yield from self._is_ready(stream_model(model)))

@@ -48,6 +48,21 @@ class SlowGrpc(service_pb2_grpc.GRPCInferenceServiceServicer):
         context.abort(grpc.StatusCode.INTERNAL, "released")
 
 
+class HungGrpc(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Answers nothing until ``release``: a server stuck, e.g. in a model load."""
+
+    def __init__(self, release: threading.Event):
+        self.release = release
+
+    def ModelReady(self, request, context):
+        self.release.wait()
+        return service_pb2.ModelReadyResponse(ready=True)
+
+    def RepositoryIndex(self, request, context):
+        self.release.wait()
+        return service_pb2.RepositoryIndexResponse()
+
+
 def slow_http(release: threading.Event) -> http.server.ThreadingHTTPServer:
     """Triton's HTTP endpoint as the client reads it: every GET is ready (a config and statistics for
     any model), every POST (inference) waits for ``release``."""
@@ -83,11 +98,17 @@ def slow_triton():
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(SlowGrpc(release), grpc_server)
     grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
     grpc_server.start()
+    hung_server = grpc.server(futures.ThreadPoolExecutor(4))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(HungGrpc(release), hung_server)
+    hung_port = hung_server.add_insecure_port("127.0.0.1:0")
+    hung_server.start()
     http_server = slow_http(release)
     threading.Thread(target=http_server.serve_forever, daemon=True).start()
-    yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"127.0.0.1:{http_server.server_address[1]}"}
+    yield {"grpc": f"127.0.0.1:{grpc_port}", "http": f"127.0.0.1:{http_server.server_address[1]}",
+           "hung": f"127.0.0.1:{hung_port}"}
     release.set()
     grpc_server.stop(0)
+    hung_server.stop(0)
     http_server.shutdown()
 
 
@@ -108,6 +129,26 @@ def test_a_request_past_the_timeout_is_a_timeout_not_an_unreachable_server(slow_
 
     with pytest.raises(TritonTimeout, match=f"did not answer within {TIMEOUT_S:g} s"):
         asyncio.run(run_async())
+
+
+def test_a_grpc_server_that_answers_nothing_times_out_before_the_request(slow_triton):
+    """The readiness check and the repository index carry the client's deadline too, not only inference."""
+    client = Client(slow_triton["hung"], "grpc", timeout_s=TIMEOUT_S)
+    for call in (lambda: client.generate("a", size="64x64"), client.loaded_ensembles):
+        start = time.monotonic()
+        with pytest.raises(TritonTimeout, match=f"did not answer within {TIMEOUT_S:g} s"):
+            call()
+        assert time.monotonic() - start < 5
+
+    async def ready():
+        client = AsyncClient(slow_triton["hung"], "grpc", timeout_s=TIMEOUT_S)
+        try:
+            return await client.streams("flux_t2i")
+        finally:
+            await client.close()
+
+    with pytest.raises(TritonTimeout):
+        asyncio.run(ready())
 
 
 def test_cli_reports_a_timeout_in_one_line_naming_the_option(slow_triton, capsys, tmp_path):
