@@ -1,7 +1,8 @@
 """What every denoiser refuses or batches in ``parse`` and ``group_key`` (tiny random models, CPU, fp32):
 embeddings of another width than the checkpoint's transformer takes are one row's RequestError (not an
 exception in the batch's forward that fails every row batched with it), and FLUX rows of different text
-lengths run in separate batches (its texts are concatenated without a mask)."""
+lengths run in separate batches (its texts are concatenated without a mask). And how the denoisers combine
+guided predictions (``guide``), in every dtype."""
 
 from __future__ import annotations
 
@@ -168,3 +169,17 @@ def test_a_group_whose_forward_breaks_fails_its_rows_alone():
     assert isinstance(broken, StageFailure) and str(broken) == "OutOfMemoryError: CUDA out of memory"
     (alone,) = denoiser.execute([small])
     torch.testing.assert_close(good["LATENTS"], alone["LATENTS"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_guidance_rounds_as_the_pipelines_python_float_scale(dtype):
+    """``guide`` with one scale a row equals ``neg + scale * (pos - neg)`` with a Python float, as the diffusers
+    pipelines combine the predictions, bit for bit; scales that the dtype cannot hold (3.7, 7.3 in bf16) included."""
+    from ditserve.denoising import guide
+
+    scales = [3.7, 4.0, 7.3, 1.5]
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs each run
+    positive, negative = (torch.randn(len(scales), 333, 64, generator=generator).to(dtype) for _ in range(2))
+    expected = torch.stack([n + s * (p - n) for s, p, n in zip(scales, positive, negative)])
+    got = guide(negative, positive, torch.tensor(scales).view(-1, 1, 1))
+    assert got.dtype == dtype and torch.equal(got, expected)

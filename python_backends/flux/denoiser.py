@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler, seeded_noise
+from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler, guide, seeded_noise
 from ditserve.flux.request import GenerationParams, latent_geometry
 from ditserve.flux.text_encoder import TextEncoderOptions
 from ditserve.kernels.flux_processor import set_attention_backend
@@ -157,10 +157,8 @@ class FluxDenoiser(TransformerDenoiser):
             cfg_requests = [(r, n) for r, n in zip(requests, counts) if r.do_true_cfg]
             negative = torch.cat([r.negative_embeds[None].expand(n, -1, -1) for r, n in cfg_requests])
             negative_pooled = torch.cat([r.negative_pooled[None].expand(n, -1) for r, n in cfg_requests])
-            # Rows of the CFG sub-batch by scale: combining with a Python float per scale
-            # rounds exactly as FluxPipeline's `neg + scale * (pos - neg)` does in bf16.
-            scales = np.repeat([r.params.true_cfg for r, _ in cfg_requests], [n for _, n in cfg_requests])
-            by_scale = [(float(s), torch.from_numpy(np.flatnonzero(scales == s)).to(device)) for s in np.unique(scales)]
+            scales = torch.tensor([r.params.true_cfg for r, n in cfg_requests for _ in range(n)],
+                                  device=device, dtype=torch.float32).view(-1, 1, 1)
 
         scheduler = flow_match_scheduler(
             self.scheduler_class, self.scheduler_config, first.params.steps, latents.shape[1], self.runtime.device
@@ -186,11 +184,7 @@ class FluxDenoiser(TransformerDenoiser):
                     negative_like=latents[cfg_index] if len(cfg_index) else None,
                 )
                 if len(cfg_index):
-                    positive = prediction[cfg_index]
-                    for scale, rows in by_scale:
-                        negative_rows = negative_prediction[rows]
-                        positive[rows] = negative_rows + scale * (positive[rows] - negative_rows)
-                    prediction[cfg_index] = positive
+                    prediction[cfg_index] = guide(negative_prediction, prediction[cfg_index], scales)
                 latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
 
         grid = latents.float().view(latents.shape[0], latent_h // 2, latent_w // 2, latents.shape[-1])

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler, seeded_noise
+from ditserve.denoising import DenoiserOptions, TransformerDenoiser, flow_match_scheduler, guide, seeded_noise
 from ditserve.flux.denoiser import pack_latents
 from ditserve.flux.request import GenerationParams
 from ditserve.kernels.qwen_processor import set_attention_backend
@@ -191,7 +191,7 @@ class QwenImageDenoiser(TransformerDenoiser):
         if cfg_requests:
             negative, negative_mask = pad_texts([r.negative_embeds for r, n in cfg_requests for _ in range(n)])
             scales = torch.tensor(
-                [r.params.true_cfg for r, n in cfg_requests for _ in range(n)], device=device, dtype=dtype
+                [r.params.true_cfg for r, n in cfg_requests for _ in range(n)], device=device, dtype=torch.float32
             ).view(-1, 1, 1)
 
         def transformer(hidden, timestep, text, mask, images):
@@ -218,7 +218,7 @@ class QwenImageDenoiser(TransformerDenoiser):
                 )
                 if cfg_requests:
                     positive = prediction[cfg_index]
-                    combined = negative_prediction + scales * (positive - negative_prediction)
+                    combined = guide(negative_prediction, positive, scales)
                     positive_norm = torch.norm(positive, dim=-1, keepdim=True)
                     combined_norm = torch.norm(combined, dim=-1, keepdim=True)
                     prediction[cfg_index] = combined * (positive_norm / combined_norm)

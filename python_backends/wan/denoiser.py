@@ -32,7 +32,8 @@ from typing import Optional
 
 import torch
 
-from ditserve.denoising import AUTOTUNED_BACKENDS, TransformerDenoiser, TransformerOptions, attention_fits, seeded_noise
+from ditserve.denoising import (AUTOTUNED_BACKENDS, TransformerDenoiser, TransformerOptions, attention_fits, guide,
+                                seeded_noise)
 from ditserve.kernels import attention_hopper
 from ditserve.kernels.wan_processor import set_attention_backend
 from ditserve.loading import Checkpoint
@@ -163,7 +164,8 @@ class WanDenoiser(TransformerDenoiser):
         text = torch.stack([r.prompt_embeds for r in requests] + [requests[i].negative_embeds for i in guided])
         # Per expert: WanPipeline's guidance_scale on transformer's steps, guidance_scale_2 on transformer_2's.
         scales = {
-            expert: torch.tensor([getattr(requests[i].params, field) for i in guided], device=device, dtype=dtype).view(-1, 1, 1, 1, 1)
+            expert: torch.tensor([getattr(requests[i].params, field) for i in guided], device=device,
+                                 dtype=torch.float32).view(-1, 1, 1, 1, 1)
             for expert, field in ((self.transformer, "guidance"), (self.transformer_2, "guidance_2")) if expert is not None
         }
         condition = torch.stack([r.condition for r in requests]) if requests[0].condition is not None else None
@@ -216,7 +218,7 @@ class WanDenoiser(TransformerDenoiser):
                     prediction = forward(transformer, both, text, context, t)
                     prediction, unconditional = prediction[:n], prediction[n:]
                 if guided:
-                    prediction[guided] = unconditional + scales[transformer] * (prediction[guided] - unconditional)
+                    prediction[guided] = guide(unconditional, prediction[guided], scales[transformer])
                 latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
         if frame_mask is not None and condition is not None:
             latents = (1 - frame_mask) * condition + frame_mask * latents
