@@ -11,7 +11,8 @@ a ``RequestError`` naming the field, so a bad image fails its own request only:
 * the whole image is then decoded, so a truncated or corrupt file is refused here and not in a
   later stage;
 * the EXIF orientation is applied and the image is converted to RGB, as ``diffusers.utils.load_image``
-  does; alpha is dropped. Of an animated image only the first frame is used.
+  does; alpha is dropped. Of an animated image only the first frame is used. 16- and 32-bit grayscale
+  images are refused: that conversion clips them (nearly white) instead of scaling them.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class ImageInputOptions:
     def __post_init__(self):
         if self.max_image_bytes < 1 or self.max_image_pixels < 1:
             raise ValueError("parameters max_image_bytes and max_image_pixels must be positive")
+        if self.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+            # Pillow refuses larger images itself (its decompression-bomb check), whatever ours allows.
+            raise ValueError(f"parameter max_image_pixels must be at most {Image.MAX_IMAGE_PIXELS} (Pillow's "
+                             f"decompression-bomb limit), got {self.max_image_pixels}")
 
     @property
     def limits(self) -> ImageLimits:
@@ -90,6 +95,11 @@ def decode_image(data: bytes, field: str, limits: ImageLimits = ImageLimits()) -
         raise RequestError(field, f"must have at most {limits.max_pixels} pixels, got {width}x{height}")
     if min(width, height) < limits.min_side:
         raise RequestError(field, f"sides must be at least {limits.min_side} pixels, got {width}x{height}")
+    if image.mode.startswith(("I", "F")):
+        # 16- and 32-bit grayscale (a 16-bit grayscale PNG opens as I;16): convert("RGB") clips each value to
+        # 255 instead of scaling it, so the image would arrive nearly white (diffusers' load_image does the same).
+        raise RequestError(field, f"is a {image.mode} (16- or 32-bit grayscale) image, which would lose its content "
+                                  "when converted to RGB; send an 8-bit grayscale or RGB image")
     try:
         image.load()
         image = ImageOps.exif_transpose(image)

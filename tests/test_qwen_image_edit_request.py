@@ -14,7 +14,7 @@ import torch
 from flux_reference import CPU_FP32, make_row
 from PIL import Image
 
-from ditserve.images import ImageLimits, decode_image
+from ditserve.images import ImageInputOptions, ImageLimits, decode_image
 from ditserve.qwen_image.request import EditRequestOptions, QwenImageEditRequestCheck, condition_size
 from ditserve.stage import RequestError, Runtime
 
@@ -87,6 +87,9 @@ BAD = {
     # Above PIL's bomb check too: PIL refuses it in open(), reported the same way.
     "bomb-over-pils-limit": (png_declaring(100_000, 100_000), "declares more than 16777216 pixels"),
     "too-small": (encode(gradient(4, 64)), "sides must be at least 8 pixels, got 4x64"),
+    # 16-bit grayscale PNG: its RGB conversion would clip it nearly white.
+    "gray-16-bit": (encode(Image.fromarray(np.linspace(0, 65535, 256, dtype=np.uint16).reshape(16, 16))),
+                    r"is a I;16 \(16- or 32-bit grayscale\) image"),
 }
 
 
@@ -104,6 +107,17 @@ def test_byte_and_pixel_limits_are_parameters():
         decode_image(data, "IMAGE", ImageLimits(max_bytes=100))
     with pytest.raises(RequestError, match="at most 4000 pixels, got 64x64"):
         decode_image(data, "IMAGE", ImageLimits(max_pixels=4000))
+
+
+def test_8_bit_grayscale_is_accepted():
+    assert decode_image(encode(gradient(16, 16, "L")), "IMAGE").mode == "RGB"
+
+
+def test_a_pixel_limit_above_pillows_own_is_refused_at_load():
+    """Pillow refuses images above Image.MAX_IMAGE_PIXELS itself: a larger limit would not hold."""
+    assert ImageInputOptions(max_image_pixels=Image.MAX_IMAGE_PIXELS).limits.max_pixels == Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match=rf"max_image_pixels must be at most {Image.MAX_IMAGE_PIXELS}"):
+        ImageInputOptions(max_image_pixels=Image.MAX_IMAGE_PIXELS + 1)
 
 
 # --- the Edit request stage ---------------------------------------------------------------------
