@@ -171,15 +171,16 @@ def test_a_group_whose_forward_breaks_fails_its_rows_alone():
     torch.testing.assert_close(good["LATENTS"], alone["LATENTS"])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_guidance_rounds_as_the_pipelines_python_float_scale(dtype):
+def test_guidance_rounds_as_the_pipelines_python_float_scale(dtype, device):
     """``guide`` with one scale a row equals ``neg + scale * (pos - neg)`` with a Python float, as the diffusers
     pipelines combine the predictions, bit for bit; scales that the dtype cannot hold (3.7, 7.3 in bf16) included."""
     from ditserve.denoising import guide
 
     scales = [3.7, 4.0, 7.3, 1.5]
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs each run
-    positive, negative = (torch.randn(len(scales), 333, 64, generator=generator).to(dtype) for _ in range(2))
+    positive, negative = (torch.randn(len(scales), 333, 64, generator=generator).to(device, dtype) for _ in range(2))
     expected = torch.stack([n + s * (p - n) for s, p, n in zip(scales, positive, negative)])
-    got = guide(negative, positive, torch.tensor(scales).view(-1, 1, 1))
+    got = guide(negative, positive, torch.tensor(scales, device=device).view(-1, 1, 1))
     assert got.dtype == dtype and torch.equal(got, expected)
