@@ -220,7 +220,7 @@ class GroupedDenoiser(Stage):
 
     def attention_context(self) -> contextlib.AbstractContextManager:
         """What the denoising loop runs in: with "cudnn", torch's SDPA restricted to cuDNN (611 against
-        flash's 327 TFLOP/s at FLUX's 1x24x4608x128 on an H100, shared/ENVIRONMENT.md): restricted, not
+        flash's 327 TFLOP/s at FLUX's 1x24x4608x128 on an H100, perf/RESULTS.md "Baselines"): restricted, not
         preferred, so a shape cuDNN cannot run fails loudly instead of silently running slower."""
         if self.attention_name == "cudnn":
             return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])

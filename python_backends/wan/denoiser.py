@@ -103,7 +103,7 @@ class WanDenoiser(TransformerDenoiser):
     def auto_attention_backend(self, head_dim: int) -> str:
         # Our kernel where it is the Gluon one (sm_90: a Wan 14B step 3,050 vs 3,380 ms with diffusers' SDPA on
         # an H100) or for Ring attention on CUDA: its "sdpa" blocks run torch's memory-efficient kernel, the only
-        # one that returns their log-sum-exp (182 TFLOP/s at 1x40x32760x128 on an H100, shared/ENVIRONMENT.md).
+        # one that returns their log-sum-exp (182 TFLOP/s at 1x40x32760x128 on an H100, perf/RESULTS.md "Baselines").
         # Elsewhere diffusers' SDPA: the Triton-lang kernel is 5% slower at Wan 14B's size (3,542 vs 3,380 ms;
         # perf/RESULTS.md, "A Gluon kernel for Hopper").
         config = self.parallel_config
