@@ -502,9 +502,7 @@ def _last_contiguous(x: torch.Tensor) -> torch.Tensor:
 def _norm_weights(w: Optional[torch.Tensor], d: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if w is None:
         return like, like  # unused by the kernel (NORM=False); any pointer will do
-    w = w.reshape(-1, d).contiguous()
-    if w.shape[0] not in (1, 2):
-        raise ValueError(f"norm weight must be (D,) or (2, D), got {tuple(w.shape)}")
+    w = w.reshape(-1, d).contiguous()  # (D,) or (2, D): validate_prologue checked
     return w[0], w[-1]
 
 
@@ -537,7 +535,10 @@ def _launch_prologue(x: torch.Tensor, layout: str, w: Optional[torch.Tensor], p:
     return out
 
 
-def _validate_prologue(p: Prologue, D: int, Lq: int, Lk: int, device: torch.device) -> Prologue:
+def validate_prologue(p: Prologue, D: int, Lq: int, Lk: int, device: torch.device) -> Prologue:
+    """Raise ValueError naming what `p` gets wrong for attention of Lq queries over Lk keys of head dim D;
+    returns p with cos/sin as contiguous fp32 on `device`. The registry runs it for every backend, so that
+    all of them reject the same prologues with the same message."""
     if (p.cos is None) != (p.sin is None):
         raise ValueError("prologue: give both cos and sin, or neither")
     if p.cos is not None:
@@ -551,6 +552,9 @@ def _validate_prologue(p: Prologue, D: int, Lq: int, Lk: int, device: torch.devi
         p = Prologue(p.q_weight, p.k_weight, p.eps, p.norm_split, cos, sin, p.interleaved, p.k_mode)
     if (p.q_weight is None) != (p.k_weight is None):
         raise ValueError("prologue: give both q_weight and k_weight, or neither")
+    for name, w in (("q_weight", p.q_weight), ("k_weight", p.k_weight)):
+        if w is not None and tuple(w.shape) not in ((D,), (2, D)):
+            raise ValueError(f"prologue: {name} must be (D,) or (2, D) with D = {D}, got {tuple(w.shape)}")
     if p.k_mode not in ("inline", "prepass"):
         raise ValueError(f"prologue: k_mode must be 'inline' or 'prepass', got {p.k_mode!r}")
     return p
@@ -588,7 +592,7 @@ def _attention_impl(
     q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
     B, H, Lq, D = dims(q, layout)
     Lk = dims(k, layout)[2]
-    p = _validate_prologue(prologue, D, Lq, Lk, q.device) if prologue is not None else None
+    p = validate_prologue(prologue, D, Lq, Lk, q.device) if prologue is not None else None
     norm = p is not None and p.q_weight is not None
     rope = p is not None and p.cos is not None
     k_inline = p is not None and p.k_mode == "inline"
@@ -659,7 +663,18 @@ def _attention_op(
 def _(q, k, v, mask, layout, scale, q_weight, k_weight, eps, norm_split, cos, sin, interleaved, k_mode,
       use_prologue):
     B, H, Lq, _ = dims(q, layout)
-    return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=torch.float32)
+    # The real op allocates out contiguous in q's shape (_alloc) whatever q's strides: empty_like would keep them.
+    return q.new_empty(q.shape), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+def check_mask(mask: Optional[torch.Tensor], k: torch.Tensor, layout: str) -> None:
+    """The kernels read the key mask as bytes, rows of Lk: any other dtype or shape would be read wrong or out
+    of bounds, silently. k: (B, H, Lk, D) in `layout`."""
+    if mask is None:
+        return
+    B, _, Lk, _ = dims(k, layout)
+    if mask.dtype != torch.bool or tuple(mask.shape) != (B, Lk):
+        raise ValueError(f"mask must be bool (B, Lk) = ({B}, {Lk}), got {mask.dtype} {tuple(mask.shape)}")
 
 
 def attention(
@@ -681,6 +696,7 @@ def attention(
     Constraints (dtype, head dim, device) are checked by ditserve.kernels.registry, not here.
     """
     D = q.shape[-1]
+    check_mask(mask, k, layout)
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
     p = prologue
     out, lse = torch.ops.ditserve.attention(
@@ -692,6 +708,12 @@ def attention(
     return (out, lse) if return_lse else out
 
 
+def check_which(which: str) -> None:
+    """The prologue of Q or of K: anything else would silently get K's weights."""
+    if which not in ("q", "k"):
+        raise ValueError(f"which must be 'q' or 'k', got {which!r}")
+
+
 def norm_rope(x: torch.Tensor, prologue: Prologue, *, which: Literal["q", "k"] = "k",
               layout: Layout = "BLHD", out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The prologue alone, as one kernel (what k_mode="prepass" runs on K). x may also be (B, L, G, H, D), heads in
@@ -700,17 +722,19 @@ def norm_rope(x: torch.Tensor, prologue: Prologue, *, which: Literal["q", "k"] =
     if not (x.dim() == 4 or (x.dim() == 5 and layout == "BLHD")):
         raise ValueError(f"norm_rope: x must be (B, L, H, D), (B, H, L, D) or, in layout BLHD, (B, L, G, H, D); got "
                          f"{tuple(x.shape)} in layout {layout}")
+    check_which(which)
     L, D = (x.shape[1] if layout == "BLHD" else x.shape[2]), x.shape[-1]
     if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.stride(-1) != 1):
         raise ValueError(f"norm_rope: out must have x's shape {tuple(x.shape)} and dtype {x.dtype} with a contiguous "
                          f"last dimension, got {tuple(out.shape)}, {out.dtype}, strides {out.stride()}")
-    p = _validate_prologue(prologue, D, L, L, x.device)
+    p = validate_prologue(prologue, D, L, L, x.device)
     return _launch_prologue(_last_contiguous(x), layout, p.q_weight if which == "q" else p.k_weight, p, out)
 
 
 def reference_prologue(x: torch.Tensor, prologue: Prologue, *, which: Literal["q", "k"],
                        layout: Layout = "BLHD") -> torch.Tensor:
     """Torch version of the prologue, computed in x's dtype promoted to at least fp32; returns fp32 or fp64."""
+    check_which(which)
     B, H, L, D = dims(x, layout)
     xt = x if layout == "BLHD" else x.transpose(1, 2)  # (B, L, H, D)
     work = xt.to(torch.promote_types(x.dtype, torch.float32))

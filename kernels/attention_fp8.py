@@ -42,7 +42,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import attention as _attn
 from . import attention_hopper as _hopper
 from . import attention_hopper_fp8 as _hopper_fp8
-from .attention import INTERPRET, Layout, _last_contiguous, _strides, dims, launch, mask_keys, tune_length
+from .attention import (INTERPRET, Layout, _last_contiguous, _strides, check_mask, dims, launch, mask_keys,
+                        tune_length)
 from .fp8_scores import int8_scores, row_bias
 
 FP8 = torch.float8_e4m3fn
@@ -422,6 +423,7 @@ def attention_fp8_quantized(
     (out in out_layout, natural-log LSE (B, H, Lq) fp32)."""
     B, H, Lq, D = t.q.shape
     Lk = t.k.shape[2]
+    check_mask(mask, t.k, "BHLD")
     s = 1.0 / math.sqrt(D) if scale is None else float(scale)
     shape = (B, Lq, H, D) if out_layout == "BLHD" else (B, H, Lq, D)
     out = _attn._alloc(shape, t.q, out_dtype)
@@ -457,7 +459,9 @@ def _attention_fp8_op(
 @_attention_fp8_op.register_fake
 def _(q, k, v, mask, layout, scale, qk_format):
     B, H, Lq, _ = dims(q, layout)
-    return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=torch.float32)
+    # The real op allocates out contiguous in `layout`, i.e. in q's shape, whatever q's strides: empty_like
+    # would keep them.
+    return q.new_empty(q.shape), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
 def attention_fp8(
@@ -469,6 +473,7 @@ def attention_fp8(
     in and out; Q/K quantised to int8 (default) or e4m3, V and P to e4m3."""
     if qk_format not in ("int8", "fp8"):
         raise ValueError(f"qk_format must be 'int8' or 'fp8', got {qk_format!r}")
+    check_mask(mask, k, layout)  # here too, not only in attention_fp8_quantized: before quantising
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = torch.ops.ditserve.attention_fp8(q, k, v, mask, layout, s, qk_format)
     return (out, lse) if return_lse else out

@@ -76,11 +76,12 @@ def key_padding_mask(mask: Optional[torch.Tensor], batch: int, length: int, who:
         return None
     if mask.dtype != torch.bool:
         raise ValueError(f"{who}: the attention mask must be bool (True = attend), got {mask.dtype}")
+    given = tuple(mask.shape)  # the error names what the caller passed, not the squeezed view
     if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
         mask = mask[:, 0, 0, :]
     if tuple(mask.shape) != (batch, length):
         raise ValueError(f"{who}: the attention mask must be (B, L) = ({batch}, {length}) or (B, 1, 1, L), got "
-                         f"{tuple(mask.shape)}")
+                         f"{given}")
     return mask
 
 

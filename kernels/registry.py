@@ -16,14 +16,14 @@ Names: "sdpa" (torch scaled_dot_product_attention; the reference), "triton" (dit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import attention as _attn
-from .attention import Prologue, reference_prologue
+from .attention import Prologue, reference_prologue, validate_prologue
 from .attention_fp8 import attention_fp8
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[Prologue]],
@@ -37,10 +37,8 @@ class Backend:
     dtypes: dict[str, frozenset[torch.dtype]]  # per device type; the keys are the supported device types
     head_dims: frozenset[int]
     supports_mask: bool
-    fuses_prologue: bool
     min_capability: tuple[int, int] = (0, 0)  # CUDA compute capability
     cpu_needs_interpreter: bool = False
-    notes: str = field(default="")
 
     def check(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
         """Raise ValueError naming the first constraint that (q, k, v, mask) violates."""
@@ -84,6 +82,10 @@ class Backend:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
                  prologue: Optional[Prologue] = None) -> torch.Tensor:
         self.check(q, k, v, mask)
+        # Here, not in each backend: those that apply the prologue in torch first would otherwise each fail
+        # differently on a bad one (or, given one weight, silently skip the norm).
+        if prologue is not None:
+            prologue = validate_prologue(prologue, q.shape[-1], q.shape[1], k.shape[1], q.device)
         return self.fn(q, k, v, mask, prologue)
 
 
@@ -103,8 +105,9 @@ def _sdpa(q, k, v, mask, prologue):
     q, k = _unfused(q, k, prologue)
     attn_mask = mask[:, None, None, :] if mask is not None else None
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
-    if mask is not None:  # SDPA gives NaN for rows with no key; the Triton kernels give 0
-        out = torch.nan_to_num(out, nan=0.0)
+    if mask is not None:  # SDPA gives NaN for rows with no key; the Triton kernels give 0. Those rows only:
+        # NaN or Inf elsewhere is an overflow to show, not to clip (as nan_to_num did).
+        out = out.masked_fill(~mask.any(-1)[:, None, None, None], 0.0)
     return out.transpose(1, 2)
 
 
@@ -128,23 +131,18 @@ _HALF = frozenset({torch.float16, torch.bfloat16})
 _BACKENDS: dict[str, Backend] = {
     "sdpa": Backend(
         "sdpa", _sdpa, {"cpu": _HALF | {torch.float32}, "cuda": _HALF | {torch.float32}},
-        head_dims=frozenset(range(1, 513)), supports_mask=True, fuses_prologue=False,
-        notes="torch SDPA, the reference",
+        head_dims=frozenset(range(1, 513)), supports_mask=True,
     ),
     "triton": Backend(
         "triton", _triton,
         # The interpreter's bf16 tl.dot is wrong (shared/ENVIRONMENT.md): CPU gets fp16/fp32 only.
         {"cuda": _HALF, "cpu": frozenset({torch.float16, torch.float32})},
-        head_dims=frozenset({16, 64, 128}), supports_mask=True, fuses_prologue=True,
+        head_dims=frozenset({16, 64, 128}), supports_mask=True,
         min_capability=(8, 0), cpu_needs_interpreter=True,
-        notes="Triton flash-attention-2 forward with fused RMSNorm+RoPE prologue",
     ),
     "triton_fp8": Backend(
         "triton_fp8", _triton_fp8, {"cuda": _HALF},
-        head_dims=frozenset({64, 128}), supports_mask=True, fuses_prologue=False,
-        min_capability=(8, 9),
-        notes="int8 Q/K (per-token Q, smoothed per-128-token K scales), e4m3 P and V (per-channel V scales), "
-              "fp32 softmax, bf16 out",
+        head_dims=frozenset({64, 128}), supports_mask=True, min_capability=(8, 9),
     ),
 }
 try:
@@ -156,8 +154,7 @@ except ImportError:
 if _HAS_FLASH_ATTN:
     _BACKENDS["flash_attn"] = Backend(
         "flash_attn", _flash_attn, {"cuda": _HALF},
-        head_dims=frozenset(range(8, 257, 8)), supports_mask=False, fuses_prologue=False,
-        min_capability=(8, 0), notes="flash_attn.flash_attn_func (no key-padding mask)",
+        head_dims=frozenset(range(8, 257, 8)), supports_mask=False, min_capability=(8, 0),
     )
 
 

@@ -64,6 +64,59 @@ def test_check_mask_constraints():
         get_backend("sdpa").check(q, k, v, torch.ones(1, 17))
 
 
+# (q, k, v, prologue, message): prologues every backend must refuse, whether it fuses the prologue or applies it first.
+BAD_PROLOGUES = {
+    "q_weight only": (lambda: (*qkv(), Prologue(q_weight=torch.rand(16) + 0.5)),
+                      "give both q_weight and k_weight"),
+    "k_weight only": (lambda: (*qkv(), Prologue(k_weight=torch.rand(16) + 0.5)),
+                      "give both q_weight and k_weight"),
+    "cos without sin": (lambda: (*qkv(), Prologue(cos=torch.randn(17, 16))), "give both cos and sin"),
+    "short cos": (lambda: (*qkv(), Prologue(cos=torch.randn(16, 16), sin=torch.randn(16, 16))),
+                  r"cos/sin must be \(17, 16\), got \(16, 16\)"),
+    "rope with Lq != Lk": (lambda: (*qkv(L=17)[:1], *qkv(L=9)[1:], Prologue(cos=torch.randn(17, 16),
+                                                                              sin=torch.randn(17, 16))),
+                           "rotary embedding needs Lq == Lk"),
+    "k_mode typo": (lambda: (*qkv(), Prologue(cos=torch.randn(17, 16), sin=torch.randn(17, 16), k_mode="inlin")),
+                    "k_mode must be 'inline' or 'prepass', got 'inlin'"),
+    "3 weight rows": (lambda: (*qkv(), Prologue(q_weight=torch.rand(3, 16), k_weight=torch.rand(3, 16))),
+                      r"q_weight must be \(D,\) or \(2, D\) with D = 16, got \(3, 16\)"),
+}
+
+
+@interp
+@pytest.mark.parametrize("case", list(BAD_PROLOGUES))
+def test_every_backend_rejects_a_bad_prologue_with_the_same_message(case):
+    make, match = BAD_PROLOGUES[case]
+    q, k, v, p = make()
+    messages = set()
+    for name in (n for n in available_backends() if "cpu" in get_backend(n).dtypes):
+        with pytest.raises(ValueError, match=match) as err:
+            get_backend(name)(q, k, v, prologue=p)
+        messages.add(str(err.value))
+    assert len(messages) == 1, messages
+
+
+def test_sdpa_zeroes_only_rows_without_keys():
+    """The reference must not turn an overflow into finite values: Inf in V stays what plain SDPA gives; only
+    rows whose keys are all masked (NaN in SDPA) become 0, like the Triton kernels' (B = 2, batch 1 all masked)."""
+    q, k, v = qkv(B=2)
+    v[:, 3, 0, 0] = float("inf")
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[1] = False
+    out = get_backend("sdpa")(q, k, v, mask=mask)
+    plain = torch.nn.functional.scaled_dot_product_attention(*(x[:1].transpose(1, 2) for x in (q, k, v)))
+    torch.testing.assert_close(out[:1], plain.transpose(1, 2), equal_nan=True)
+    assert torch.isinf(out[0, :, 0, 0]).all()
+    assert torch.all(out[1] == 0)
+
+
+def test_key_padding_mask_error_names_the_shape_given():
+    from ditserve.kernels.processors import key_padding_mask
+
+    with pytest.raises(ValueError, match=r"who: .* got \(1, 1, 1, 7\)$"):
+        key_padding_mask(torch.ones(1, 1, 1, 7, dtype=torch.bool), 2, 7, "who")
+
+
 @pytest.mark.skipif(A.INTERPRET, reason="checks the message given when the interpreter is off")
 def test_triton_on_cpu_without_interpreter_says_so():
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):

@@ -256,8 +256,7 @@ def test_a_backend_without_key_masks_is_refused_where_the_model_masks_keys(monke
 
     sdpa = registry.get_backend("sdpa")
     monkeypatch.setitem(registry._BACKENDS, "no_mask", registry.Backend(
-        "no_mask", sdpa.fn, {"cpu": frozenset({torch.float32})}, frozenset({16}), supports_mask=False,
-        fuses_prologue=False))
+        "no_mask", sdpa.fn, {"cpu": frozenset({torch.float32})}, frozenset({16}), supports_mask=False))
     message = "parameter attention_backend: no_mask: key-padding masks are not supported"
     with pytest.raises(ConfigError, match=message):
         _load("tiny-qwen-image", CPU_FP32, attention_backend="no_mask")
@@ -369,10 +368,10 @@ def test_qwen_cudnn_with_a_text_mask_matches_sdpa():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["qwen-image", "wan-self", "wan-cross-i2v"])
 def test_processors_on_triton_fp8_match_sdpa(case):
-    """Our processors on triton_fp8 (the prologue applied with torch first, then the FP8 kernel) against the
-    same processors on sdpa: cosine similarity >= 0.999 (issue 5's FP8 target). Qwen-Image with its text mask;
-    Wan's self-attention with its rotary embedding, and its cross-attention (Lq != Lk) over text and image
-    context."""
+    """Our processors on triton_fp8 (the prologue applied first by our Triton prologue kernel, `_unfused(kernel=True)`,
+    then the FP8 kernel) against the same processors on sdpa: cosine similarity >= 0.999 (issue 5's FP8 target).
+    Qwen-Image with its text mask; Wan's self-attention with its rotary embedding, and its cross-attention
+    (Lq != Lk) over text and image context."""
     from ditserve.kernels.qwen_processor import DitserveQwenAttnProcessor
     from ditserve.kernels.wan_processor import DitserveWanAttnProcessor
 

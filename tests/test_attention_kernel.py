@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -266,8 +267,12 @@ def test_fully_masked_rows_give_zero_and_neg_inf_lse():
 
 
 @interp
-def test_custom_op_registration_and_fake():
+# strided: q a BLHD view of BHLD storage; the op's output is contiguous all the same, and so must the fake's be.
+@pytest.mark.parametrize("strided", [False, True])
+def test_custom_op_registration_and_fake(strided):
     q, k, v = make_qkv(1, 2, 17, 33, 16, torch.float32, "BLHD")
+    if strided:
+        q = torch.randn(1, 2, 17, 16).transpose(1, 2)
     args = (q, k, v, None, "BLHD", 0.25, None, None, 0.0, 0, None, None, True, "prepass", False)
     torch.library.opcheck(torch.ops.ditserve.attention.default, args, test_utils=("test_schema", "test_faketensor"))
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -276,7 +281,45 @@ def test_custom_op_registration_and_fake():
         fq, fk, fv = (mode.from_tensor(x) for x in (q, k, v))
         out, lse = torch.ops.ditserve.attention(fq, fk, fv, None, "BLHD", 0.25, None, None, 0.0, 0, None, None,
                                                 True, "prepass", False)
-    assert out.shape == q.shape and lse.shape == (1, 2, 17) and lse.dtype == torch.float32
+    assert out.shape == q.shape and out.is_contiguous() and lse.shape == (1, 2, 17) and lse.dtype == torch.float32
+
+
+@interp
+@pytest.mark.parametrize("layout", ["BLHD", "BHLD"])
+def test_fp8_custom_op_fake_matches_the_op_on_strided_q(layout):
+    """The FP8 op's output is contiguous in `layout` (attention_fp8_quantized's out_layout) whatever q's strides."""
+    q, k, v = make_qkv(1, 2, 17, 33, 16, torch.float16, layout)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, the other layout's strides
+    args = (q, k, v, None, layout, 0.25, "int8")
+    torch.library.opcheck(torch.ops.ditserve.attention_fp8.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@interp
+def test_attention_entry_points_check_the_mask(monkeypatch):
+    """The kernels read the mask's bytes: a float or int64 mask would be reinterpreted, a short one read past its end.
+    attention_fp8 checks before it quantises."""
+    q, k, v = make_qkv(2, 2, 17, 33, 16, torch.float16, "BLHD")
+    t = quantize_fp8(q, k, v)
+    monkeypatch.setattr(A8, "quantize_fp8", lambda *args: pytest.fail("quantised before the mask was checked"))
+    bad = {"float": torch.ones(2, 33), "int64": torch.ones(2, 33, dtype=torch.int64),
+           "short": torch.ones(2, 32, dtype=torch.bool), "one row": torch.ones(33, dtype=torch.bool)}
+    for mask in bad.values():
+        message = re.escape(f"mask must be bool (B, Lk) = (2, 33), got {mask.dtype} {tuple(mask.shape)}")
+        for fn in (lambda: attention(q, k, v, mask=mask), lambda: attention_fp8(q, k, v, mask=mask),
+                   lambda: attention_fp8_quantized(t, mask=mask)):
+            with pytest.raises(ValueError, match=message):
+                fn()
+
+
+def test_prologue_which_must_be_q_or_k():
+    x = torch.randn(1, 17, 2, 16)
+    p = make_prologue(17, 16, norm=True, rope=True, interleaved=True, k_mode="prepass", split=0)
+    with pytest.raises(ValueError, match="which must be 'q' or 'k', got 'v'"):
+        reference_prologue(x, p, which="v")
+    if A.INTERPRET:
+        with pytest.raises(ValueError, match="which must be 'q' or 'k', got 'Q'"):
+            norm_rope(x, p, which="Q")
 
 
 def torch_quantize(q, k, v, qk_format):
