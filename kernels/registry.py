@@ -135,7 +135,7 @@ _BACKENDS: dict[str, Backend] = {
     ),
     "triton": Backend(
         "triton", _triton,
-        # The interpreter's bf16 tl.dot is wrong (shared/ENVIRONMENT.md): CPU gets fp16/fp32 only.
+        # The interpreter's bf16 tl.dot is wrong (relative error ~1e9, triton 3.6.0): CPU gets fp16/fp32 only.
         {"cuda": _HALF, "cpu": frozenset({torch.float16, torch.float32})},
         head_dims=frozenset({16, 64, 128}), supports_mask=True,
         min_capability=(8, 0), cpu_needs_interpreter=True,

@@ -1,7 +1,8 @@
 """ditserve.kernels.attention / attention_fp8 against an fp64 reference.
 
 CPU: Triton's interpreter (TRITON_INTERPRET=1, set below before triton is imported), fp16/fp32 only,
-because the interpreter's bf16 dot and fp8 casts are unreliable (shared/ENVIRONMENT.md); the FP8 kernel
+because the interpreter's bf16 dot and fp8 casts are unreliable (bf16 tl.dot off by ~1e9 relative, an
+in-kernel e4m3 cast rounding otherwise than the GPU: triton 3.6.0); the FP8 kernel
 is checked there on inputs already quantised by torch. GPU (`-m gpu`): bf16 relative error <= 1e-2 and
 FP8 cosine similarity >= 0.999 against fp64.
 
