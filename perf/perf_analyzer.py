@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Measure the ``flux_t2i`` ensemble with NVIDIA perf_analyzer (``make perf``).
+"""Measure the ``flux_t2i`` ensemble (or another, ``--model``) with NVIDIA perf_analyzer (``make perf``).
 
 1. Installs perf_analyzer: the binary shipped in the ``tritonclient==2.41.1`` wheel (the
    perf-analyzer 2.5x wheels need glibc 2.38, Debian 12 has 2.36), plus ``libcudart.so.12``
@@ -8,7 +8,9 @@
 2. Starts tritonserver over ``model_repository/`` (tiny model, CPU, float32) on free ports,
    unless ``--http-url``/``--grpc-url`` point at a running server.
 3. Reads the model's inputs (names, data types, shapes, optional flags) from the server's
-   model configuration and writes perf_analyzer's ``--input-data`` JSON from them.
+   model configuration and writes perf_analyzer's ``--input-data`` JSON from them; an input
+   image (``qwen_image_edit``'s ``INPUT_IMAGE``, ``wan_i2v``'s ``IMAGE``) is a PNG of the
+   requested size, sent as base64 of the serialized BYTES tensor.
 4. Sends one warm-up request, then runs perf_analyzer at each concurrency over HTTP and gRPC
    and prints a table (also saved as JSON and Markdown under ``out/perf/``).
 """
@@ -16,11 +18,14 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
+import io
 import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -117,10 +122,56 @@ def ensure_perf_analyzer() -> tuple[Path, dict[str, str]]:
 
 # ----------------------------------------------------------------------------- input data
 
+#: Inputs that take one encoded image, by ensemble: qwen_image_edit's INPUT_IMAGE, wan_i2v's IMAGE.
+IMAGE_INPUTS = ("INPUT_IMAGE", "IMAGE")
+
+
+def sample_png(width: int, height: int) -> bytes:
+    """A small RGB PNG (a gradient, so that it is no degenerate flat image) for ensembles that take one."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                       np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    """A BYTES tensor as Triton sends it raw: each element's 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
 
 def model_config(http_url: str, model: str) -> dict:
     with urllib.request.urlopen(f"{http_url}/v2/models/{model}/config", timeout=30) as r:
         return json.load(r)
+
+
+def request_values(args: argparse.Namespace, config: dict) -> dict[str, object]:
+    """The value of each input the script knows, from the command line; an image for ensembles that take one."""
+    values: dict[str, object] = {
+        "PROMPT": args.prompt, "HEIGHT": args.height, "WIDTH": args.width,
+        "NUM_INFERENCE_STEPS": args.steps, "SEED": args.seed,
+        "NUM_IMAGES": args.num_images, "GUIDANCE_SCALE": args.guidance_scale,
+    }
+    if any(i["name"] in IMAGE_INPUTS for i in config.get("input", [])):
+        values.update(dict.fromkeys(IMAGE_INPUTS, sample_png(args.width, args.height)))
+    return values
+
+
+def bytes_elements(spec: dict) -> list[bytes]:
+    """The elements of a BYTES tensor of the input JSON, given as "content" or as "b64"."""
+    if "b64" not in spec:
+        return [str(s).encode() for s in spec["content"]]
+    raw, items = base64.b64decode(spec["b64"]), []
+    while raw:
+        (n,) = struct.unpack("<I", raw[:4])
+        items.append(raw[4:4 + n])
+        raw = raw[4 + n:]
+    return items
 
 
 def build_input_data(config: dict, values: dict[str, object]) -> tuple[dict, list[str]]:
@@ -144,6 +195,12 @@ def build_input_data(config: dict, values: dict[str, object]) -> tuple[dict, lis
         ttype = NUMPY_OF_TRITON.get(dtype)
         if ttype is None:
             raise SystemExit(f"input {name}: unsupported data type {dtype}")
+        if ttype == "BYTES" and isinstance(value, bytes):
+            # Binary (an image): JSON strings cannot hold it, perf_analyzer takes the raw tensor in base64.
+            entry[name] = {"b64": base64.b64encode(serialize_bytes([value] * count)).decode(),
+                           "shape": shape}
+            notes.append(f"{name}: {ttype} {shape} = {len(value)} bytes (base64)")
+            continue
         if ttype == "BYTES":
             content = [str(value)] * count
         elif ttype.startswith(("FP", "BF")):
@@ -177,7 +234,7 @@ def warmup(http_url: str, model: str, data: dict, config: dict) -> float:
             ttype = types[name]
             shape = batch + list(spec["shape"])
             if ttype == "BYTES":
-                arr = np.array([s.encode() for s in spec["content"]], dtype=np.object_)
+                arr = np.array(bytes_elements(spec), dtype=np.object_)
             else:
                 arr = np.array(spec["content"], dtype=np_of[ttype])
             arr = arr.reshape(shape)
@@ -348,11 +405,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = model_config(http_url, args.model)
-        values = {
-            "PROMPT": args.prompt, "HEIGHT": args.height, "WIDTH": args.width,
-            "NUM_INFERENCE_STEPS": args.steps, "SEED": args.seed,
-            "NUM_IMAGES": args.num_images, "GUIDANCE_SCALE": args.guidance_scale,
-        }
+        values = request_values(args, config)
         data, notes = build_input_data(config, values)
         input_json = out_dir / f"{args.model}_input.json"
         input_json.write_text(json.dumps(data, indent=2))
