@@ -287,6 +287,8 @@ class TritonServer:
         # A log we made up ourselves is removed after a clean exit (code 0) and kept otherwise,
         # where the error messages point at it: 74 such folders had piled up in /tmp from test
         # and demo runs before this.
+        # The folder is made here, so that log_file can be shown before start(); it is removed again when
+        # no process was started (a missing repository, a busy port, stop() before start()).
         self._own_log_dir: str | None = None
         if log_file is None:
             self._own_log_dir = tempfile.mkdtemp(prefix="ditserve-triton-")
@@ -384,9 +386,17 @@ class TritonServer:
     def start(self, wait: bool = True) -> "TritonServer":
         if self.process is not None and self.process.poll() is None:
             return self
-        if not self.model_repository.is_dir():
-            raise TritonServerError(f"model repository {self.model_repository} does not exist")
-        cmd = self.command()
+        try:
+            if not self.model_repository.is_dir():
+                raise TritonServerError(f"model repository {self.model_repository} does not exist")
+            cmd = self.command()
+        except BaseException:
+            if self.process is None:
+                self._remove_unused_log_dir()
+            raise
+        if self._own_log_dir is not None and not Path(self._own_log_dir).is_dir():
+            self._own_log_dir = tempfile.mkdtemp(prefix="ditserve-triton-")  # removed by an earlier failure
+            self.log_file = Path(self._own_log_dir) / "tritonserver.log"
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._log_fh = open(self.log_file, "ab", buffering=0)
         self._log_fh.write(("$ " + " ".join(cmd) + "\n").encode())
@@ -469,6 +479,7 @@ class TritonServer:
         Idempotent.
         """
         if self.process is None:
+            self._remove_unused_log_dir()
             return None
         timeout = self.stop_timeout if timeout is None else timeout
         proc = self.process
@@ -495,6 +506,11 @@ class TritonServer:
         with contextlib.suppress(Exception):
             atexit.unregister(self._atexit_stop)
         return proc.returncode
+
+    def _remove_unused_log_dir(self) -> None:
+        """Our own log folder, when no process has been started to write to it."""
+        if self._own_log_dir is not None and self.process is None:
+            shutil.rmtree(self._own_log_dir, ignore_errors=True)
 
     def _kill_session(self, sid: int, timeout: float = 10.0) -> None:
         leftover = session_processes(sid)

@@ -336,3 +336,21 @@ def test_an_unexpected_error_fails_every_request_of_its_batch_and_the_server_sta
         assert "Signal (11)" not in log, log[-3000:]
         assert answers == [("StatusCode.INTERNAL", "failing: internal error: RuntimeError: a negative X")] * 4, answers
         assert server.is_ready() and infer(url, 4.0) == 8.0
+
+
+def test_own_log_folder_is_not_left_without_a_server(tmp_path, monkeypatch):
+    """The log folder made for a server that never starts (no repository there; stopped before starting) is
+    removed: an empty /tmp/ditserve-triton-* was left by each such attempt."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    server = TritonServer(tmp_path / "missing", http_port=0, grpc_port=0, metrics_port=0, host="127.0.0.1")
+    assert server.log_file.parent.is_dir()  # known before start(), for the messages that name it
+    with pytest.raises(TritonServerError, match="does not exist"):
+        server.start()
+    assert list(tmp_path.glob("ditserve-triton-*")) == []
+    assert server.stop() is None
+
+    unused = TritonServer(tmp_path, http_port=0, grpc_port=0, metrics_port=0, host="127.0.0.1")
+    assert unused.stop() is None
+    assert list(tmp_path.glob("ditserve-triton-*")) == []
