@@ -49,28 +49,46 @@ class _Shutdown(Exception):
         self.signum = signum
 
 
-def _repository(path: str | None, settings: Sequence[str]) -> str:
-    """The repository to serve: ``path`` or the checkout's, copied with the --set ``settings`` applied."""
+def _repository(path: str | None, settings: Sequence[str], workdir: Callable[[], str]) -> str:
+    """The repository to serve: ``path`` or the checkout's, copied with the --set ``settings`` applied into
+    ``workdir()`` (a folder the caller removes)."""
     if path is None:
         from ditserve.paths import model_repository
 
         path = str(model_repository())
     if settings:
-        import tempfile
-
         from ditserve.repository import overlay
 
-        path = str(overlay(Path(path), settings, Path(tempfile.mkdtemp(prefix="ditserve-repo-")) / "model_repository"))
+        path = str(overlay(Path(path), settings, Path(workdir()) / "model_repository"))
     return path
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # The --set copy of the repository lives in a temporary folder, removed however serve ends.
+    workdirs: list[str] = []
+
+    def workdir() -> str:
+        import tempfile
+
+        workdirs.append(tempfile.mkdtemp(prefix="ditserve-repo-"))
+        return workdirs[-1]
+
+    try:
+        return _serve_repository(args, workdir)
+    finally:
+        import shutil
+
+        for folder in workdirs:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _serve_repository(args: argparse.Namespace, workdir: Callable[[], str]) -> int:
     from ditserve.server import TritonServer, TritonServerError
 
     device = args.device or _default_device()
     dtype = args.dtype or _default_dtype(device)
     try:
-        args.model_repository = _repository(args.model_repository, args.set)
+        args.model_repository = _repository(args.model_repository, args.set, workdir)
     except (FileNotFoundError, ValueError) as exc:  # installed without a checkout (pip install .), a bad --set
         print(f"ditserve: {exc}", file=sys.stderr, flush=True)
         return 2

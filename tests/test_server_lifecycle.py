@@ -338,6 +338,78 @@ def test_an_unexpected_error_fails_every_request_of_its_batch_and_the_server_sta
         assert server.is_ready() and infer(url, 4.0) == 8.0
 
 
+def fake_tritonserver(path: Path, *, serve_http: bool = True) -> Path:
+    """A stand-in tritonserver: answers 200 to every GET on its --http-port (as a ready server does) and exits
+    0 on SIGTERM; with serve_http False it exits 1 at once, as after a failed load."""
+    body = (
+        "import http.server, signal, sys\n"
+        "port = int(next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--http-port=')))\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+        "class Ready(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200)\n"
+        "        self.end_headers()\n"
+        "    def log_message(self, *_):\n"
+        "        pass\n"
+        "http.server.HTTPServer(('127.0.0.1', port), Ready).serve_forever()\n"
+    ) if serve_http else "import sys\nprint('failed to load all models')\nsys.exit(1)\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(0o755)
+    return path
+
+
+def test_serve_removes_its_set_copy_after_a_signal(tmp_path):
+    """`--set` copies the repository into a temporary folder: removed when serve stops (it was never removed).
+    A stand-in tritonserver keeps it quick; TMPDIR shows what serve leaves behind."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    http, grpc, metrics = find_free_ports(3)
+    env = {**os.environ, "TMPDIR": str(tmp),
+           "DITSERVE_TRITONSERVER": str(fake_tritonserver(tmp_path / "bin" / "tritonserver"))}
+    out = tmp_path / "serve.out"
+    with open(out, "wb") as fh:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "ditserve.cli", "serve", "--set", "flux_postprocess.png_compress_level=1",
+             "--device", "cpu", "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
+             "--metrics-port", str(metrics), "--startup-timeout", "60"],
+            stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while b"ditserve: ready" not in out.read_bytes():
+            assert serve.poll() is None, f"serve exited early:\n{out.read_text()}"
+            assert time.monotonic() < deadline, f"serve not ready:\n{out.read_text()}"
+            time.sleep(0.1)
+        copies = list(tmp.glob("ditserve-repo-*"))
+        assert len(copies) == 1 and (copies[0] / "model_repository" / "flux_postprocess" / "config.pbtxt").is_file()
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=60) == 0, out.read_text()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(10)
+    assert list(tmp.iterdir()) == [], out.read_text()  # the copy, and the clean server's own log folder
+
+
+@pytest.mark.parametrize("case", ["load failure", "bad --set"])
+def test_serve_removes_its_set_copy_when_it_fails(case, tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    from ditserve import cli
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("DITSERVE_TRITONSERVER", str(fake_tritonserver(tmp_path / "bin" / "tritonserver",
+                                                                      serve_http=False)))
+    setting = "flux_postprocess.png_compress_level=1" if case == "load failure" else "flux_postprocess.png_level=1"
+    http, grpc, metrics = find_free_ports(3)
+    rc = cli.main(["serve", "--set", setting, "--device", "cpu", "--host", "127.0.0.1", "--http-port", str(http),
+                   "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--startup-timeout", "60"])
+    err = capsys.readouterr().err
+    assert rc == (1 if case == "load failure" else 2), err
+    assert ("exited with code 1 before becoming ready" if case == "load failure" else "declares no parameter") in err
+    assert list(tmp_path.glob("ditserve-repo-*")) == []
+
+
 def test_own_log_folder_is_not_left_without_a_server(tmp_path, monkeypatch):
     """The log folder made for a server that never starts (no repository there; stopped before starting) is
     removed: an empty /tmp/ditserve-triton-* was left by each such attempt."""
