@@ -63,6 +63,10 @@ def _repository(path: str | None, settings: Sequence[str], workdir: Callable[[],
     return path
 
 
+#: The option of each port, for the errors that name it.
+PORT_OPTIONS = {"http_port": "--http-port", "grpc_port": "--grpc-port", "metrics_port": "--metrics-port"}
+
+
 def _serve(args: argparse.Namespace) -> int:
     # The --set copy of the repository lives in a temporary folder, removed however serve ends.
     workdirs: list[str] = []
@@ -117,6 +121,8 @@ def _serve_repository(args: argparse.Namespace, workdir: Callable[[], str]) -> i
     )
     rc = 0
     try:
+        # A port another server holds would otherwise pass for ours: its /v2/health/ready answers.
+        server.check_ports(PORT_OPTIONS)
         print(f"ditserve: starting tritonserver (repository {server.model_repository}, "
               f"device {device}, dtype {dtype}, model path {args.model_path}); "
               f"log: {server.log_file}", flush=True)

@@ -41,6 +41,7 @@ __all__ = [
     "TritonServerError",
     "find_free_port",
     "find_free_ports",
+    "check_ports_free",
     "locate_tritonserver",
     "prepare_backend_dir",
     "session_processes",
@@ -74,6 +75,55 @@ def find_free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 def find_free_port(host: str = "127.0.0.1") -> int:
     return find_free_ports(1, host)[0]
+
+
+def check_ports_free(ports: Mapping[str, int], host: str = "0.0.0.0") -> None:
+    """TritonServerError unless every port of ``ports`` (``{name: port}``, the name as the error should
+    call it, e.g. ``--http-port``) can be bound on ``host`` now, as tritonserver binds it (SO_REUSEADDR, so
+    that a port left in TIME_WAIT counts as free). Without this, a port held by another server made start-up
+    look successful: its /v2/health/ready answered while ours failed to bind and exited."""
+    seen: dict[int, str] = {}
+    for name, port in ports.items():
+        if port in seen:
+            raise TritonServerError(f"port {port} is given twice: {seen[port]} and {name}; choose another {name}")
+        seen[port] = name
+    for name, port in ports.items():
+        try:
+            family, _type, _proto, _name, address = socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(address)
+        except OSError as err:
+            raise TritonServerError(f"{name} {port}: cannot bind {host or '*'}:{port} "
+                                    f"({err.strerror or err}); another server may be using it, "
+                                    f"choose another {name}") from None
+
+
+def _listening_ports(pid: int) -> set[int] | None:
+    """TCP ports process ``pid`` listens on (Linux /proc), None when that cannot be told."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    except OSError:
+        return None
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local_address (hex ip:port), ..., st (0A: LISTEN), ..., inode (field 9)
+            if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 # ----------------------------------------------------------------------------- locating
@@ -383,12 +433,23 @@ class TritonServer:
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    def ports(self) -> dict[str, int]:
+        """The ports tritonserver binds, by keyword argument."""
+        return {"http_port": self.http_port, "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
+
+    def check_ports(self, names: Mapping[str, str] | None = None) -> None:
+        """TritonServerError unless each port can be bound on ``host`` now; ``names`` maps ``http_port``,
+        ``grpc_port`` and ``metrics_port`` to what the error calls them (e.g. ``--http-port``)."""
+        names = names or {}
+        check_ports_free({names.get(key, key): port for key, port in self.ports().items()}, self.host)
+
     def start(self, wait: bool = True) -> "TritonServer":
         if self.process is not None and self.process.poll() is None:
             return self
         try:
             if not self.model_repository.is_dir():
                 raise TritonServerError(f"model repository {self.model_repository} does not exist")
+            self.check_ports()
             cmd = self.command()
         except BaseException:
             if self.process is None:
@@ -446,7 +507,9 @@ class TritonServer:
                     f"tritonserver exited with code {rc} before becoming ready; "
                     f"last lines of {self.log_file}:\n{self.log_tail()}"
                 )
-            if self.is_ready():
+            # Ready only when the answer comes from our own process: alive, and listening on the HTTP
+            # port (another server on that port answers while ours fails to bind it and exits).
+            if self.is_ready() and self.process.poll() is None and self._serves_http():
                 return
             if time.monotonic() > deadline:
                 raise TritonServerError(
@@ -455,6 +518,11 @@ class TritonServer:
                 )
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
+
+    def _serves_http(self) -> bool:
+        """Whether our process listens on the HTTP port (True where /proc cannot tell)."""
+        ports = _listening_ports(self.process.pid)
+        return ports is None or self.http_port in ports
 
     def log_tail(self, lines: int = 40) -> str:
         try:

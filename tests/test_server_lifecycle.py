@@ -359,6 +359,84 @@ def fake_tritonserver(path: Path, *, serve_http: bool = True) -> Path:
     return path
 
 
+class ReadyElsewhere:
+    """Another server on ``port``: a plain HTTP server answering 200 to /v2/health/ready."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1"):
+        import http.server
+        import threading
+
+        class Ready(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_):
+                pass
+
+        self.httpd = http.server.HTTPServer((host, port), Ready)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("option", ["--http-port", "--grpc-port", "--metrics-port"])
+def test_serve_refuses_a_port_another_server_holds(option, capsys):
+    """A port in use is refused before tritonserver starts, naming the port and its option. The HTTP port of
+    another server used to pass for ours: its /v2/health/ready answered, `serve` printed "ready", and our
+    tritonserver failed to bind ("Socket '0.0.0.0:18000' already in use") and exited."""
+    from ditserve import cli
+
+    ports = dict(zip(["--http-port", "--grpc-port", "--metrics-port"], find_free_ports(3)))
+    other = ReadyElsewhere(ports[option])  # on 127.0.0.1; serve binds 0.0.0.0, which it covers
+    try:
+        rc = cli.main(["serve", "--model-repository", str(FIXTURE_REPOSITORY), "--models", "echo",
+                       "--device", "cpu", *[str(a) for item in ports.items() for a in item], "--startup-timeout", "60"])
+    finally:
+        other.close()
+    out, err = capsys.readouterr()
+    assert rc == 1, out + err
+    assert f"ditserve: {option} {ports[option]}: cannot bind 0.0.0.0:{ports[option]}" in err
+    assert f"choose another {option}" in err
+    assert "ditserve: ready" not in out and "starting tritonserver" not in out
+
+
+def test_serve_refuses_one_port_given_twice(capsys):
+    from ditserve import cli
+
+    http, metrics = find_free_ports(2)
+    assert cli.main(["serve", "--model-repository", str(FIXTURE_REPOSITORY), "--device", "cpu", "--http-port", str(http),
+                     "--grpc-port", str(http), "--metrics-port", str(metrics)]) == 1
+    assert f"port {http} is given twice: --http-port and --grpc-port" in capsys.readouterr().err
+
+
+def test_readiness_is_our_own_servers(tmp_path):
+    """/v2/health/ready answered by another server on our HTTP port is not our server being ready: ours must be
+    alive and listen on that port itself. The stand-in tritonserver runs but never listens."""
+    fake = tmp_path / "bin" / "tritonserver"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\ntrap 'exit 0' TERM\nwhile :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    server = TritonServer(tmp_path, http_port=0, grpc_port=0, metrics_port=0, host="127.0.0.1", tritonserver=fake,
+                          log_file=tmp_path / "triton.log")
+    other = None
+    try:
+        server.start(wait=False)
+        other = ReadyElsewhere(server.http_port)
+        assert server.is_ready()  # all the old readiness check looked at
+        with pytest.raises(TritonServerError, match="not ready after 2s"):
+            server.wait_ready(timeout=2)
+        other.close()
+        other = None
+    finally:
+        server.stop()
+        if other is not None:
+            other.close()
+
+
 def test_serve_removes_its_set_copy_after_a_signal(tmp_path):
     """`--set` copies the repository into a temporary folder: removed when serve stops (it was never removed).
     A stand-in tritonserver keeps it quick; TMPDIR shows what serve leaves behind."""
