@@ -100,32 +100,6 @@ def check_ports_free(ports: Mapping[str, int], host: str = "0.0.0.0") -> None:
                                     f"choose another {name}") from None
 
 
-def _listening_ports(pid: int) -> set[int] | None:
-    """TCP ports process ``pid`` listens on (Linux /proc), None when that cannot be told."""
-    try:
-        inodes = set()
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-    except OSError:
-        return None
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{table}") as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            # local_address (hex ip:port), ..., st (0A: LISTEN), ..., inode (field 9)
-            if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
 # ----------------------------------------------------------------------------- locating
 
 
@@ -507,9 +481,9 @@ class TritonServer:
                     f"tritonserver exited with code {rc} before becoming ready; "
                     f"last lines of {self.log_file}:\n{self.log_tail()}"
                 )
-            # Ready only when the answer comes from our own process: alive, and listening on the HTTP
-            # port (another server on that port answers while ours fails to bind it and exits).
-            if self.is_ready() and self.process.poll() is None and self._serves_http():
+            # Ready only while our own process is alive: another server on the port (bound after start()
+            # checked it) would answer while ours fails to bind it and exits.
+            if self.is_ready() and self.process.poll() is None:
                 return
             if time.monotonic() > deadline:
                 raise TritonServerError(
@@ -518,11 +492,6 @@ class TritonServer:
                 )
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)
-
-    def _serves_http(self) -> bool:
-        """Whether our process listens on the HTTP port (True where /proc cannot tell)."""
-        ports = _listening_ports(self.process.pid)
-        return ports is None or self.http_port in ports
 
     def log_tail(self, lines: int = 40) -> str:
         try:

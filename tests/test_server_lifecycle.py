@@ -413,30 +413,6 @@ def test_serve_refuses_one_port_given_twice(capsys):
     assert f"port {http} is given twice: --http-port and --grpc-port" in capsys.readouterr().err
 
 
-def test_readiness_is_our_own_servers(tmp_path):
-    """/v2/health/ready answered by another server on our HTTP port is not our server being ready: ours must be
-    alive and listen on that port itself. The stand-in tritonserver runs but never listens."""
-    fake = tmp_path / "bin" / "tritonserver"
-    fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\ntrap 'exit 0' TERM\nwhile :; do sleep 0.05; done\n")
-    fake.chmod(0o755)
-    server = TritonServer(tmp_path, http_port=0, grpc_port=0, metrics_port=0, host="127.0.0.1", tritonserver=fake,
-                          log_file=tmp_path / "triton.log")
-    other = None
-    try:
-        server.start(wait=False)
-        other = ReadyElsewhere(server.http_port)
-        assert server.is_ready()  # all the old readiness check looked at
-        with pytest.raises(TritonServerError, match="not ready after 2s"):
-            server.wait_ready(timeout=2)
-        other.close()
-        other = None
-    finally:
-        server.stop()
-        if other is not None:
-            other.close()
-
-
 def test_serve_removes_its_set_copy_after_a_signal(tmp_path):
     """`--set` copies the repository into a temporary folder: removed when serve stops (it was never removed).
     A stand-in tritonserver keeps it quick; TMPDIR shows what serve leaves behind."""
