@@ -22,6 +22,24 @@ a row whose denoising has not started yet); then one final response with the req
 outputs, or one error, the failing stage's own message (e.g. ``WIDTH: must be a multiple of 16``) and
 code (INVALID_ARG for bad input, INTERNAL otherwise; gRPC's stream carries only the message).
 
+Cancellation (the client cancels its gRPC stream: tritonclient's ``stop_stream(cancel_requests=True)``,
+an asyncio stream call's ``cancel()``): before it starts each step, the model asks Triton whether the
+request was cancelled (the response sender's ``is_cancelled()``, in 2.51's Python backend); once it was,
+no further step starts and the request ends with one final error response, code CANCELLED (a cancelled
+stream no longer delivers it, but the request gets its final flag). Checked through Triton: cancelled
+after its first step, a request's VAE decoder and postprocess never run.
+
+What a cancel does not stop: the step already running, in practice the denoiser, whose batch runs to
+its end (its progress lines are still read, their responses dropped by Triton). A cancelled row is
+not dropped from the running batch, because the other rows would not stay bit-identical and no one
+place could do it: every later transformer call would run at another batch size (GEMM and attention
+kernels, and their reductions, are chosen by shape: a row's values are not batch-invariant), a CUDA
+graph captured for the old size could not be replayed, the rows' latents, guidance and scheduler
+state live in each pipeline's own loop, and the workers of a sequence-parallel group run the batch in
+lockstep, so rank 0, the only rank that hears the progress socket, would have to broadcast each drop.
+Nor can the denoiser tell a cancel from the socket: it drops a listener that is slow as well as one
+that is gone (its writes never block).
+
 Only the standard library and numpy at import time: each Python-backend model is its own process,
 and this one must not pay for torch.
 """
@@ -58,6 +76,14 @@ class Step:
     model: str
     inputs: Mapping[str, str]  # the model's input -> the ensemble tensor it reads
     outputs: Mapping[str, str]  # the model's output -> the ensemble tensor it writes
+
+
+class Cancelled(Exception):
+    """The request was cancelled before ``stage`` started; no later step ran."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"cancelled before step {stage}")
+        self.stage = stage
 
 
 class StageFailed(Exception):
@@ -110,17 +136,22 @@ class StreamPlan:
         if int(stream_config.get("max_batch_size", 0)) != self.max_batch_size:
             raise ConfigError(f"{name}: max_batch_size must be ensemble {self.ensemble}'s {self.max_batch_size}")
 
-    async def run(self, tensors: Mapping[str, Any], infer: Infer, on_step: Optional[progress.OnStep]) -> dict[str, Any]:
+    async def run(self, tensors: Mapping[str, Any], infer: Infer, on_step: Optional[progress.OnStep],
+                  cancelled: Callable[[], bool] = lambda: False) -> dict[str, Any]:
         """The ensemble's outputs for one request's input tensors; ``on_step`` (if any) hears the
-        denoiser's steps, all of them before this returns. Raises StageFailed."""
+        denoiser's steps, all of them before this returns. ``cancelled()`` is asked before each step
+        starts. Raises StageFailed, or Cancelled once ``cancelled()`` is true."""
         if on_step is None:
-            return await self._run(tensors, infer, None)
+            return await self._run(tensors, infer, None, cancelled)
         async with progress.Listener(on_step) as listener:
-            return await self._run(tensors, infer, listener.name)
+            return await self._run(tensors, infer, listener.name, cancelled)
 
-    async def _run(self, tensors: Mapping[str, Any], infer: Infer, listener: Optional[str]) -> dict[str, Any]:
+    async def _run(self, tensors: Mapping[str, Any], infer: Infer, listener: Optional[str],
+                   cancelled: Callable[[], bool]) -> dict[str, Any]:
         available = dict(tensors)
         for step in self.steps:
+            if cancelled():
+                raise Cancelled(step.model)
             inputs = {name: available[tensor] for name, tensor in step.inputs.items() if tensor in available}
             outputs = await infer(step, inputs, listener)
             available.update({tensor: outputs[name] for name, tensor in step.outputs.items() if name in outputs})
@@ -164,10 +195,12 @@ class TritonStreamModel:
             batch = next((tensor.shape()[0] for tensor in tensors.values()), 1)
             requested = set(request.requested_output_names())
             on_step = self._progress(sender, batch) if STEP in requested else None
-            results = await self.plan.run(tensors, self._infer, on_step)
+            results = await self.plan.run(tensors, self._infer, on_step, sender.is_cancelled)
             response = pb.InferenceResponse(output_tensors=[
                 _renamed(pb, results[name], name) for name in self.outputs if name in requested and name in results
             ])
+        except Cancelled as cancel:
+            response = pb.InferenceResponse(error=pb.TritonError(f"{self.name}: {cancel}", pb.TritonError.CANCELLED))
         except StageFailed as failure:
             # The stage's code too: bad input stays the client's error (INVALID_ARG), as from the ensemble.
             response = pb.InferenceResponse(error=pb.TritonError(str(failure), failure.code))
@@ -175,7 +208,11 @@ class TritonStreamModel:
             traceback.print_exc()
             response = pb.InferenceResponse(error=pb.TritonError(f"{self.name}: internal error: {type(exc).__name__}: {exc}",
                                                                  pb.TritonError.INTERNAL))
-        sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        try:
+            sender.send(response, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:  # noqa: BLE001 - e.g. a response the sender refuses: the final flag alone still ends the request
+            traceback.print_exc()
+            sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _progress(self, sender, batch: int) -> progress.OnStep:
         pb = self.pb

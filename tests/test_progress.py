@@ -22,7 +22,7 @@ from ditserve.client.terminal import Spinner, StepBar
 from ditserve.denoising import DenoiserOptions, GroupedDenoiser
 from ditserve.model_config import ConfigError, read_config
 from ditserve.stage import RequestError, RequestParameter, Runtime
-from ditserve.streaming import StageFailed, StreamPlan
+from ditserve.streaming import Cancelled, StageFailed, StreamPlan
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
@@ -197,13 +197,16 @@ def test_without_on_step_nothing_listens_and_a_failing_stage_ends_the_stream():
 
 
 class FakeStreamRequest:
-    """A request to a stream model, as its execute sees it: PROMPT alone, the final outputs asked for (no STEP)."""
+    """A request to a stream model, as its execute sees it: PROMPT alone, the final outputs asked for (no STEP);
+    its sender says it is cancelled once ``cancelled()`` is true."""
 
-    def __init__(self):
+    def __init__(self, cancelled=lambda: False):
         self.sent = []
+        self.cancelled = cancelled
 
     def get_response_sender(self):
-        return types.SimpleNamespace(send=lambda response, flags=0: self.sent.append((response, flags)))
+        return types.SimpleNamespace(send=lambda response=None, flags=0: self.sent.append((response, flags)),
+                                     is_cancelled=self.cancelled)
 
     def requested_output_names(self):
         return ["IMAGE", "PNG"]
@@ -212,6 +215,9 @@ class FakeStreamRequest:
 def stream_pb(monkeypatch, answer):
     """triton_python_backend_utils for a stream model; every BLS request to a step gets ``answer(model)``."""
     from test_triton_adapter import FakeError, FakeResponse, FakeTensor
+
+    class Error(FakeError):
+        CANCELLED = "CANCELLED"
 
     class BlsRequest:
         def __init__(self, model_name, inputs, requested_output_names, parameters):
@@ -222,7 +228,7 @@ def stream_pb(monkeypatch, answer):
 
     prompt = types.SimpleNamespace(name=lambda: "PROMPT", shape=lambda: (1, 1))
     module = types.SimpleNamespace(
-        Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=FakeError, InferenceRequest=BlsRequest,
+        Tensor=FakeTensor, InferenceResponse=FakeResponse, TritonError=Error, InferenceRequest=BlsRequest,
         get_input_tensor_by_name=lambda request, name: prompt if name == "PROMPT" else None,
         TRITONSERVER_RESPONSE_COMPLETE_FINAL=1,
     )
@@ -265,6 +271,45 @@ def test_the_stream_model_answers_with_the_failing_stages_message_and_code(monke
     asyncio.run(load_stream().execute([request]))
     ((response, _),) = request.sent
     assert response.error.code() == FakeError.INTERNAL and "internal error: RuntimeError: BLS broke" in response.error.message()
+
+
+def test_a_cancelled_stream_starts_no_further_step_and_ends_with_cancelled(monkeypatch):
+    """Cancelled while the denoiser runs: the denoiser's answer is awaited, the VAE and postprocess never
+    start, and the request's one final response is a CANCELLED error (tested through Triton in
+    test_stream_cancel.py)."""
+    calls = []
+
+    def answer(model):
+        calls.append(model)
+        return types.SimpleNamespace(has_error=lambda: False, output_tensors=lambda: [])
+
+    pb = stream_pb(monkeypatch, answer)
+    request = FakeStreamRequest(cancelled=lambda: "flux_denoiser" in calls)
+    asyncio.run(load_stream().execute([request]))
+    assert calls == ["flux_request", "flux_text_encoder", "flux_denoiser"]
+    ((response, flags),) = request.sent
+    assert (response.error.code(), flags) == (pb.TritonError.CANCELLED, 1)
+    assert response.error.message() == "flux_t2i_stream: cancelled before step flux_vae_decoder"
+    # Cancelled before it starts: no step runs.
+    calls.clear()
+    with pytest.raises(Cancelled):
+        asyncio.run(StreamPlan.read(REPOSITORY, "flux_t2i").run({"PROMPT": "p"}, fake_infer(calls), None, lambda: True))
+    assert calls == []
+
+
+def test_a_final_response_the_sender_refuses_still_ends_the_request(monkeypatch):
+    stream_pb(monkeypatch, lambda model: types.SimpleNamespace(has_error=lambda: False, output_tensors=lambda: []))
+    request = FakeStreamRequest(cancelled=lambda: True)
+    sent = []
+
+    def send(response=None, flags=0):
+        if response is not None:
+            raise RuntimeError("refused")
+        sent.append((response, flags))
+
+    request.get_response_sender = lambda: types.SimpleNamespace(send=send, is_cancelled=lambda: True)
+    asyncio.run(load_stream().execute([request]))
+    assert sent == [(None, 1)]
 
 
 def test_a_stream_model_refuses_parameters_at_load(monkeypatch):
