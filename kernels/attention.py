@@ -406,7 +406,7 @@ def prune_configs(configs: list[triton.Config], named_args: dict, **meta) -> lis
     props = torch.cuda.get_device_properties(named_args["Q"].device)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
     if props.major == 9:
-        allowed = HOPPER_LONG if named_args["LQ"] >= 1024 else HOPPER_SHORT
+        allowed = HOPPER_LONG if long_sequence(named_args["LQ_TUNE"]) else HOPPER_SHORT
     else:
         allowed = {(bm, bn, w, s, False, False) for bm in (64, 128) for bn in (64, 128) for w in (4, 8)
                    for s in (2, 3) if not (bm * bn >= 128 * 64 and w == 4)}
@@ -427,6 +427,13 @@ def tune_length(n: int) -> int:
     heads of 128, ~4,100 tokens, H200, 2026-11-26), where text lengths vary from request to request. Every
     config is correct at any length (tails are masked); a bucket runs the config tuned at its first length."""
     return 1 << max(0, n - 1).bit_length()
+
+
+def long_sequence(lq_tune: int) -> bool:
+    """Whether Hopper's long-sequence configs are the candidates, decided on the tuner's bucket of the query
+    count (``tune_length``), as the tuned config is cached: decided on the exact count, the lengths of one bucket
+    (513 to 1024) chose among the short or the long configs as whichever came first did."""
+    return lq_tune > 1024
 
 
 _TUNE_KEY = ["LQ_TUNE", "LK_TUNE", "HEAD_DIM", "HAS_MASK", "NORM", "ROPE", "K_PROLOGUE", "TMA_OK"]

@@ -397,7 +397,7 @@ def prune_fp8_configs(configs: list[triton.Config], named_args: dict, **meta) ->
         raise RuntimeError(f"ditserve attention_fp8: {props.name} has no fp8 tensor cores (needs sm_89+)")
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
     head_dim = meta["HEAD_DIM"]
-    allowed = FP8_LONG if named_args["LQ"] >= 1024 else FP8_SHORT
+    allowed = FP8_LONG if _attn.long_sequence(named_args["LQ_TUNE"]) else FP8_SHORT
     kept = [
         c for c in configs
         if _key(c) in allowed

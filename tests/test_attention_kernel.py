@@ -564,7 +564,7 @@ def test_gpu_token_interleaved_views_match_fp64(bf16_kernel):
 def test_gpu_inline_prologue_at_head_dim_128_fails_clearly_on_hopper():
     if torch.cuda.get_device_properties(0).major != 9:
         pytest.skip("the shared-memory limit measured is Hopper's (227 KB a block)")
-    # From 1024 queries on, Hopper's long-sequence configs are tuned (1000 still fits the short ones).
+    # Above 1024 queries (the tuner's bucket), Hopper's long-sequence configs are tuned (1000 still fits the short ones).
     q, k, v = make_qkv(1, 4, 4608, 4608, 128, torch.bfloat16, "BLHD", "cuda")
     p = make_prologue(4608, 128, norm=True, rope=True, interleaved=True, k_mode="inline", split=512, device="cuda")
     with pytest.raises(ValueError, match="k_mode='inline' does not fit this GPU's shared memory at head_dim=128"):
@@ -645,6 +645,23 @@ def test_autotuning_is_keyed_on_length_buckets():
     assert [A.tune_length(n) for n in (1, 16, 17, 4103, 4608, 8192, 32760)] == [1, 16, 32, 8192, 8192, 8192, 32768]
     for key in (A._TUNE_KEY, A8._attn_fwd_fp8_tuned.keys):
         assert "LQ" not in key and "LK" not in key and {"LQ_TUNE", "LK_TUNE"} <= set(key)
+
+
+def test_candidate_configs_follow_the_length_bucket(monkeypatch):
+    """The tuned config is cached per bucket, so the configs it is chosen among must be the bucket's too: with the
+    exact length deciding, 1000 and 1024 queries (one bucket) had the short and the long Hopper configs."""
+    import types
+
+    hopper = types.SimpleNamespace(major=9, minor=0, shared_memory_per_block_optin=227 * 1024, name="an sm_90 GPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: hopper)
+    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+
+    def candidates(prune, configs, lq, **meta):
+        args = {"Q": q, "LQ": lq, "LQ_TUNE": A.tune_length(lq), "TMA_OK": True}
+        return {A._key(c) for c in prune(configs, args, HEAD_DIM=128, **meta)}
+
+    for prune, configs in ((A.prune_configs, A._candidate_configs()), (A8.prune_fp8_configs, A8._fp8_configs())):
+        assert candidates(prune, configs, 1000) == candidates(prune, configs, 1024) != candidates(prune, configs, 1025)
 
 
 def test_gluon_grid_is_one_program_an_sm_or_a_task(monkeypatch):
