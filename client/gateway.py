@@ -234,6 +234,8 @@ def create_app(triton_url: str, protocol: str = "grpc", api_key: str | None = No
                 return (await run("video", model, body, outputs=("VIDEO",), **streamed)).mp4
             except ApiError as error:
                 raise JobError(error.code or error.type, error.message) from error
+            except RequestError as error:  # the client's own checks of the model (ditserve.client.triton)
+                raise JobError("invalid_request_error", str(error)) from error
             except (TritonUnavailable, ModelNotLoaded) as error:
                 raise JobError("triton_unavailable", str(error)) from error
             except TritonTimeout as error:

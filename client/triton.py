@@ -27,6 +27,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from ditserve.client.pipelines import PIPELINES, Pipeline, Tensor
+from ditserve.stage import RequestError
 from ditserve.streaming import STEP, TOTAL_STEPS, stream_model
 
 
@@ -112,6 +113,7 @@ class _Base:
         self.protocol = protocol
         self.timeout_s = timeout_s
         self.stage_timings = stage_timings
+        self._checked_models: set[str] = set()  # models whose inputs were found to fit their requests (_check_takes)
         # InferInput/InferRequestedOutput live in the sync modules; the aio ones reuse them.
         self.triton = importlib.import_module(f"tritonclient.{protocol}")
         client_module = importlib.import_module(f"tritonclient.{protocol}.aio") if asyncio else self.triton
@@ -142,6 +144,16 @@ class _Base:
         item = self.triton.InferInput(name, list(array.shape), datatype)
         item.set_data_from_numpy(array)
         return item
+
+
+def _check_takes(config: dict, model: str, pipeline: Pipeline, inputs: list) -> None:
+    """RequestError naming ``model`` unless it declares every input the request sends: a stage model or another
+    pipeline's ensemble would answer only Triton's "unexpected inference input"."""
+    declared = {tensor["name"] for tensor in config.get("input", [])}
+    unknown = [item.name() for item in inputs if item.name() not in declared]
+    if unknown:
+        raise RequestError("model", f"{model} takes no {', '.join(unknown)}: it is not a pipeline for this request "
+                                    f"(such as {pipeline.model})")
 
 
 def _stage_models(config: dict, model: str) -> list[str]:
@@ -200,6 +212,10 @@ class _Requests(_Base):
             target = stream_model(model)
         if not (yield from self._is_ready(target)):
             raise ModelNotLoaded(target, self.url)
+        if model not in self._checked_models:  # once a model: its configuration does not change while loaded
+            config = yield "get_model_config", (model,), self._json
+            _check_takes(config.get("config", config), model, pipeline, inputs)
+            self._checked_models.add(model)
         stages = []
         if self.stage_timings:
             stages = _stage_models((yield "get_model_config", (model,), self._json), model)

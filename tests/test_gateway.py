@@ -99,6 +99,8 @@ BAD_REQUESTS = [
     pytest.param({"prompt": "a", "HEIGHT": 64}, 400, "HEIGHT", id="tensor-name"),
     pytest.param({"prompt": "a", "seed": -1}, 400, "seed", id="seed-negative"),
     pytest.param({"prompt": "a", "model": "dall-e-3"}, 404, "model", id="unknown-model"),
+    # Loaded, but a stage, not a pipeline: named as the model (Triton's own error named PROMPT, an input).
+    pytest.param({"prompt": "a", "model": "flux_denoiser"}, 400, "model", id="stage-model"),
 ]
 
 
