@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -797,12 +798,30 @@ def _other_builtin(name: str) -> Path:
     return importlib.import_module(OTHER_BUILTINS[name]).ensure_builtin(name)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The snapshot of a Hub repository in the local Hugging Face cache (HF_HUB_CACHE), or None. Nothing is
+    downloaded: every stage model resolves the path in its own process when it loads, so a download there
+    would run once per model, tens of GB each, inside Triton's model-load timeout."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
+
+
 def resolve_model_path(spec: str | os.PathLike) -> Path:
     """Resolve a model-path spec to a diffusers pipeline directory (absolute).
 
-    ``spec`` is a built-in name (``tiny``, ``tiny-schnell``; built into the cache on first use) or a
-    directory containing ``model_index.json``. Built-in names win over a same-named relative
-    directory; write ``./tiny`` to mean the directory. Raises ValueError naming the path otherwise.
+    ``spec`` is a built-in name (``tiny``, ``tiny-schnell``; built into the cache on first use), a
+    directory containing ``model_index.json``, or a Hugging Face Hub repository id (``org/name``) whose
+    snapshot is in the local Hugging Face cache, as diffusers' ``from_pretrained`` finds it offline.
+    Built-in names win over a same-named relative directory; write ``./tiny`` to mean the directory.
+    Raises ValueError naming the path otherwise.
     """
     text = os.fspath(spec).strip() if spec is not None else ""
     if not text:
@@ -812,11 +831,16 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
     if text in OTHER_BUILTINS:
         return _other_builtin(text)
     path = Path(text).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(text):
+        path = _hub_snapshot(text) or path
     if not path.exists():
         hint = ""
         if text in PRESETS or text in OTHER_PRESETS:
             hint = f"; full-size presets are built explicitly: python -m ditserve.checkpoints build --preset {text}"
             hint += " --out DIR --dtype bfloat16 --device cuda"
+        elif HUB_ID.fullmatch(text):
+            hint = (f"; as a Hugging Face repository id it is looked up in the local cache only, where it is not: "
+                    f"download it first (hf download {text})")
         raise ValueError(
             f"model path {str(path)!r} does not exist and is not a built-in model ({', '.join(BUILTIN_MODELS)}){hint}"
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -288,6 +289,62 @@ def test_bad_paths_give_clear_errors(tmp_path):
         ckpt.resolve_model_path("")
     with pytest.raises(ValueError, match="unknown checkpoint preset"):
         ckpt.get_preset("flux.2")
+
+
+def test_a_hub_repository_id_resolves_to_its_snapshot_in_the_local_cache(tiny, tmp_path, monkeypatch):
+    """As diffusers' from_pretrained finds "org/name" offline: models--org--name/snapshots/<ref's commit>/."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-flux"
+    snapshot = repo / "snapshots" / ("a1" * 20)
+    shutil.copytree(tiny, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a1" * 20)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert ckpt.resolve_model_path("someone/tiny-flux") == snapshot
+    with pytest.raises(ValueError, match=r"local cache only, where it is not: download it first "
+                                         r"\(hf download someone/other\)"):
+        ckpt.resolve_model_path("someone/other")
+
+
+def partial_copy(tiny: Path, tmp_path: Path, change) -> str:
+    copy = tmp_path / "partial"
+    shutil.copytree(tiny, copy)
+    change(copy)
+    return str(copy)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no-vae-folder", r"has no folder vae/ for its component 'vae' \(an incomplete download\?\)"),
+    ("truncated-weights", r"cannot load component 'vae' from .*/vae: .*"),
+    ("no-config-key", r"vae/config.json has no 'latent_channels'"),
+    ("variant-only", r"the folder holds variant weights"),
+])
+def test_an_incomplete_checkpoint_is_a_config_error_naming_the_component(tiny, tmp_path, case, message):
+    """Each as the library's own error named neither the component nor the file, or blamed the network."""
+    from ditserve.loading import Checkpoint
+    from ditserve.stage import ConfigError
+
+    def change(copy: Path) -> None:
+        vae = copy / "vae"
+        weights = vae / "diffusion_pytorch_model.safetensors"
+        if case == "no-vae-folder":
+            shutil.rmtree(vae)
+        elif case == "truncated-weights":
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        elif case == "no-config-key":
+            config = json.loads((vae / "config.json").read_text())
+            del config["latent_channels"]
+            (vae / "config.json").write_text(json.dumps(config))
+        else:
+            weights.rename(vae / "diffusion_pytorch_model.fp16.safetensors")
+
+    checkpoint = Checkpoint(partial_copy(tiny, tmp_path, change))
+    with pytest.raises(ConfigError, match=message):
+        if case == "no-config-key":
+            checkpoint.config("vae")["latent_channels"]
+        else:
+            checkpoint.load("vae")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -152,8 +152,10 @@ class QwenImageEditTextEncoder(QwenImageTextEncoder):
         # transformers 5.24 (its class check of the video processor fails).
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(checkpoint.path / "processor")
-        self.image_processor = AutoImageProcessor.from_pretrained(checkpoint.path / "processor")
+        folder = checkpoint.folder("processor")
+        with checkpoint.reading("processor", folder):
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            self.image_processor = AutoImageProcessor.from_pretrained(folder)
 
     def condition(self, row: Row) -> Image.Image:
         pixels = tensor_field(row, "CONDITION_IMAGE", 3, torch.device("cpu"), torch.uint8)
