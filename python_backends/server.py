@@ -100,6 +100,16 @@ def check_ports_free(ports: Mapping[str, int], host: str = "0.0.0.0") -> None:
                                     f"choose another {name}") from None
 
 
+def _absolute_directory(model_path: str) -> str:
+    """A relative directory made absolute: the models resolve the path in their own processes, whose working
+    directory is not this one's. Built-in names stay as they are (they win over a same-named directory)."""
+    from ditserve.checkpoints import BUILTIN_MODELS, OTHER_BUILTINS
+
+    if model_path in BUILTIN_MODELS or model_path in OTHER_BUILTINS or not Path(model_path).expanduser().is_dir():
+        return model_path
+    return str(Path(model_path).expanduser().absolute())
+
+
 # ----------------------------------------------------------------------------- locating
 
 
@@ -386,7 +396,7 @@ class TritonServer:
             env["VIRTUAL_ENV"] = sys.prefix
         env.pop("PYTHONHOME", None)
         if self.model_path is not None:
-            env["DITSERVE_MODEL_PATH"] = str(self.model_path)
+            env["DITSERVE_MODEL_PATH"] = _absolute_directory(str(self.model_path))
         if self.device is not None:
             env["DITSERVE_DEVICE"] = self.device
         if self.dtype is not None:

@@ -480,3 +480,15 @@ def test_own_log_folder_is_not_left_without_a_server(tmp_path, monkeypatch):
     unused = TritonServer(tmp_path, http_port=0, grpc_port=0, metrics_port=0, host="127.0.0.1")
     assert unused.stop() is None
     assert list(tmp_path.glob("ditserve-triton-*")) == []
+
+
+def test_a_relative_model_directory_reaches_the_models_absolute(tmp_path, monkeypatch):
+    """The models resolve DITSERVE_MODEL_PATH in their own processes, whose working directory is not ours."""
+    (tmp_path / "my-flux").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def sent(model_path: str) -> str:
+        return TritonServer(tmp_path, model_path=model_path, log_file=tmp_path / "log").environment()["DITSERVE_MODEL_PATH"]
+
+    assert sent("my-flux") == str(tmp_path / "my-flux")
+    assert sent("tiny") == "tiny" and sent("org/name") == "org/name"  # built-in names and Hub ids as given
