@@ -97,6 +97,15 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def wait_for_serve(serve: subprocess.Popen, out: Path, timeout: float) -> None:
+    """Until `ditserve serve` (its output going to ``out``) prints that it is ready."""
+    deadline = time.monotonic() + timeout
+    while b"ditserve: ready" not in out.read_bytes():
+        assert serve.poll() is None, f"serve exited early:\n{out.read_text()}"
+        assert time.monotonic() < deadline, f"serve not ready:\n{out.read_text()}"
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_starts_and_stops_cleanly(sig, tmp_path):
     repo, model = light_model()
@@ -116,11 +125,7 @@ def test_serve_starts_and_stops_cleanly(sig, tmp_path):
                                  stdin=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{http}"
     try:
-        deadline = time.monotonic() + 240
-        while b"ditserve: ready" not in out.read_bytes():
-            assert serve.poll() is None, f"serve exited early:\n{out.read_text()}"
-            assert time.monotonic() < deadline, f"serve not ready:\n{out.read_text()}"
-            time.sleep(0.2)
+        wait_for_serve(serve, out, timeout=240)
 
         assert http_get(base + "/v2/health/live") == 200
         assert http_get(base + "/v2/health/ready") == 200
@@ -429,11 +434,7 @@ def test_serve_removes_its_set_copy_after_a_signal(tmp_path):
              "--metrics-port", str(metrics), "--startup-timeout", "60"],
             stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while b"ditserve: ready" not in out.read_bytes():
-            assert serve.poll() is None, f"serve exited early:\n{out.read_text()}"
-            assert time.monotonic() < deadline, f"serve not ready:\n{out.read_text()}"
-            time.sleep(0.1)
+        wait_for_serve(serve, out, timeout=60)
         copies = list(tmp.glob("ditserve-repo-*"))
         assert len(copies) == 1 and (copies[0] / "model_repository" / "flux_postprocess" / "config.pbtxt").is_file()
         serve.send_signal(signal.SIGINT)

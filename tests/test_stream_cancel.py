@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from test_client_cli import flux_inputs
 
 from ditserve.client import Client
 
@@ -27,16 +28,6 @@ def successes(server) -> np.ndarray:
     return np.array(counts)
 
 
-def inputs(**values) -> list:
-    out = []
-    for name, value in values.items():
-        datatype, dtype = ("BYTES", object) if name == "PROMPT" else ("INT32", np.int32)
-        item = grpcclient.InferInput(name, [1, 1], datatype)
-        item.set_data_from_numpy(np.array([[value]], dtype=dtype))
-        out.append(item)
-    return out
-
-
 @pytest.mark.server
 def test_a_stream_cancelled_after_its_first_step_starts_no_later_stage(triton_server):
     server = grpcclient.InferenceServerClient(triton_server.grpc_url)
@@ -44,7 +35,7 @@ def test_a_stream_cancelled_after_its_first_step_starts_no_later_stage(triton_se
     answers: queue.Queue = queue.Queue()
     server.start_stream(callback=lambda result, error: answers.put((result, error)), stream_timeout=120)
     try:
-        server.async_stream_infer("flux_t2i_stream", inputs(**LONG), request_id="cancelled")
+        server.async_stream_infer("flux_t2i_stream", flux_inputs(**LONG), request_id="cancelled")
         result, error = answers.get(timeout=120)
         assert error is None and result.as_numpy("STEP")[0][0] == 1, error
     finally:
