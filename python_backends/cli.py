@@ -49,9 +49,9 @@ class _Shutdown(Exception):
         self.signum = signum
 
 
-def _repository(path: str | None, settings: Sequence[str], workdir: Callable[[], str]) -> str:
+def _repository(path: str | None, settings: Sequence[str], workdir: str) -> str:
     """The repository to serve: ``path`` or the checkout's, copied with the --set ``settings`` applied into
-    ``workdir()`` (a folder the caller removes)."""
+    ``workdir`` (a folder the caller removes)."""
     if path is None:
         from ditserve.paths import model_repository
 
@@ -59,7 +59,7 @@ def _repository(path: str | None, settings: Sequence[str], workdir: Callable[[],
     if settings:
         from ditserve.repository import overlay
 
-        path = str(overlay(Path(path), settings, Path(workdir()) / "model_repository"))
+        path = str(overlay(Path(path), settings, Path(workdir) / "model_repository"))
     return path
 
 
@@ -68,25 +68,14 @@ PORT_OPTIONS = {"http_port": "--http-port", "grpc_port": "--grpc-port", "metrics
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # The --set copy of the repository lives in a temporary folder, removed however serve ends.
-    workdirs: list[str] = []
+    import tempfile
 
-    def workdir() -> str:
-        import tempfile
-
-        workdirs.append(tempfile.mkdtemp(prefix="ditserve-repo-"))
-        return workdirs[-1]
-
-    try:
+    # The --set copy of the repository lives there, removed however serve ends.
+    with tempfile.TemporaryDirectory(prefix="ditserve-repo-") as workdir:
         return _serve_repository(args, workdir)
-    finally:
-        import shutil
-
-        for folder in workdirs:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
-def _serve_repository(args: argparse.Namespace, workdir: Callable[[], str]) -> int:
+def _serve_repository(args: argparse.Namespace, workdir: str) -> int:
     from ditserve.server import TritonServer, TritonServerError
 
     device = args.device or _default_device()
