@@ -19,11 +19,12 @@ from test_client_cli import _fails
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 import ditserve.client
-from ditserve.client import AsyncClient, Client, RequestError, TritonTimeout
+from ditserve.client import PIPELINES, AsyncClient, Client, RequestError, TritonTimeout
 from ditserve.client.download import download, is_url
 from ditserve.client.triton import GenerateResult
 
 TIMEOUT_S = 0.5
+ENSEMBLE_INPUTS = tuple(PIPELINES["generate"].datatypes())  # what the fakes' configurations declare
 
 
 class SlowGrpc(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -37,7 +38,8 @@ class SlowGrpc(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelReadyResponse(ready=not request.name.endswith("_stream"))
 
     def ModelConfig(self, request, context):
-        return service_pb2.ModelConfigResponse(config=model_config_pb2.ModelConfig(name=request.name))
+        inputs = [model_config_pb2.ModelInput(name=name) for name in ENSEMBLE_INPUTS]
+        return service_pb2.ModelConfigResponse(config=model_config_pb2.ModelConfig(name=request.name, input=inputs))
 
     def ModelStatistics(self, request, context):
         stats = service_pb2.InferStatistics(compute_infer=service_pb2.StatisticDuration(ns=1))
@@ -68,8 +70,9 @@ def slow_http(release: threading.Event) -> http.server.ThreadingHTTPServer:
     any model), every POST (inference) waits for ``release``."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.answer(200, json.dumps({"model_stats": [{"inference_stats": {}}]}).encode())
+        def do_GET(self):  # one answer for the configuration and the statistics
+            body = {"input": [{"name": name} for name in ENSEMBLE_INPUTS], "model_stats": [{"inference_stats": {}}]}
+            self.answer(200, json.dumps(body).encode())
 
         def do_POST(self):
             release.wait()
