@@ -232,8 +232,13 @@ def test_qwen_image_cfg_parallel_equals_the_single_process_result():
     reference = LocalPipeline(QWEN_IMAGE_T2I, runtime)(rows)
     pipeline = LocalPipeline(QWEN_IMAGE_T2I, runtime, {"qwen_image_denoiser": QwenDenoiserOptions(cfg_parallel=True)})
     denoiser = dict(pipeline.stages)["qwen_image_denoiser"]
+    forwards = []  # rank 0's transformer calls: the conditional branch only, one a step
+    hook = denoiser.transformer.register_forward_hook(lambda _, args, kwargs, __: forwards.append(1), with_kwargs=True)
     try:
+        assert len(denoiser.workers.pids()) == 1
         assert_same(pipeline(rows), reference, "qwen-image cfg_parallel")
     finally:
+        hook.remove()
         denoiser.close()
+    assert len(forwards) == 2, forwards  # 2 steps; in one process true CFG calls it twice a step
 

@@ -173,6 +173,17 @@ def test_bad_layouts_fail_at_load(options, message):
         WanDenoiser(Runtime(model_path="tiny-wan-t2v", **CPU_FP32), WanDenoiserOptions(**options))
 
 
+def single_tokens(denoiser: WanImageDenoiser, rows: list[dict]) -> int:
+    """The video tokens the first block of ``denoiser`` (one process) sees for ``rows``."""
+    seen: list[int] = []
+    hook = denoiser.transformer.blocks[0].register_forward_hook(lambda _, args, __: seen.append(args[0].shape[1]))
+    try:
+        denoiser.execute(rows)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
 def _image_rows(denoiser: WanImageDenoiser) -> list[dict]:
     """_rows with the image-to-video inputs: a condition of the shape the image encoder makes and, where the
     transformer takes one, a CLIP context (17 tokens, as tiny-wan-i2v's CLIP)."""
@@ -202,9 +213,15 @@ def test_image_denoiser_layouts_equal_the_single_process_result(model_path, opti
     reference = single.execute(rows)
     assert all("LATENTS" in ref for ref in reference), reference
     denoiser = WanImageDenoiser(runtime, WanDenoiserOptions(**options))
+    tokens: list[int] = []  # what rank 0's first block sees: its shard under Ulysses (sp_forward runs the blocks)
+    hook = denoiser.transformer.blocks[0].register_forward_hook(lambda _, args, __: tokens.append(args[0].shape[1]))
     try:
+        assert len(denoiser.workers.pids()) == denoiser.parallel_config.world_size - 1
         for ours, ref in zip(denoiser.execute(rows), reference):
             err = (ours["LATENTS"] - ref["LATENTS"]).abs().max().item()
             assert err < 1e-4, f"{model_path} {options}: latents differ by {err}"
     finally:
+        hook.remove()
         denoiser.close()
+    full = single_tokens(single, rows)
+    assert set(tokens) == {-(-full // 2) if denoiser.parallel_config.sp_degree == 2 else full}, (tokens, full)

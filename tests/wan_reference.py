@@ -101,9 +101,17 @@ def decode_mp4(data: bytes) -> Mp4:
         return Mp4(frames, stream.codec_context.name, stream.average_rate, container.duration / av.time_base)
 
 
-def assert_ensemble_runs_every_stage(client, spec: PipelineSpec) -> None:
-    """The ensemble's steps are the spec's stages, in order, and every stage model is ready (gRPC client)."""
+def assert_ensemble_runs_every_stage(client, spec: PipelineSpec, request: typing.Callable[[], typing.Any]) -> None:
+    """The ensemble's steps are the spec's stages, in order, and ``request()`` (one request to it) runs each
+    of them once more: their execution counts, from Triton's statistics (gRPC client)."""
     config = client.get_model_config(spec.name, as_json=True)["config"]
     assert [step["model_name"] for step in config["ensemble_scheduling"]["step"]] == [s.model for s in spec.stages]
-    for stage in spec.stages:
-        assert client.is_model_ready(stage.model), stage.model
+
+    def executions() -> list[int]:
+        stats = [client.get_inference_statistics(stage.model, as_json=True)["model_stats"][0] for stage in spec.stages]
+        return [int(s.get("execution_count", 0)) for s in stats]
+
+    before = executions()
+    request()
+    grown = [after - was for after, was in zip(executions(), before)]
+    assert all(n >= 1 for n in grown), dict(zip([s.model for s in spec.stages], grown))
