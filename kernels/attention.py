@@ -544,8 +544,8 @@ def _launch_prologue(x: torch.Tensor, layout: str, w: Optional[torch.Tensor], p:
 
 def validate_prologue(p: Prologue, D: int, Lq: int, Lk: int, device: torch.device) -> Prologue:
     """Raise ValueError naming what `p` gets wrong for attention of Lq queries over Lk keys of head dim D;
-    returns p with cos/sin as contiguous fp32 on `device`. The registry runs it for every backend, so that
-    all of them reject the same prologues with the same message."""
+    returns p with cos/sin as contiguous fp32 on `device`. The registry's backends that apply the prologue
+    before attention run it too, so that all of them reject the same prologues with the same message."""
     if (p.cos is None) != (p.sin is None):
         raise ValueError("prologue: give both cos and sin, or neither")
     if p.cos is not None:

@@ -82,10 +82,6 @@ class Backend:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: Optional[torch.Tensor] = None,
                  prologue: Optional[Prologue] = None) -> torch.Tensor:
         self.check(q, k, v, mask)
-        # Here, not in each backend: those that apply the prologue in torch first would otherwise each fail
-        # differently on a bad one (or, given one weight, silently skip the norm).
-        if prologue is not None:
-            prologue = validate_prologue(prologue, q.shape[-1], q.shape[1], k.shape[1], q.device)
         return self.fn(q, k, v, mask, prologue)
 
 
@@ -93,8 +89,13 @@ def _unfused(q: torch.Tensor, k: torch.Tensor, p: Optional[Prologue], *, kernel:
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The prologue before a backend that does not fuse it: torch ops for `sdpa`, the reference, or with
     `kernel` (the CUDA-only backends) our Triton prologue kernel, one launch per tensor instead of ~15
-    fp32 torch ops (ditserve.parallel.usp.write_prologue has the measurement)."""
-    if p is None or (p.q_weight is None and p.cos is None):
+    fp32 torch ops (ditserve.parallel.usp.write_prologue has the measurement). The prologue is checked as the
+    `triton` backend's kernel checks it, so that every backend refuses a bad one with the same message (unchecked,
+    one given weight was silently skipped, or normalised Q alone)."""
+    if p is None:
+        return q, k
+    p = validate_prologue(p, q.shape[-1], q.shape[1], k.shape[1], q.device)
+    if p.q_weight is None and p.cos is None:
         return q, k
     if kernel:
         return _attn.norm_rope(q, p, which="q"), _attn.norm_rope(k, p, which="k")
