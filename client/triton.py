@@ -149,6 +149,7 @@ class _Base:
 def _check_takes(config: dict, model: str, pipeline: Pipeline, inputs: list) -> None:
     """RequestError naming ``model`` unless it declares every input the request sends: a stage model or another
     pipeline's ensemble would answer only Triton's "unexpected inference input"."""
+    config = config.get("config", config)  # gRPC wraps the configuration, HTTP does not
     declared = {tensor["name"] for tensor in config.get("input", [])}
     unknown = [item.name() for item in inputs if item.name() not in declared]
     if unknown:
@@ -212,13 +213,13 @@ class _Requests(_Base):
             target = stream_model(model)
         if not (yield from self._is_ready(target)):
             raise ModelNotLoaded(target, self.url)
-        if model not in self._checked_models:  # once a model: its configuration does not change while loaded
+        # The configuration once a model (it does not change while loaded), or each request for stage timings.
+        config = None
+        if self.stage_timings or model not in self._checked_models:
             config = yield "get_model_config", (model,), self._json
-            _check_takes(config.get("config", config), model, pipeline, inputs)
+            _check_takes(config, model, pipeline, inputs)
             self._checked_models.add(model)
-        stages = []
-        if self.stage_timings:
-            stages = _stage_models((yield "get_model_config", (model,), self._json), model)
+        stages = _stage_models(config, model) if self.stage_timings else []
 
         def compute_ns() -> Steps:
             totals = {}
