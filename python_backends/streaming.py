@@ -83,7 +83,6 @@ class Cancelled(Exception):
 
     def __init__(self, stage: str):
         super().__init__(f"cancelled before step {stage}")
-        self.stage = stage
 
 
 class StageFailed(Exception):
